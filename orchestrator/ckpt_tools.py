@@ -1,0 +1,125 @@
+"""``orchestrator ckpt inspect PATH`` and ``orchestrator ckpt export SRC DEST``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.checkpoint import (
+    MODEL_FILE,
+    CheckpointError,
+    committed_steps,
+    find_latest_valid,
+    load_weights,
+    read_train_state,
+    verify,
+)
+from workers.entry import EXIT_OK, EXIT_USAGE
+
+
+def _weights_summary(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {
+        "tensors": len(state_dict),
+        "parameters": sum(t.numel() for t in state_dict.values()),
+        "bytes": sum(t.numel() * t.element_size() for t in state_dict.values()),
+    }
+
+
+def _describe_folder(folder: Path) -> dict[str, Any]:
+    info: dict[str, Any] = {"path": str(folder)}
+    try:
+        verify(folder)
+        info["complete"], info["problem"] = True, None
+    except CheckpointError as exc:
+        info["complete"], info["problem"] = False, str(exc)
+    try:
+        state = read_train_state(folder)
+        info.update(
+            step=state.get("step"),
+            samples_seen=state.get("samples_seen"),
+            world_size=state.get("world_size"),
+            global_batch_size=state.get("global_batch_size"),
+        )
+    except CheckpointError:
+        pass
+    if (folder / MODEL_FILE).is_file() and info["complete"]:
+        info.update(_weights_summary(load_weights(folder / MODEL_FILE)))
+    return info
+
+
+def inspect(path: Path) -> dict[str, Any]:
+    """Describe a run dir (its newest valid checkpoint, plus all of them), a checkpoint folder or a .pt file."""
+    if (path / "checkpoints").is_dir():
+        folders = [_describe_folder(f) for _, f in committed_steps(path / "checkpoints")]
+        latest = find_latest_valid(path / "checkpoints", warn=False)
+        return {"run_dir": str(path), "latest_valid": str(latest) if latest else None, "checkpoints": folders}
+    if path.is_dir():
+        return _describe_folder(path)
+    if path.is_file():
+        sd = load_weights(path)
+        return {"path": str(path), "kind": "weights file", "complete": True, **_weights_summary(sd)}
+    raise CheckpointError(f"'{path}' does not exist")
+
+
+def _print_folder(info: dict[str, Any], indent: str = "") -> None:
+    status = "yes (manifest verified)" if info["complete"] else f"NO — {info['problem']}"
+    print(f"{indent}checkpoint: {info['path']}")
+    print(f"{indent}  complete: {status}")
+    for key, label in (
+        ("step", "step"),
+        ("samples_seen", "samples seen"),
+        ("world_size", "world size at save"),
+        ("global_batch_size", "global batch size"),
+    ):
+        if info.get(key) is not None:
+            print(f"{indent}  {label}: {info[key]}")
+    if "parameters" in info:
+        print(f"{indent}  parameters: {info['parameters']:,} in {info['tensors']} tensors ({info['bytes']:,} bytes)")
+
+
+def _print_inspect(info: dict[str, Any]) -> None:
+    if "run_dir" in info:
+        print(f"run dir: {info['run_dir']}")
+        print(f"latest valid: {info['latest_valid'] or 'none'}")
+        for folder in info["checkpoints"]:
+            _print_folder(folder, "  ")
+    elif info.get("kind") == "weights file":
+        print(f"weights file: {info['path']}")
+        print(f"  parameters: {info['parameters']:,} in {info['tensors']} tensors ({info['bytes']:,} bytes)")
+    else:
+        _print_folder(info)
+
+
+def export(src: Path, dest: Path, force: bool) -> dict[str, Any]:
+    """Write SRC's model weights to DEST as a plain, prefix-free state_dict (atomically)."""
+    if dest.exists() and not force:
+        raise CheckpointError(f"'{dest}' exists; not overwriting it. HINT: pass --force or pick another DEST")
+    state_dict = load_weights(src)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state_dict, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    return {"dest": str(dest), **_weights_summary(state_dict)}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.ckpt_command == "inspect":
+            info = inspect(Path(args.path))
+            print(json.dumps(info, indent=1)) if args.json else _print_inspect(info)
+        else:
+            done = export(Path(args.src), Path(args.dest), args.force)
+            print(f"wrote {done['dest']}: {done['tensors']} tensors, {done['parameters']:,} parameters")
+    except CheckpointError as exc:
+        print(f"orchestrator: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK

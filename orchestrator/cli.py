@@ -1,0 +1,133 @@
+"""The ``orchestrator`` command line.
+
+``launch`` runs a config locally; ``ckpt inspect`` / ``ckpt export`` read checkpoints. Exit codes: 0 done,
+1 training failed (the report names the rank that failed first), 2 usage or config error (one line, no
+traceback, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from workers.config import Config, ConfigError, load_config
+from workers.entry import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger("orchestrator")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit code 2 (argparse's own code too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}. HINT: {self.prog} --help\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="orchestrator", description="Train one config the same way everywhere.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    launch = sub.add_parser("launch", help="run a config locally with N worker processes")
+    launch.add_argument("config", help="the run's YAML config")
+    launch.add_argument("--nproc", type=int, default=None, help="worker processes (default: launch.nproc)")
+    launch.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides (anywhere on the line), e.g. train.max_steps=500",
+    )
+
+    ckpt = sub.add_parser("ckpt", help="inspect or export checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=_Parser)
+    inspect = ckpt_sub.add_parser("inspect", help="describe a checkpoint, a run dir or a weights file")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    export = ckpt_sub.add_parser("export", help="write a plain, prefix-free model state_dict")
+    export.add_argument("src", help="checkpoint folder, run dir, or weights file (module./_orig_mod. ok)")
+    export.add_argument("dest", help="output .pt file")
+    export.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
+    return parser
+
+
+def _setup_console_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s [launcher] %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from workers.entry import preflight, save_resolved_config  # noqa: PLC0415
+
+    overrides = list(args.overrides) + ([f"launch.nproc={args.nproc}"] if args.nproc is not None else [])
+    cfg = load_config(args.config, overrides)  # config errors surface here, before torch is imported
+    preflight(cfg, cfg.launch.nproc)
+    _check_devices(cfg)
+    save_resolved_config(cfg)
+    _setup_console_logging()
+    return _launch_with_restarts(cfg)
+
+
+def _check_devices(cfg: Config) -> None:
+    """Pre-flight against the hardware: enough GPUs for --nproc, fp16 only on CUDA."""
+    import torch  # noqa: PLC0415
+
+    cuda = torch.cuda.is_available() and cfg.launch.device != "cpu"
+    if cfg.launch.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'launch.device' = 'cuda': no CUDA device is visible. HINT: use auto or cpu")
+    if cuda and cfg.launch.nproc > torch.cuda.device_count():
+        raise ConfigError(
+            f"config key 'launch.nproc' = {cfg.launch.nproc}: only {torch.cuda.device_count()} "
+            "GPU(s) visible (one worker per GPU). HINT: lower --nproc or set launch.device=cpu"
+        )
+    if cfg.train.precision == "fp16" and not cuda:
+        raise ConfigError("config key 'train.precision' = 'fp16': fp16 needs CUDA. HINT: use bf16 or fp32 on CPU")
+
+
+def _launch_with_restarts(cfg: Config) -> int:
+    from orchestrator.launcher import LocalLauncher  # noqa: PLC0415
+
+    restarts = 0
+    while True:
+        log.info(
+            "launching %d worker(s), run dir %s%s",
+            cfg.launch.nproc,
+            cfg.run.dir,
+            f" (restart {restarts}/{cfg.launch.max_restarts})" if restarts else "",
+        )
+        result = LocalLauncher(cfg, cfg.launch.nproc).run()
+        if result.ok:
+            log.info("run finished: %s", cfg.run.dir)
+            return EXIT_OK
+        if result.usage_error:
+            print(f"orchestrator: error: {result.root_cause.error['message'].partition(': ')[2]}", file=sys.stderr)
+            return EXIT_USAGE
+        print(result.report(), file=sys.stderr)
+        if result.stopped_by_signal or restarts >= cfg.launch.max_restarts:
+            return EXIT_FAILED
+        restarts += 1
+        log.warning("restarting the group from the latest checkpoint (%d/%d)", restarts, cfg.launch.max_restarts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`launch cfg.yaml --nproc 2 a.b=1`): argparse leaves those as extras.
+    if extra and args.command == "launch" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "launch":
+            return cmd_launch(args)
+        from orchestrator import ckpt_tools  # noqa: PLC0415
+
+        return ckpt_tools.run(args)
+    except ConfigError as exc:
+        print(f"orchestrator: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED

@@ -1,0 +1,211 @@
+"""Local launcher: spawn N workers with torch.multiprocessing, supervise them, report per-rank outcomes.
+
+Failures are data: every rank ends as a :class:`RankOutcome` (exit code, signal, error record); the first rank
+to fail is the root cause. If one worker fails, the others are torn down (SIGTERM, grace period, SIGKILL of each
+worker's whole process tree) so nothing hangs. The first SIGINT/SIGTERM to the launcher is forwarded to the
+workers as a graceful stop (they save at the next step and exit 0); a second one tears them down at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing.connection
+import os
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from workers.config import Config
+
+log = logging.getLogger("orchestrator.launcher")
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    """How one worker process ended."""
+
+    rank: int
+    exitcode: int | None  # None: still running when torn down (then killed)
+    signal_name: str | None = None
+    error: dict[str, Any] | None = None  # the worker's error record (message, traceback), when it wrote one
+    ended_at: float = 0.0  # when the launcher saw the process end
+
+    @property
+    def failed(self) -> bool:
+        return self.exitcode != 0
+
+    def describe(self) -> str:
+        if self.signal_name:
+            how = f"killed by {self.signal_name}"
+        else:
+            how = f"exit code {self.exitcode}"
+        return f"rank {self.rank}: {how}" + (f" — {self.error['message']}" if self.error else "")
+
+
+@dataclass
+class RunResult:
+    """Per-rank outcomes of one attempt; ``root_cause`` is the rank that failed first."""
+
+    outcomes: dict[int, RankOutcome] = field(default_factory=dict)
+    root_cause: RankOutcome | None = None
+    stopped_by_signal: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.root_cause is None and all(not o.failed for o in self.outcomes.values())
+
+    @property
+    def usage_error(self) -> bool:
+        return bool(self.root_cause and self.root_cause.error and self.root_cause.error.get("kind") == "config")
+
+    def report(self) -> str:
+        """A human report: the root cause with its traceback, then every rank's outcome."""
+        if self.ok:
+            return "all ranks finished"
+        rc = self.root_cause
+        lines = [f"training failed: rank {rc.rank} failed first ({rc.describe()})"]
+        if rc.error and rc.error.get("traceback"):
+            lines += ["", f"traceback of rank {rc.rank}:", rc.error["traceback"].rstrip()]
+        lines += ["", "all ranks:"] + [f"  {self.outcomes[r].describe()}" for r in sorted(self.outcomes)]
+        return "\n".join(lines)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def kill_tree(pids: list[int], grace_s: float) -> None:
+    """SIGTERM each process and all its descendants, wait ``grace_s``, then SIGKILL whatever is left."""
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        try:
+            parent = psutil.Process(pid)
+            procs += [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+class _SignalRelay:
+    """Launcher signal handling: the handler only records; the supervision loop acts on it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalRelay:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # Install our own even if SIGINT was ignored (a launcher started from a script may inherit that).
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.count += 1
+
+
+class LocalLauncher:
+    """Spawns and supervises one group of ``nproc`` workers on this machine."""
+
+    def __init__(self, cfg: Config, nproc: int) -> None:
+        self.cfg, self.nproc = cfg, nproc
+
+    def run(self) -> RunResult:
+        """Start the group and supervise it to the end. Always tears the group down before returning."""
+        import torch.multiprocessing as mp  # noqa: PLC0415 - torch loads only once a launch is certain
+
+        from workers.entry import spawned_worker  # noqa: PLC0415
+
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        with tempfile.TemporaryDirectory(prefix="orch-errors-") as error_dir, _SignalRelay() as relay:
+            procs = []
+            for rank in range(self.nproc):
+                proc = ctx.Process(
+                    target=spawned_worker,
+                    name=f"worker-{rank}",
+                    args=(self.cfg.to_dict(), rank, self.nproc, port, error_dir, os.getpid()),
+                )
+                proc.start()
+                procs.append(proc)
+            try:
+                return self._supervise(procs, Path(error_dir), relay)
+            finally:
+                kill_tree([p.pid for p in procs if p.is_alive()], self.cfg.launch.grace_period_s)
+
+    def _supervise(self, procs: list, error_dir: Path, relay: _SignalRelay) -> RunResult:
+        result = RunResult()
+        forwarded = 0
+        while len(result.outcomes) < len(procs):
+            multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=0.2)
+            if relay.count > forwarded:
+                forwarded = self._relay_signal(procs, relay.count, result)
+            seen_at = time.time()
+            for rank, proc in enumerate(procs):
+                if proc.exitcode is not None and rank not in result.outcomes:
+                    result.outcomes[rank] = _outcome(rank, proc.exitcode, error_dir, seen_at)
+            failures = [o for o in result.outcomes.values() if o.failed]
+            if failures and result.root_cause is None:
+                result.root_cause = min(failures, key=_failure_order)
+                log.error("rank %d failed; stopping the other workers", result.root_cause.rank)
+                self._teardown(procs, error_dir, result)
+        return result
+
+    def _relay_signal(self, procs: list, count: int, result: RunResult) -> int:
+        result.stopped_by_signal = True
+        if count == 1:
+            log.warning("stop requested: workers will save at the next step and exit (again to abort)")
+            for p in procs:
+                if p.exitcode is None:
+                    os.kill(p.pid, signal.SIGTERM)
+        else:
+            log.warning("second stop request: tearing the workers down now")
+            kill_tree([p.pid for p in procs if p.exitcode is None], 0.0)
+        return count
+
+    def _teardown(self, procs: list, error_dir: Path, result: RunResult) -> None:
+        kill_tree([p.pid for p in procs if p.exitcode is None], self.cfg.launch.grace_period_s)
+        for rank, proc in enumerate(procs):
+            proc.join(timeout=5)
+            if rank not in result.outcomes:
+                result.outcomes[rank] = _outcome(rank, proc.exitcode, error_dir, time.time())
+
+
+def _failure_order(outcome: RankOutcome) -> tuple[float, float]:
+    """Who failed first: the launcher sees exits as they happen (``ended_at``); within one observation, a
+    rank that died without an error record (a signal, a hard crash) comes before ranks that merely reported
+    the lost peer, then by the time each rank wrote its error record."""
+    return outcome.ended_at, (outcome.error or {}).get("time", float("-inf"))
+
+
+def _outcome(rank: int, exitcode: int | None, error_dir: Path, seen_at: float) -> RankOutcome:
+    error = None
+    path = error_dir / f"error-rank-{rank}.json"
+    if path.exists():
+        try:
+            error = json.loads(path.read_text())
+        except ValueError:
+            error = None
+    sig = signal.Signals(-exitcode).name if exitcode is not None and exitcode < 0 else None
+    return RankOutcome(rank, exitcode, sig, error, seen_at)

@@ -1,0 +1,3 @@
+"""Training side: distributed context, trainer, data, checkpoints. Never imports ``orchestrator``."""
+
+__version__ = "0.1.0"

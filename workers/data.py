@@ -1,0 +1,116 @@
+"""Resumable distributed sampling over one *global* sample order.
+
+The order of epoch ``e`` is ``randperm(len(dataset))`` seeded by ``(seed, e)``; epochs are concatenated into one
+endless stream. Optimizer step ``s`` consumes stream positions ``[s*G, (s+1)*G)`` (``G`` = global batch) and
+rank ``r`` takes the ``r``-th contiguous slice of it. The only state is the global cursor ``s*G``, so any world
+size consumes the identical sequence of samples, from any step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import default_collate as _default_collate
+
+from workers.config import BatchPlan
+
+_EPOCH_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) pairs from colliding for small seeds
+
+
+class GlobalOrder:
+    """The endless global stream of sample indices for a dataset of ``n`` samples."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n <= 0:
+            raise ValueError("the task's dataset is empty")
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of one epoch: a function of (seed, epoch) only. Cached for the current epoch."""
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * _EPOCH_SEED_STRIDE + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+        return self._perm
+
+    def take(self, start: int, count: int) -> list[int]:
+        """Stream positions ``[start, start+count)`` as dataset indices (may cross epoch boundaries)."""
+        out: list[int] = []
+        while count > 0:
+            epoch, offset = divmod(start, self.n)
+            chunk = min(count, self.n - offset)
+            out.extend(self.permutation(epoch)[offset : offset + chunk].tolist())
+            start, count = start + chunk, count - chunk
+        return out
+
+
+class StepBatchSampler:
+    """Yields this rank's micro-batches (lists of indices), step after step, from ``start_step`` on.
+
+    Endless: the trainer stops taking batches after its last step. Picklable, so DataLoader worker
+    processes may use it.
+    """
+
+    def __init__(self, n: int, seed: int, plan: BatchPlan, rank: int, start_step: int) -> None:
+        self.order, self.plan, self.rank, self.start_step = GlobalOrder(n, seed), plan, rank, start_step
+
+    def indices_for_step(self, step: int) -> list[int]:
+        """The indices rank ``self.rank`` consumes in optimizer step ``step`` (0-based)."""
+        start = step * self.plan.global_batch_size + self.rank * self.plan.per_rank_batch
+        return self.order.take(start, self.plan.per_rank_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step, micro = self.start_step, self.plan.micro_batch
+        while True:
+            idx = self.indices_for_step(step)
+            for i in range(0, len(idx), micro):
+                yield idx[i : i + micro]
+            step += 1
+
+
+class IndexedDataset(Dataset):
+    """Wraps the task's dataset so each batch also carries the indices it was made from."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+class IndexedCollate:
+    """Collates ``(index, sample)`` pairs into ``(indices tensor, collate_fn(samples))``. Picklable."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any] | None) -> None:
+        self.collate_fn = collate_fn or _default_collate
+
+    def __call__(self, items: list[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
+        indices = torch.tensor([i for i, _ in items], dtype=torch.long)
+        return indices, self.collate_fn([s for _, s in items])
+
+
+def make_loader(
+    dataset: Any,
+    sampler: StepBatchSampler,
+    num_workers: int,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    pin_memory: bool,
+) -> DataLoader:
+    """A DataLoader over the task's dataset driven by ``sampler``; batches are ``(indices, batch)``."""
+    return DataLoader(
+        IndexedDataset(dataset),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=IndexedCollate(collate_fn),
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        # Worker seeds come from this generator, not from the global RNG, so starting the loader
+        # does not shift the training RNG; tied to the start step so restarts are reproducible.
+        generator=torch.Generator().manual_seed(sampler.order.seed + sampler.start_step),
+    )

@@ -1,0 +1,185 @@
+"""Worker entry points. Every launch path ends in :func:`run_worker`.
+
+- our local launcher: :func:`spawned_worker` (module-level, so torch.multiprocessing can pickle it);
+- torchrun / srun / plain python: ``python -m workers CONFIG.yaml [key=value ...]`` → :func:`main`.
+
+A worker reports failure as data: on an exception it writes ``{rank, kind, message, traceback, time}`` as JSON to
+the file named by ``ORCH_ERROR_FILE`` (when set) and exits 1 (2 for a config error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from workers.config import Config, ConfigError, config_from_dict, dump_config, load_config, plan_batches
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+ERROR_FILE_ENV = "ORCH_ERROR_FILE"
+log = logging.getLogger("workers")
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Rank-prefixed lines to ``logs/rank-<r>.log``; rank 0 also to the console (stderr)."""
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler: logging.Handler = logging.FileHandler(run_dir / "logs" / f"rank-{rank}.log")
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if rank == 0:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(fmt)
+        root.addHandler(console)
+
+
+def write_error_file(rank: int, exc: BaseException, kind: str) -> None:
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+    record = {
+        "rank": rank,
+        "kind": kind,
+        "message": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(exc)),
+        "time": time.time(),
+    }
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Every check that can fail on user input, before anything is written. Raises ConfigError.
+
+    Imports the task factory's module (and so, usually, torch); the config itself was checked without it.
+    """
+    from workers.tasks import resolve_factory  # noqa: PLC0415
+
+    plan_batches(cfg, world_size)
+    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
+        raise ConfigError(f"config key 'train.init_from' = {cfg.train.init_from!r}: no such file or folder")
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    if not cfg.run.resume and ckpt_dir.is_dir() and any(ckpt_dir.glob("step-*")):
+        raise ConfigError(
+            f"config key 'run.resume' = False but '{ckpt_dir}' already holds checkpoints. "
+            "HINT: use a new run.dir, move the checkpoints away, or resume"
+        )
+    resolve_factory(cfg.task.factory)
+
+
+def save_resolved_config(cfg: Config) -> None:
+    """Write ``run.dir/config.yaml`` (rank 0; only after the config has been validated)."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.run_dir / "config.yaml"
+    tmp = path.with_name(".config.yaml.tmp")
+    tmp.write_text(dump_config(cfg))
+    os.replace(tmp, path)
+
+
+def run_worker(cfg: Config) -> int:
+    """Train on this process's rank. Returns an exit code; never raises.
+
+    Must be called on all ranks of the job (it joins the process group and takes part in collectives).
+    """
+    import torch  # noqa: PLC0415 - keep `python -m workers --help` and config errors torch-free
+
+    from workers.dist import DistContext, cpu_threads_per_worker  # noqa: PLC0415
+    from workers.trainer import StopFlag, Trainer  # noqa: PLC0415
+
+    stop = StopFlag()
+    stop.install()  # before anything slow, so an early SIGTERM is a graceful stop, not a crash
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    ctx = None
+    try:
+        ctx = DistContext.from_env(cfg.launch.device)
+        rank = ctx.rank
+        plan_batches(cfg, ctx.world_size)  # a bad combination fails before anything is written
+        torch.set_num_threads(cpu_threads_per_worker(ctx.local_world_size))
+        if ctx.is_main and ctx.source != "launcher":  # our launcher already wrote it
+            save_resolved_config(cfg)
+        setup_logging(cfg.run_dir, rank)
+        ctx.init_process_group(cfg.launch.collective_timeout_s)
+        result = Trainer(cfg, ctx, stop).fit()
+        ctx.barrier()
+        log.info("done at step %d%s", result.step, " (stopped early)" if result.stopped_early else "")
+        return EXIT_OK
+    except ConfigError as exc:
+        write_error_file(rank, exc, "config")
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BaseException as exc:
+        write_error_file(rank, exc, "exception")
+        log.error("rank %d failed:\n%s", rank, "".join(traceback.format_exception(exc)))
+        if not logging.getLogger().handlers:
+            traceback.print_exc()
+        return EXIT_FAILED
+    finally:
+        if ctx is not None:
+            with contextlib.suppress(Exception):
+                ctx.destroy()
+
+
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to SIGKILL this worker when the launcher dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def spawned_worker(
+    cfg_dict: dict[str, Any], rank: int, world_size: int, port: int, error_dir: str, launcher_pid: int
+) -> None:
+    """Entry of a worker started by the local launcher (picklable: module-level)."""
+    _die_with_parent()
+    if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+        os._exit(EXIT_FAILED)
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "ORCH_LAUNCHER": "launcher",
+            ERROR_FILE_ENV: str(Path(error_dir) / f"error-rank-{rank}.json"),
+        }
+    )
+    code = run_worker(config_from_dict(cfg_dict))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: no lingering atexit work after the group is gone
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workers CONFIG.yaml [key=value ...]``: the entry for torchrun, srun or a plain process."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: python -m workers CONFIG.yaml [key.sub=value ...]\n"
+            "  (under torchrun: torchrun --nproc-per-node N -m workers CONFIG.yaml ...)"
+        )
+        return EXIT_OK if argv else EXIT_USAGE
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        preflight(cfg, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_worker(cfg)

@@ -1,0 +1,340 @@
+"""The training loop. Reads top to bottom: set up, maybe resume, then step until ``train.max_steps``.
+
+Exactness across stops and world sizes rests on three things (DESIGN.md, "Invariants"):
+the global batch is constant and each step consumes the next ``global_batch_size`` samples of one global order
+(workers.data); randomness inside a step is re-derived from (seed, step, rank, micro-step), never carried over
+from earlier steps; and checkpoints hold only world-size-independent state (workers.checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.checkpoint import Checkpointer, load_weights, unwrap
+from workers.config import BatchPlan, Config, OptimConfig, plan_batches
+from workers.data import StepBatchSampler, make_loader
+from workers.dist import DistContext, maybe_no_sync
+from workers.tasks import build_task
+
+log = logging.getLogger("workers.trainer")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """How a worker's training ended."""
+
+    step: int  # global steps completed
+    stopped_early: bool  # a stop was requested (signal) and the run saved and left before max_steps
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """The RNG seed of one micro-step: a function of (seed, step, rank, micro) only (invariant 3)."""
+    return ((seed * 1_000_003 + step) * 10_007 + rank) * 101 + micro
+
+
+def lr_factor(cfg: OptimConfig, max_steps: int, step: int) -> float:
+    """Multiplier of ``optim.lr`` at global step ``step``: linear warmup, then the decay schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    shape = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the handler only sets it. Ranks agree on it at step boundaries."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.requested = True
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class Trainer:
+    """Owns one worker's training: model, optimizer, data, checkpoints. Built and run on every rank."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, stop: StopFlag | None = None) -> None:
+        self.cfg, self.ctx, self.stop = cfg, ctx, stop or StopFlag()
+        self.plan: BatchPlan = plan_batches(cfg, ctx.world_size)
+        self.run_dir = cfg.run_dir
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", ctx, keep=cfg.train.keep_checkpoints)
+        self.step = 0
+
+    # ------------------------------------------------------------ setup
+
+    def _build(self) -> None:
+        torch.manual_seed(self.cfg.train.seed)  # the contract: factories run with torch seeded by train.seed
+        self.task = build_task(self.cfg.task.factory, dict(self.cfg.task.args))
+        self.model = self.task.model.to(self.ctx.device)
+        self.optimizer = build_optimizer(self.cfg.optim, self.model)
+        max_steps = self.cfg.train.max_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(self.cfg.optim, max_steps, s)
+        )
+        fp16 = self.cfg.train.precision == "fp16" and self.ctx.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+
+    def _restore(self) -> None:
+        self.ckpt.clean_stale_temporaries()
+        folder = self.ckpt.find_resume_point() if self.cfg.run.resume else None
+        if folder is not None:
+            state = self.ckpt.load(folder, self.model, self.optimizer, self.scheduler, self.scaler)
+            self.step = int(state["step"])
+            log.info(
+                "resumed from %s: step %d, %d samples seen, saved at world size %d, now %d",
+                folder,
+                self.step,
+                state["samples_seen"],
+                state["world_size"],
+                self.ctx.world_size,
+            )
+        elif self.cfg.train.init_from:
+            unwrap(self.model).load_state_dict(load_weights(self.cfg.train.init_from), strict=True)
+            log.info("initialised weights from %s", self.cfg.train.init_from)
+
+    def _wrap(self) -> nn.Module:
+        model = self.model
+        if self.cfg.train.compile:
+            model = torch.compile(model)
+        if self.ctx.distributed:
+            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        sampler = StepBatchSampler(len(self.task.dataset), self.cfg.train.seed, self.plan, self.ctx.rank, self.step)
+        loader = make_loader(
+            self.task.dataset,
+            sampler,
+            self.cfg.data.num_workers,
+            getattr(self.task, "collate_fn", None),
+            self.ctx.device.type == "cuda",
+        )
+        return iter(loader)
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> FitResult:
+        """Train to ``train.max_steps`` (or until a stop is agreed). Must be called on all ranks."""
+        self._build()
+        self._restore()
+        if self.step >= self.cfg.train.max_steps:
+            log.info("nothing to do: the run is at step %d of %d", self.step, self.cfg.train.max_steps)
+            return FitResult(self.step, stopped_early=False)
+        model = self._wrap()
+        metrics = MetricsWriter(self.run_dir, self.ctx, self.step)
+        recorder = IndexRecorder(self.run_dir, self.ctx, self.step) if self.cfg.data.record_indices else None
+        batches = self._batches()
+        log.info(
+            "training steps %d..%d: world size %d, %d samples/rank/step in %d micro-batch(es) of %d",
+            self.step,
+            self.cfg.train.max_steps,
+            self.ctx.world_size,
+            self.plan.per_rank_batch,
+            self.plan.accum_steps,
+            self.plan.micro_batch,
+        )
+        stopped = False
+        while self.step < self.cfg.train.max_steps:
+            t0 = time.perf_counter()
+            loss, grad_norm = self._train_step(model, batches, recorder)
+            self.step += 1
+            metrics.maybe_log(
+                self.step,
+                self.cfg.train.log_every,
+                self.cfg.train.max_steps,
+                loss,
+                grad_norm,
+                self.scheduler.get_last_lr()[0],
+                time.perf_counter() - t0,
+                self.plan,
+            )
+            stopped = self._agree_on_stop()
+            if stopped or self._should_checkpoint():
+                self.save()
+            if stopped:
+                log.info("stop requested: saved at step %d and leaving", self.step)
+                break
+        return FitResult(self.step, stopped_early=stopped)
+
+    def _train_step(
+        self, model: nn.Module, batches: Iterator, recorder: IndexRecorder | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        model.train()
+        accum = self.plan.accum_steps
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        for micro in range(accum):
+            indices, batch = next(batches)
+            if recorder:
+                recorder.record(self.step, micro, indices)
+            batch = _to_device(batch, self.ctx.device)
+            torch.manual_seed(step_seed(self.cfg.train.seed, self.step, self.ctx.rank, micro))
+            # Gradients of all but the last micro-step stay local: one all-reduce per optimizer step.
+            with maybe_no_sync(model, micro < accum - 1), self._autocast():
+                loss = self.task.loss(model, batch) / accum
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        grad_norm = None
+        if self.cfg.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_sum, grad_norm
+
+    def _autocast(self) -> Any:
+        precision = self.cfg.train.precision
+        if precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
+
+    def _agree_on_stop(self) -> bool:
+        """All ranks learn whether any rank was asked to stop (one tiny all-reduce per step)."""
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.ctx.device)
+        if self.ctx.world_size > 1 and self.ctx.distributed:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _should_checkpoint(self) -> bool:
+        return self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.cfg.train.max_steps
+
+    def save(self) -> Path:
+        """Collective checkpoint of the current step. Must be called on all ranks."""
+        t0 = time.perf_counter()
+        state = {
+            "step": self.step,
+            "samples_seen": self.step * self.plan.global_batch_size,
+            "world_size": self.ctx.world_size,
+            "global_batch_size": self.plan.global_batch_size,
+            "seed": self.cfg.train.seed,
+            "max_steps": self.cfg.train.max_steps,
+            "task": self.cfg.task.factory,
+            "torch": torch.__version__,
+            "time": time.time(),
+        }
+        folder = self.ckpt.save(self.step, self.model, self.optimizer, self.scheduler, self.scaler, state)
+        log.info("checkpoint %s committed in %.3f s", folder.name, time.perf_counter() - t0)
+        return folder
+
+
+class MetricsWriter:
+    """Rank 0 appends one JSON line per logged step to ``metrics.jsonl``; other ranks only join the average.
+
+    On resume, lines past the resume step (from a run killed after its last checkpoint) are dropped, so the
+    file holds each step once.
+    """
+
+    def __init__(self, run_dir: Path, ctx: DistContext, start_step: int) -> None:
+        self.ctx, self.path = ctx, run_dir / "metrics.jsonl"
+        self._last_t = time.perf_counter()
+        self._last_step = start_step
+        if ctx.is_main and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if _line_step(ln) <= start_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def maybe_log(
+        self,
+        step: int,
+        every: int,
+        max_steps: int,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor | None,
+        lr: float,
+        step_time: float,
+        plan: BatchPlan,
+    ) -> None:
+        """Collective at log steps (the loss average): called on all ranks every step."""
+        if step % every and step != max_steps:
+            return
+        loss_avg = self.ctx.all_reduce_mean(loss.detach().clone()).item()
+        now = time.perf_counter()
+        rate = (step - self._last_step) * plan.global_batch_size / max(now - self._last_t, 1e-9)
+        self._last_t, self._last_step = now, step
+        if not self.ctx.is_main:
+            return
+        row = {
+            "step": step,
+            "loss": loss_avg,
+            "lr": lr,
+            "samples_per_s": round(rate, 2),
+            "step_time_s": round(step_time, 6),
+            "world_size": self.ctx.world_size,
+        }
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("step %d/%d loss %.5f lr %.2e %.0f samples/s", step, max_steps, loss_avg, lr, rate)
+
+
+def _line_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # unreadable (e.g. cut by a kill): drop it
+
+
+class IndexRecorder:
+    """Audit trail: each rank appends the sample indices it consumed to ``samples/rank-<r>.jsonl``."""
+
+    def __init__(self, run_dir: Path, ctx: DistContext, start_step: int) -> None:
+        self.ctx = ctx
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "samples" / f"rank-{ctx.rank}.jsonl", "a", buffering=1)  # noqa: SIM115
+        # One id per launch, identical on all ranks, so a reader can tell attempts apart.
+        self.attempt = ctx.broadcast_object(f"{time.time_ns()}-{start_step}")
+
+    def record(self, step: int, micro: int, indices: torch.Tensor) -> None:
+        self.file.write(
+            json.dumps(
+                {
+                    "attempt": self.attempt,
+                    "step": step,
+                    "micro": micro,
+                    "rank": self.ctx.rank,
+                    "world_size": self.ctx.world_size,
+                    "indices": indices.tolist(),
+                }
+            )
+            + "\n"
+        )
