@@ -1,0 +1,162 @@
+"""Shared helpers: run the real CLI in subprocesses, kill runs with real signals, compare real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUPPORT = Path(__file__).resolve().parent / "support"
+
+# The common training setup of the end-to-end tests: global batch 24 divides world sizes 1, 2, 3 with two
+# accumulation micro-steps; 200 samples, so 12 steps x 24 cross two epoch boundaries.
+MAX_STEPS, EVERY, GBS = 12, 4, 24
+QUICK = [
+    "task.factory=orch_test_tasks:quick",
+    "task.args={n: 200, hidden: 32}",
+    f"train.max_steps={MAX_STEPS}",
+    f"train.checkpoint_every={EVERY}",
+    f"data.global_batch_size={GBS}",
+    "train.grad_accum_steps=2",
+    "train.log_every=2",
+    "data.record_indices=true",
+    "optim.warmup_steps=3",
+    "tracking.mode=disabled",
+]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), str(ROOT), e.get("PYTHONPATH", "")])
+    e.pop("OMP_NUM_THREADS", None)
+    return e
+
+
+def cli(*args: str, timeout: float = 180, check: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m orchestrator ARGS`` to the end; return the completed process (text output)."""
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env(), cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def launch(run_dir: Path, nproc: int, *overrides: str, config: str = "configs/quickstart.yaml",
+           check: bool = True) -> subprocess.CompletedProcess:
+    return cli("launch", config, "--nproc", str(nproc), f"run.dir={run_dir}", *QUICK, *overrides, check=check)
+
+
+def latest_name(run_dir: Path) -> str | None:
+    path = run_dir / "checkpoints" / "latest"
+    return path.read_text().strip() if path.exists() else None
+
+
+def launch_and_kill(run_dir: Path, nproc: int, *overrides: str, kill_after: str,
+                    config: str = "configs/quickstart.yaml", timeout: float = 120) -> None:
+    """Launch, wait until checkpoint ``kill_after`` is committed, then SIGKILL the whole run (launcher and
+    workers: they share the process group of a new session)."""
+    cmd = [sys.executable, "-m", "orchestrator", "launch", config, "--nproc", str(nproc), f"run.dir={run_dir}",
+           *QUICK, *overrides]
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while latest_name(run_dir) != kill_after:
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended before {kill_after}: {proc.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {kill_after} after {timeout} s")
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert latest_name(run_dir) == kill_after, "the run got past the next checkpoint before the kill"
+
+
+def final_dir(run_dir: Path, step: int = MAX_STEPS) -> Path:
+    folder = run_dir / "checkpoints" / f"step-{step:08d}"
+    assert (folder / "manifest.json").is_file(), f"{folder} is not a committed checkpoint"
+    return folder
+
+
+def load(run_dir: Path, name: str = "model.pt", step: int = MAX_STEPS):
+    import torch
+
+    return torch.load(final_dir(run_dir, step) / name, map_location="cpu", weights_only=True)
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    """‖a − b‖ / ‖b‖ over all tensors of two state_dicts with the same keys."""
+    import torch
+
+    assert a.keys() == b.keys()
+    num = sum(float(torch.sum((a[k].double() - b[k].double()) ** 2)) for k in a)
+    den = sum(float(torch.sum(b[k].double() ** 2)) for k in b)
+    return (num / den) ** 0.5
+
+
+def tensors_equal(a, b) -> bool:
+    """Bitwise equality of nested state (dicts/lists of tensors and plain values)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def consumed_sequence(run_dir: Path) -> list[list[int]]:
+    """The global batches actually consumed, step by step, as recorded by the workers.
+
+    For each step the latest launch that ran it wins (a killed run's steps after its last checkpoint are
+    re-run by the next launch); within a step, ranks in order, micro-steps in order.
+    """
+    rows = defaultdict(list)
+    for path in sorted((run_dir / "samples").glob("rank-*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["step"]].append(row)
+    out = []
+    for step in sorted(rows):
+        last = max(r["attempt"] for r in rows[step])
+        chosen = sorted((r for r in rows[step] if r["attempt"] == last), key=lambda r: (r["rank"], r["micro"]))
+        out.append([i for r in chosen for i in r["indices"]])
+    return out
+
+
+@pytest.fixture(scope="session")
+def refs(tmp_path_factory) -> dict[int, Path]:
+    """Uninterrupted reference runs of the common setup at world sizes 1, 2 and 3 (built once)."""
+    base = tmp_path_factory.mktemp("refs")
+    runs = {}
+    for ws in (1, 2, 3):
+        runs[ws] = base / f"ws{ws}"
+        extra = [f"task.args.audit_dir={base / f'audit-ws{ws}'}"] if ws == 2 else []
+        launch(runs[ws], ws, *extra)
+    return runs
+
+
+@pytest.fixture(scope="session")
+def killed2(tmp_path_factory) -> Path:
+    """A ws=2 run SIGKILLed after its step-4 checkpoint (tests copy it before resuming)."""
+    run = tmp_path_factory.mktemp("killed") / "ws2"
+    launch_and_kill(run, 2, "task.args.step_sleep_s=0.1", kill_after=f"step-{EVERY:08d}")
+    return run
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest

@@ -1,0 +1,71 @@
+"""Task factories used by the tests (importable by workers: the tests put this folder on PYTHONPATH).
+
+They wrap the built-in tasks and add what a test needs to observe or provoke: slow steps (so a run can be
+killed between checkpoints), an injected failure on one rank, an audit of which rank writes checkpoint files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from workers.tasks import charlm, quickstart
+
+
+class _Slowed:
+    def __init__(self, inner, step_sleep_s: float, fail_rank: int | None, fail_call: int | None) -> None:
+        self.inner, self.model, self.dataset = inner, inner.model, inner.dataset
+        self.step_sleep_s, self.fail_rank, self.fail_call, self.calls = step_sleep_s, fail_rank, fail_call, 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.fail_rank == int(os.environ.get("RANK", "0")) and self.calls == self.fail_call:
+            raise RuntimeError(f"injected failure on call {self.calls}")
+        if self.step_sleep_s:
+            time.sleep(self.step_sleep_s)
+        return self.inner.loss(model, batch)
+
+
+def _install_write_audit(audit_dir: str) -> None:
+    """Record every Python-level open-for-write / rename under a checkpoints/ folder, per rank."""
+    rank = os.environ.get("RANK", "0")
+    out = Path(audit_dir) / f"rank-{rank}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    busy = [False]
+
+    def hook(event: str, args: tuple) -> None:
+        if busy[0]:
+            return
+        if event == "open" and isinstance(args[0], (str, os.PathLike)):
+            mode, flags = args[1], args[2]
+            if isinstance(mode, str):
+                writes = any(c in mode for c in "wax+")
+            else:
+                writes = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            path = str(args[0])
+        elif event in ("os.rename", "os.replace", "os.remove", "shutil.rmtree", "os.mkdir"):
+            writes, path = True, str(args[0])
+        else:
+            return
+        if writes and "checkpoints" in path:
+            busy[0] = True
+            try:
+                with open(out, "a") as f:
+                    f.write(f"{event} {path}\n")
+            finally:
+                busy[0] = False
+
+    sys.addaudithook(hook)
+
+
+def quick(step_sleep_s: float = 0.0, fail_rank: int | None = None, fail_call: int | None = None,
+          audit_dir: str | None = None, **kwargs):
+    if audit_dir:
+        _install_write_audit(audit_dir)
+    return _Slowed(quickstart.build(**kwargs), step_sleep_s, fail_rank, fail_call)
+
+
+def chars(step_sleep_s: float = 0.0, **kwargs):
+    return _Slowed(charlm.build(**kwargs), step_sleep_s, None, None)
