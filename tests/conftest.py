@@ -43,15 +43,22 @@ def env() -> dict[str, str]:
 
 def cli(*args: str, timeout: float = 180, check: bool = False) -> subprocess.CompletedProcess:
     """Run ``python -m orchestrator ARGS`` to the end; return the completed process (text output)."""
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env(), cwd=ROOT, text=True,
-                          capture_output=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        env=env(),
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
 
 
-def launch(run_dir: Path, nproc: int, *overrides: str, config: str = "configs/quickstart.yaml",
-           check: bool = True) -> subprocess.CompletedProcess:
+def launch(
+    run_dir: Path, nproc: int, *overrides: str, config: str = "configs/quickstart.yaml", check: bool = True
+) -> subprocess.CompletedProcess:
     return cli("launch", config, "--nproc", str(nproc), f"run.dir={run_dir}", *QUICK, *overrides, check=check)
 
 
@@ -60,14 +67,31 @@ def latest_name(run_dir: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def launch_and_kill(run_dir: Path, nproc: int, *overrides: str, kill_after: str,
-                    config: str = "configs/quickstart.yaml", timeout: float = 120) -> None:
+def launch_and_kill(
+    run_dir: Path,
+    nproc: int,
+    *overrides: str,
+    kill_after: str,
+    config: str = "configs/quickstart.yaml",
+    timeout: float = 120,
+) -> None:
     """Launch, wait until checkpoint ``kill_after`` is committed, then SIGKILL the whole run (launcher and
     workers: they share the process group of a new session)."""
-    cmd = [sys.executable, "-m", "orchestrator", "launch", config, "--nproc", str(nproc), f"run.dir={run_dir}",
-           *QUICK, *overrides]
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "launch",
+        config,
+        "--nproc",
+        str(nproc),
+        f"run.dir={run_dir}",
+        *QUICK,
+        *overrides,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + timeout
     try:
         while latest_name(run_dir) != kill_after:

@@ -61,8 +61,9 @@ def test_killed_on_2_resumed_on_1_and_3(refs, killed2, tmp_path):
         assert rel_diff(load(run), load(refs[2])) <= 1e-5
         assert consumed_sequence(run) == expected_sequence()
         # the batch plan really changed: ws=3 splits 24 samples as 3 ranks x 2 micro-batches of 4
-        plan = plan_batches(config_from_dict({"data": {"global_batch_size": GBS},
-                                              "train": {"grad_accum_steps": 2}}), ws)
+        plan = plan_batches(
+            config_from_dict({"data": {"global_batch_size": GBS}, "train": {"grad_accum_steps": 2}}), ws
+        )
         assert plan.micro_batch == GBS // (2 * ws)
 
 
@@ -84,8 +85,9 @@ CHARLM = [
 def test_dropout_task_killed_and_relaunched_is_bitwise_equal(tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "killed"
     launch(ref, 2, *CHARLM, config="configs/charlm.yaml")
-    launch_and_kill(run, 2, *CHARLM, "task.args.step_sleep_s=0.1", kill_after=f"step-{EVERY:08d}",
-                    config="configs/charlm.yaml")
+    launch_and_kill(
+        run, 2, *CHARLM, "task.args.step_sleep_s=0.1", kill_after=f"step-{EVERY:08d}", config="configs/charlm.yaml"
+    )
     launch(run, 2, *CHARLM, config="configs/charlm.yaml")
     assert tensors_equal(load(run), load(ref))
     assert tensors_equal(load(run, "optim.pt"), load(ref, "optim.pt"))

@@ -59,9 +59,13 @@ class DistContext:
             return
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        # env:// so torchrun's own store arrangements (TORCHELASTIC_USE_AGENT_STORE) keep working;
+        # launchers that don't set the variables (srun) get them from this context.
+        os.environ.setdefault("MASTER_ADDR", self.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(self.master_port))
         dist.init_process_group(
             backend=self.backend,
-            init_method=f"tcp://{self.master_addr}:{self.master_port}",
+            init_method="env://",
             rank=self.rank,
             world_size=self.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),

@@ -60,8 +60,13 @@ def _install_write_audit(audit_dir: str) -> None:
     sys.addaudithook(hook)
 
 
-def quick(step_sleep_s: float = 0.0, fail_rank: int | None = None, fail_call: int | None = None,
-          audit_dir: str | None = None, **kwargs):
+def quick(
+    step_sleep_s: float = 0.0,
+    fail_rank: int | None = None,
+    fail_call: int | None = None,
+    audit_dir: str | None = None,
+    **kwargs,
+):
     if audit_dir:
         _install_write_audit(audit_dir)
     return _Slowed(quickstart.build(**kwargs), step_sleep_s, fail_rank, fail_call)

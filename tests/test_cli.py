@@ -1,0 +1,131 @@
+"""The command line as a user meets it: malformed input, a failing rank, torchrun, a graceful stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import EVERY, MAX_STEPS, QUICK, ROOT, cli, env, latest_name, launch, load, tensors_equal
+
+from orchestrator.launcher import free_port
+
+BAD_INPUTS = {
+    "unknown key": (["train.max_step=5"], "did you mean 'train.max_steps'"),
+    "wrong type": (["train.max_steps=abc"], "'train.max_steps' = 'abc': expected int"),
+    "indivisible batch": (["data.global_batch_size=25", "--nproc", "2"], "not divisible by world size 2"),
+    "bad factory module": (["task.factory=no_such_pkg.tasks:build"], "cannot import module 'no_such_pkg.tasks'"),
+    "bad factory attr": (["task.factory=workers.tasks.quickstart:nope"], "has no function 'nope'"),
+    "bad choice": (["train.precision=fp8"], "'train.precision' = 'fp8': must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_malformed_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path):
+    args, expected = BAD_INPUTS[case]
+    run = tmp_path / "run"
+    proc = cli("launch", "configs/quickstart.yaml", f"run.dir={run}", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not run.exists()
+
+
+def test_missing_config_file_and_existing_run_dir_untouched(tmp_path, refs):
+    proc = cli("launch", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and "nope.yaml' not found" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    # a broken command against an existing run never touches it
+    run = tmp_path / "existing"
+    shutil.copytree(refs[1], run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = cli("launch", "configs/quickstart.yaml", f"run.dir={run}", *QUICK, "optim.lr=fast")
+    assert proc.returncode == 2
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_torchrun_path_reports_config_errors_the_same_way(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers", "configs/quickstart.yaml", f"run.dir={tmp_path / 'r'}", "optim.lrr=1"],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "did you mean 'optim.lr'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failing_rank_stops_the_others_and_is_named_with_its_traceback(tmp_path):
+    start = time.monotonic()
+    proc = launch(tmp_path / "run", 3, "task.args.fail_rank=1", "task.args.fail_call=5", check=False)
+    assert proc.returncode == 1
+    assert "rank 1 failed first" in proc.stderr
+    assert "RuntimeError: injected failure on call 5" in proc.stderr
+    assert 'orch_test_tasks.py", line' in proc.stderr  # the traceback itself, not only the message
+    assert time.monotonic() - start < 120  # no hang (the collective timeout alone would take 600 s)
+
+
+def test_torchrun_trains_the_same_weights_as_launch(refs, tmp_path):
+    run = tmp_path / "torchrun"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "workers",
+        "configs/quickstart.yaml",
+        f"run.dir={run}",
+        *QUICK,
+    ]
+    proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "config.yaml").is_file()
+    assert tensors_equal(load(run), load(refs[2]))
+    assert tensors_equal(load(run, "optim.pt"), load(refs[2], "optim.pt"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_launcher_saves_at_the_next_step_and_exits_0(sig, refs, tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "launch",
+        "configs/quickstart.yaml",
+        "--nproc",
+        "2",
+        f"run.dir={run}",
+        *QUICK,
+        "task.args.step_sleep_s=0.1",
+    ]
+    # A launcher started from a script may inherit SIGINT ignored: it must install its own handler anyway.
+    proc = subprocess.Popen(
+        cmd,
+        env=env(),
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    while latest_name(run) != f"step-{EVERY:08d}":
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    stopped_at = int(latest_name(run).split("-")[1])
+    assert EVERY < stopped_at < MAX_STEPS, "the stop did not save at the next step boundary"
+    assert "stop requested: saved at step" in err
+    launch(run, 2)
+    assert tensors_equal(load(run), load(refs[2]))
