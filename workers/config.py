@@ -207,7 +207,16 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str) -> typing.NoReturn:
+def _first_leaf(key: str, value: Any) -> str:
+    """``trian`` with value ``{max_steps: 3}`` → ``trian.max_steps``: suggestions then match the whole path."""
+    while isinstance(value, dict) and value:
+        first = next(iter(value))
+        key, value = f"{key}.{first}", value[first]
+    return key
+
+
+def _unknown_key(key: str, value: Any = None) -> typing.NoReturn:
+    key = _first_leaf(key, value)
     valid = _all_keys(Config)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if not close:  # a misspelled leaf under a right section: compare leaf names too
@@ -266,9 +275,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
+    for key, value in data.items():
         if key not in names:
-            _unknown_key(f"{prefix}{key}")
+            _unknown_key(f"{prefix}{key}", value)
     kwargs = {k: _coerce(f"{prefix}{k}", v, hints[k]) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -163,9 +163,12 @@ class Trainer:
         recorder = IndexRecorder(self.run_dir, self.ctx, self.step) if self.cfg.data.record_indices else None
         batches = self._batches()
         log.info(
-            "training steps %d..%d: world size %d, %d samples/rank/step in %d micro-batch(es) of %d",
+            "training steps %d..%d on %s (%s, %s): world size %d, %d samples/rank/step in %d micro-batch(es) of %d",
             self.step,
             self.cfg.train.max_steps,
+            self.ctx.device,
+            self.ctx.backend,
+            self.cfg.train.precision,
             self.ctx.world_size,
             self.plan.per_rank_batch,
             self.plan.accum_steps,
@@ -284,7 +287,7 @@ class MetricsWriter:
         plan: BatchPlan,
     ) -> None:
         """Collective at log steps (the loss average): called on all ranks every step."""
-        if step % every and step != max_steps:
+        if step % every and step not in (1, max_steps):
             return
         loss_avg = self.ctx.all_reduce_mean(loss.detach().clone()).item()
         now = time.perf_counter()

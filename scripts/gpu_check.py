@@ -1,0 +1,118 @@
+"""GPU paths that the CPU test suite cannot reach: NCCL at world size 1, CUDA placement, bf16 and fp16 (GradScaler)
+steps, checkpoint save and a bitwise resume on the GPU. Prints a table; exit code 1 if any check fails.
+
+Run with scripts/gpu_check.sh on a machine with at least one CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = [
+    "train.max_steps=20",
+    "train.checkpoint_every=10",
+    "train.log_every=5",
+    "tracking.mode=disabled",
+    "launch.device=cuda",
+    "data.global_batch_size=64",
+]
+rows: list[tuple[str, bool, str]] = []
+
+
+def launch(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "launch",
+        "configs/quickstart.yaml",
+        "--nproc",
+        "1",
+        f"run.dir={run}",
+        *COMMON,
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
+def load(run: Path, step: int, name: str) -> dict:
+    return torch.load(run / "checkpoints" / f"step-{step:08d}" / name, map_location="cpu", weights_only=True)
+
+
+def equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    rows.append((name, ok, detail))
+
+
+def main() -> int:
+    check(
+        "cuda visible",
+        torch.cuda.is_available(),
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
+    )
+    if not torch.cuda.is_available():
+        return report()
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    for precision in ("fp32", "bf16", "fp16"):
+        run = tmp / precision
+        proc = launch(run, f"train.precision={precision}")
+        placed = "on cuda:0 (nccl" in proc.stderr
+        check(
+            f"{precision}: NCCL ws=1 train + save",
+            proc.returncode == 0 and placed,
+            f"exit {proc.returncode}" + ("" if placed else "; no 'on cuda:0 (nccl' log line"),
+        )
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            continue
+        sd = load(run, 20, "model.pt")
+        check(
+            f"{precision}: model.pt loads on CPU, no prefixes",
+            all(not k.startswith(("module.", "_orig_mod.")) for k in sd)
+            and all(t.device.type == "cpu" for t in sd.values()),
+            f"{len(sd)} tensors",
+        )
+        if precision == "fp16":
+            scaler = load(run, 20, "optim.pt")["scaler"]
+            check("fp16: GradScaler state saved", bool(scaler) and "scale" in scaler, f"scale={scaler.get('scale')}")
+        # bitwise resume on the GPU: drop the final checkpoint, resume from step 10, compare.
+        resumed = tmp / f"{precision}-resumed"
+        shutil.copytree(run, resumed)
+        shutil.rmtree(resumed / "checkpoints" / f"step-{20:08d}")
+        proc = launch(resumed, f"train.precision={precision}")
+        same = (
+            proc.returncode == 0
+            and equal(load(resumed, 20, "model.pt"), sd)
+            and equal(load(resumed, 20, "optim.pt"), load(run, 20, "optim.pt"))
+        )
+        check(f"{precision}: resume from step 10 bitwise", same, f"exit {proc.returncode}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return report()
+
+
+def report() -> int:
+    width = max(len(r[0]) for r in rows)
+    print(f"{'check':<{width}}  result  detail")
+    for name, ok, detail in rows:
+        print(f"{name:<{width}}  {'PASS' if ok else 'FAIL':<6}  {detail}")
+    return 0 if all(ok for _, ok, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
