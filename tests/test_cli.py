@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from conftest import EVERY, MAX_STEPS, QUICK, ROOT, cli, env, latest_name, launch, load, tensors_equal
 
@@ -129,3 +130,30 @@ def test_signal_to_the_launcher_saves_at_the_next_step_and_exits_0(sig, refs, tm
     assert "stop requested: saved at step" in err
     launch(run, 2)
     assert tensors_equal(load(run), load(refs[2]))
+
+
+def test_sigkill_of_the_launcher_leaves_no_worker_behind(tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "launch",
+        "configs/quickstart.yaml",
+        "--nproc",
+        "2",
+        f"run.dir={run}",
+        *QUICK,
+        "task.args.step_sleep_s=0.2",
+        "data.num_workers=1",
+    ]
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while latest_name(run) != f"step-{EVERY:08d}":
+        assert proc.poll() is None
+        time.sleep(0.01)
+    tree = psutil.Process(proc.pid).children(recursive=True)  # workers and their DataLoader workers
+    assert len(tree) >= 4, [p.name() for p in tree]
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"

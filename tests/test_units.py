@@ -100,3 +100,13 @@ def test_lr_schedule_warms_up_then_decays_by_global_step():
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in itertools.pairwise(factors[3:]))
     assert factors[20] == pytest.approx(0.1)
+
+
+def test_unwrap_peels_compile_and_dataparallel_in_any_nesting():
+    from torch import nn
+
+    from workers.checkpoint import unwrap
+
+    model = nn.Linear(2, 2)
+    assert unwrap(torch.compile(nn.DataParallel(model))) is model
+    assert unwrap(nn.DataParallel(torch.compile(model))) is model

@@ -96,6 +96,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", ctx, keep=cfg.train.keep_checkpoints)
         self.step = 0
+        self.wrapped: nn.Module | None = None  # the DDP / compiled module once training starts
 
     # ------------------------------------------------------------ setup
 
@@ -158,7 +159,7 @@ class Trainer:
         if self.step >= self.cfg.train.max_steps:
             log.info("nothing to do: the run is at step %d of %d", self.step, self.cfg.train.max_steps)
             return FitResult(self.step, stopped_early=False)
-        model = self._wrap()
+        model = self.wrapped = self._wrap()
         metrics = MetricsWriter(self.run_dir, self.ctx, self.step)
         recorder = IndexRecorder(self.run_dir, self.ctx, self.step) if self.cfg.data.record_indices else None
         batches = self._batches()
@@ -255,7 +256,8 @@ class Trainer:
             "torch": torch.__version__,
             "time": time.time(),
         }
-        folder = self.ckpt.save(self.step, self.model, self.optimizer, self.scheduler, self.scaler, state)
+        # The wrapped module goes in: the checkpointer peels DDP / torch.compile itself, whatever it is given.
+        folder = self.ckpt.save(self.step, self.wrapped, self.optimizer, self.scheduler, self.scaler, state)
         log.info("checkpoint %s committed in %.3f s", folder.name, time.perf_counter() - t0)
         return folder
 
