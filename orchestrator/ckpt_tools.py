@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,13 +14,14 @@ import torch
 from workers.checkpoint import (
     MODEL_FILE,
     CheckpointError,
-    committed_steps,
     find_latest_valid,
     load_weights,
     read_train_state,
+    step_folders,
     verify,
 )
 from workers.entry import EXIT_OK, EXIT_USAGE
+from workers.fsutil import atomic_write
 
 
 def _weights_summary(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -56,7 +57,7 @@ def _describe_folder(folder: Path) -> dict[str, Any]:
 def inspect(path: Path) -> dict[str, Any]:
     """Describe a run dir (its newest valid checkpoint, plus all of them), a checkpoint folder or a .pt file."""
     if (path / "checkpoints").is_dir():
-        folders = [_describe_folder(f) for _, f in committed_steps(path / "checkpoints")]
+        folders = [_describe_folder(f) for _, f in step_folders(path / "checkpoints")]
         latest = find_latest_valid(path / "checkpoints", warn=False)
         return {"run_dir": str(path), "latest_valid": str(latest) if latest else None, "checkpoints": folders}
     if path.is_dir():
@@ -102,12 +103,9 @@ def export(src: Path, dest: Path, force: bool) -> dict[str, Any]:
         raise CheckpointError(f"'{dest}' exists; not overwriting it. HINT: pass --force or pick another DEST")
     state_dict = load_weights(src)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state_dict, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    atomic_write(dest, buf.getvalue())
     return {"dest": str(dest), **_weights_summary(state_dict)}
 
 

@@ -60,20 +60,26 @@ def _setup_console_logging() -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from workers.entry import preflight, save_resolved_config  # noqa: PLC0415
+    from workers.entry import lock_run_dir, preflight, save_resolved_config  # noqa: PLC0415
 
     overrides = list(args.overrides) + ([f"launch.nproc={args.nproc}"] if args.nproc is not None else [])
     cfg = load_config(args.config, overrides)  # config errors surface here, before torch is imported
     preflight(cfg, cfg.launch.nproc)
     _check_devices(cfg)
-    save_resolved_config(cfg)
-    _setup_console_logging()
-    return _launch_with_restarts(cfg)
+    lock = lock_run_dir(cfg)  # held until the launch (restarts included) is over
+    try:
+        save_resolved_config(cfg)
+        _setup_console_logging()
+        return _launch_with_restarts(cfg)
+    finally:
+        lock.release()
 
 
 def _check_devices(cfg: Config) -> None:
     """Pre-flight against the hardware: enough GPUs for --nproc, fp16 only on CUDA."""
     import torch  # noqa: PLC0415
+
+    from workers.dist import check_precision  # noqa: PLC0415
 
     cuda = torch.cuda.is_available() and cfg.launch.device != "cpu"
     if cfg.launch.device == "cuda" and not torch.cuda.is_available():
@@ -83,8 +89,7 @@ def _check_devices(cfg: Config) -> None:
             f"config key 'launch.nproc' = {cfg.launch.nproc}: only {torch.cuda.device_count()} "
             "GPU(s) visible (one worker per GPU). HINT: lower --nproc or set launch.device=cpu"
         )
-    if cfg.train.precision == "fp16" and not cuda:
-        raise ConfigError("config key 'train.precision' = 'fp16': fp16 needs CUDA. HINT: use bf16 or fp32 on CPU")
+    check_precision(cfg.train.precision, "cuda" if cuda else "cpu")
 
 
 def _launch_with_restarts(cfg: Config) -> int:
@@ -98,7 +103,7 @@ def _launch_with_restarts(cfg: Config) -> int:
             cfg.run.dir,
             f" (restart {restarts}/{cfg.launch.max_restarts})" if restarts else "",
         )
-        result = LocalLauncher(cfg, cfg.launch.nproc).run()
+        result = LocalLauncher(cfg, cfg.launch.nproc, attempt=restarts).run()
         if result.ok:
             log.info("run finished: %s", cfg.run.dir)
             return EXIT_OK
@@ -106,7 +111,7 @@ def _launch_with_restarts(cfg: Config) -> int:
             print(f"orchestrator: error: {result.root_cause.error['message'].partition(': ')[2]}", file=sys.stderr)
             return EXIT_USAGE
         print(result.report(), file=sys.stderr)
-        if result.stopped_by_signal or restarts >= cfg.launch.max_restarts:
+        if result.stopped_by_signal or not result.retryable or restarts >= cfg.launch.max_restarts:
             return EXIT_FAILED
         restarts += 1
         log.warning("restarting the group from the latest checkpoint (%d/%d)", restarts, cfg.launch.max_restarts)

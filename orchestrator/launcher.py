@@ -15,7 +15,6 @@ import multiprocessing.connection
 import os
 import signal
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import psutil
 
 from workers.config import Config
+from workers.heartbeat import heartbeat_path, read_heartbeat
 
 log = logging.getLogger("orchestrator.launcher")
 
@@ -37,13 +37,16 @@ class RankOutcome:
     signal_name: str | None = None
     error: dict[str, Any] | None = None  # the worker's error record (message, traceback), when it wrote one
     ended_at: float = 0.0  # when the launcher saw the process end
+    hung: str | None = None  # why the launcher judged the rank hung (then it was killed)
 
     @property
     def failed(self) -> bool:
-        return self.exitcode != 0
+        return self.exitcode != 0 or self.hung is not None
 
     def describe(self) -> str:
-        if self.signal_name:
+        if self.hung:
+            how = f"hung — {self.hung}"
+        elif self.signal_name:
             how = f"killed by {self.signal_name}"
         else:
             how = f"exit code {self.exitcode}"
@@ -65,6 +68,12 @@ class RunResult:
     @property
     def usage_error(self) -> bool:
         return bool(self.root_cause and self.root_cause.error and self.root_cause.error.get("kind") == "config")
+
+    @property
+    def retryable(self) -> bool:
+        """A restart can help (not a config error, not a run dir without a usable checkpoint)."""
+        kind = (self.root_cause.error or {}).get("kind") if self.root_cause else None
+        return kind not in ("config", "checkpoint")
 
     def report(self) -> str:
         """A human report: the root cause with its traceback, then every rank's outcome."""
@@ -97,11 +106,29 @@ def kill_tree(pids: list[int], grace_s: float) -> None:
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    alive = _wait_gone(procs, grace_s)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    psutil.wait_procs(alive, timeout=5)
+    _wait_gone(alive, 5.0)
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until each process has exited; return those still running. Never reaps (``waitpid``) anything:
+    the worker processes' exit codes belong to multiprocessing, which reads them on join."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if not _gone(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if not _gone(p)]
+    return alive
 
 
 class _SignalRelay:
@@ -125,11 +152,46 @@ class _SignalRelay:
         self.count += 1
 
 
-class LocalLauncher:
-    """Spawns and supervises one group of ``nproc`` workers on this machine."""
+class HangWatch:
+    """Reads the workers' heartbeat files; names a rank that froze or stopped making progress.
 
-    def __init__(self, cfg: Config, nproc: int) -> None:
-        self.cfg, self.nproc = cfg, nproc
+    A rank hangs when its heartbeat file has not been rewritten for ``timeout_s`` (the process is frozen:
+    SIGSTOP, swapped out, a dead node), or when it reports phase ``train`` but its step has not advanced
+    for ``timeout_s`` (a stuck collective, a deadlock). Setup and checkpoint phases only need to stay alive.
+    """
+
+    def __init__(self, directory: Path, nproc: int, timeout_s: float) -> None:
+        self.paths = [heartbeat_path(directory, r) for r in range(nproc)]
+        self.timeout_s = timeout_s
+        self._progress: dict[int, tuple[int, float]] = {}  # rank -> (step, when that step was first seen)
+
+    def find_hung(self, alive: list[int], now: float) -> tuple[int, str] | None:
+        if self.timeout_s <= 0:
+            return None
+        for rank in alive:
+            beat = read_heartbeat(self.paths[rank])
+            if beat is None:
+                continue  # not started yet: process-group timeouts cover a rank stuck before its first beat
+            step, since = self._progress.get(rank, (-1, now))
+            if beat["step"] != step:
+                self._progress[rank] = (beat["step"], now)
+                since = now
+            if now - beat["time"] > self.timeout_s:
+                return rank, f"no heartbeat for {now - beat['time']:.0f} s at step {beat['step']} (frozen?)"
+            if beat["phase"] == "train" and now - since > self.timeout_s:
+                return rank, f"no progress for {now - since:.0f} s at step {beat['step']} (stuck collective?)"
+        return None
+
+
+class LocalLauncher:
+    """Spawns and supervises one group of ``nproc`` workers on this machine.
+
+    Per-rank error records and heartbeats live in ``run.dir/logs/`` (cleared at the start of each attempt).
+    """
+
+    def __init__(self, cfg: Config, nproc: int, attempt: int = 0) -> None:
+        self.cfg, self.nproc, self.attempt = cfg, nproc, attempt
+        self.logs = cfg.run_dir / "logs"
 
     def run(self) -> RunResult:
         """Start the group and supervise it to the end. Always tears the group down before returning."""
@@ -137,25 +199,26 @@ class LocalLauncher:
 
         from workers.entry import spawned_worker  # noqa: PLC0415
 
+        self.logs.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.logs.glob("error-rank-*.json"), *self.logs.glob("heartbeat-rank-*.json")]:
+            stale.unlink(missing_ok=True)
         ctx = mp.get_context("spawn")
         port = free_port()
-        with tempfile.TemporaryDirectory(prefix="orch-errors-") as error_dir, _SignalRelay() as relay:
-            procs = []
-            for rank in range(self.nproc):
-                proc = ctx.Process(
-                    target=spawned_worker,
-                    name=f"worker-{rank}",
-                    args=(self.cfg.to_dict(), rank, self.nproc, port, error_dir, os.getpid()),
-                )
-                proc.start()
-                procs.append(proc)
+        procs = []
+        with _SignalRelay() as relay:
             try:
-                return self._supervise(procs, Path(error_dir), relay)
+                for rank in range(self.nproc):
+                    args = (self.cfg.to_dict(), rank, self.nproc, port, str(self.logs), os.getpid(), self.attempt)
+                    proc = ctx.Process(target=spawned_worker, name=f"worker-{rank}", args=args)
+                    proc.start()
+                    procs.append(proc)
+                return self._supervise(procs, relay)
             finally:
                 kill_tree([p.pid for p in procs if p.is_alive()], self.cfg.launch.grace_period_s)
 
-    def _supervise(self, procs: list, error_dir: Path, relay: _SignalRelay) -> RunResult:
+    def _supervise(self, procs: list, relay: _SignalRelay) -> RunResult:
         result = RunResult()
+        hangs = HangWatch(self.logs, len(procs), self.cfg.launch.hang_timeout_s)
         forwarded = 0
         while len(result.outcomes) < len(procs):
             multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=0.2)
@@ -164,12 +227,17 @@ class LocalLauncher:
             seen_at = time.time()
             for rank, proc in enumerate(procs):
                 if proc.exitcode is not None and rank not in result.outcomes:
-                    result.outcomes[rank] = _outcome(rank, proc.exitcode, error_dir, seen_at)
+                    result.outcomes[rank] = _outcome(rank, proc.exitcode, self.logs, seen_at)
+            if result.root_cause is None:
+                alive = [r for r, p in enumerate(procs) if p.exitcode is None]
+                hung = None if relay.count else hangs.find_hung(alive, seen_at)
+                if hung:
+                    result.outcomes[hung[0]] = RankOutcome(hung[0], None, None, None, seen_at, hung=hung[1])
             failures = [o for o in result.outcomes.values() if o.failed]
             if failures and result.root_cause is None:
                 result.root_cause = min(failures, key=_failure_order)
-                log.error("rank %d failed; stopping the other workers", result.root_cause.rank)
-                self._teardown(procs, error_dir, result)
+                log.error("%s; stopping the other workers", result.root_cause.describe())
+                self._teardown(procs, result)
         return result
 
     def _relay_signal(self, procs: list, count: int, result: RunResult) -> int:
@@ -184,12 +252,12 @@ class LocalLauncher:
             kill_tree([p.pid for p in procs if p.exitcode is None], 0.0)
         return count
 
-    def _teardown(self, procs: list, error_dir: Path, result: RunResult) -> None:
+    def _teardown(self, procs: list, result: RunResult) -> None:
         kill_tree([p.pid for p in procs if p.exitcode is None], self.cfg.launch.grace_period_s)
         for rank, proc in enumerate(procs):
             proc.join(timeout=5)
             if rank not in result.outcomes:
-                result.outcomes[rank] = _outcome(rank, proc.exitcode, error_dir, time.time())
+                result.outcomes[rank] = _outcome(rank, proc.exitcode, self.logs, time.time())
 
 
 def _failure_order(outcome: RankOutcome) -> tuple[float, float]:
@@ -199,9 +267,9 @@ def _failure_order(outcome: RankOutcome) -> tuple[float, float]:
     return outcome.ended_at, (outcome.error or {}).get("time", float("-inf"))
 
 
-def _outcome(rank: int, exitcode: int | None, error_dir: Path, seen_at: float) -> RankOutcome:
+def _outcome(rank: int, exitcode: int | None, logs: Path, seen_at: float) -> RankOutcome:
     error = None
-    path = error_dir / f"error-rank-{rank}.json"
+    path = logs / f"error-rank-{rank}.json"
     if path.exists():
         try:
             error = json.loads(path.read_text())

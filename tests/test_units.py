@@ -83,8 +83,9 @@ def test_global_order_is_the_same_for_every_world_size_and_cursor():
         for start in (0, 4):  # from scratch and resumed at step 4
             per_rank = [iter(StepBatchSampler(n, 3, plan, r, start)) for r in range(ws)]
             for s in range(start, steps):
-                got = [i for it in per_rank for i in next(it)]
-                assert got == stream[s], (ws, start, s)
+                items = [item for it in per_rank for item in next(it)]
+                assert [i for _, i in items] == stream[s], (ws, start, s)
+                assert [p for p, _ in items] == list(range(s * gbs, (s + 1) * gbs))  # stream positions
 
 
 def test_strip_wrapper_prefixes_only_when_every_key_has_them():

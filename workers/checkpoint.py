@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from workers.dist import DistContext
+from workers.fsutil import atomic_write, fsync_dir, write_durable
 
 log = logging.getLogger("workers.checkpoint")
 
@@ -127,35 +129,27 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- writing
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> dict[str, Any]:
-    """Write, flush, fsync; return the manifest entry (size, sha256)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Atomically replace a small text file (write a sibling, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_file(tmp, text.encode())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def snapshot(obj: Any, pin: bool = False) -> Any:
+    """A deep copy of nested state with every tensor copied to host memory (pinned when ``pin``).
+
+    After this returns, training may change the live tensors: the snapshot is what gets written.
+    """
+    if isinstance(obj, torch.Tensor):
+        if pin and obj.is_cuda:
+            host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+            return host.copy_(obj.detach(), non_blocking=True)
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, snapshot(v, pin)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v, pin) for v in obj)
+    return obj
 
 
 # ---------------------------------------------------------------- reading
@@ -188,7 +182,7 @@ def verify(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def committed_steps(ckpt_dir: Path) -> list[tuple[int, Path]]:
+def step_folders(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """All ``step-XXXXXXXX`` folders (committed or not), newest first."""
     if not ckpt_dir.is_dir():
         return []
@@ -198,7 +192,7 @@ def committed_steps(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 def find_latest_valid(ckpt_dir: Path, warn: bool = True) -> Path | None:
     """The newest checkpoint that passes :func:`verify`; broken newer ones are skipped with a warning."""
-    for _, folder in committed_steps(ckpt_dir):
+    for _, folder in step_folders(ckpt_dir):
         try:
             verify(folder)
             return folder
@@ -219,12 +213,36 @@ def read_train_state(folder: Path) -> dict[str, Any]:
 
 
 @dataclass
-class Checkpointer:
-    """Saves and restores training state under ``ckpt_dir``. One per process; see the module docstring."""
+class CheckpointPayload:
+    """What one checkpoint holds, as host-side objects ready to serialise."""
 
-    ckpt_dir: Path
-    ctx: DistContext
-    keep: int = 2
+    step: int
+    model: dict[str, torch.Tensor]
+    rest: dict[str, Any]  # optimizer / scheduler / scaler state dicts
+    train_state: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves and restores training state under ``ckpt_dir``. One per process; see the module docstring.
+
+    With ``async_save``, :meth:`save` blocks training only while rank 0 copies the state to host memory; a
+    background thread serialises, writes and commits it. At most one save is in flight. No collective ever
+    runs in that thread (only rank 0 writes files).
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: Path,
+        ctx: DistContext,
+        keep: int = 2,
+        async_save: bool = False,
+        extra_files: dict[str, bytes] | None = None,
+    ) -> None:
+        self.ckpt_dir, self.ctx, self.keep, self.async_save = ckpt_dir, ctx, keep, async_save
+        self.extra_files = extra_files or {}  # e.g. the resolved config.yaml, saved in every checkpoint
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt") if async_save else None
+        self._in_flight: Future | None = None
+        self.last_blocked_s = 0.0  # how long the last save() blocked the training loop
 
     def save(
         self,
@@ -234,82 +252,129 @@ class Checkpointer:
         scheduler: Any,
         scaler: Any,
         train_state: dict[str, Any],
+        blocking: bool = True,
     ) -> Path:
-        """Collective: must be called on all ranks. Rank 0 writes and commits; then all ranks pass a barrier.
+        """Collective: must be called on all ranks with the same arguments' step.
 
-        Returns the committed folder. Older checkpoints beyond ``keep`` are deleted only after the commit.
+        Blocking (the default; also every final and stop save): rank 0 writes and commits, then all ranks pass a
+        barrier, so when it returns the checkpoint is committed. Non-blocking (``async_save``): rank 0 snapshots
+        the state to host memory and returns; the commit happens in the background (no barrier needed: the
+        other ranks write nothing). Older checkpoints beyond ``keep`` are deleted only after a commit.
         """
+        t0 = time.perf_counter()
         target = self.ckpt_dir / step_dir_name(step)
         if self.ctx.is_main:
-            self._write_and_commit(target, model, optimizer, scheduler, scaler, train_state)
-            self._apply_retention(step)
-        self.ctx.barrier()
+            self.wait()  # at most one save in flight; also surfaces a failed background write
+            pin = self.ctx.device.type == "cuda"
+            use_async = self._pool is not None and not blocking
+            model_state = unwrap(model).state_dict()
+            rest = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict()}  # fmt: skip
+            if use_async:  # copy now: the live tensors change with the next step
+                model_state, rest = snapshot(model_state, pin), snapshot(rest, pin)
+            payload = CheckpointPayload(step, model_state, rest, dict(train_state))
+            if use_async:
+                if pin:
+                    torch.cuda.current_stream().synchronize()  # the pinned copies must be complete
+                self._in_flight = self._pool.submit(self._commit, target, payload)
+            else:
+                self._commit(target, payload)
+        if blocking or self._pool is None:
+            self.ctx.barrier()
+        self.last_blocked_s = time.perf_counter() - t0
         return target
 
-    def _write_and_commit(
-        self,
-        target: Path,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
-        scaler: Any,
-        train_state: dict[str, Any],
-    ) -> None:
+    def wait(self) -> None:
+        """Wait for the in-flight background save, if any; re-raise its error in the training thread."""
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()
+
+    def close(self) -> None:
+        """Finish any in-flight save and stop the background thread (call before the process exits)."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _commit(self, target: Path, payload: CheckpointPayload) -> None:
+        """Rank 0: write everything into a temporary folder, fsync, rename into place, update ``latest``."""
+        try:
+            self._write_folder(target, payload)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot write checkpoint '{target}': {exc.strerror or exc} — older checkpoints are intact. "
+                "HINT: check free space and write permission on run.dir"
+            ) from exc
+        self._apply_retention(payload.step)
+
+    def _write_folder(self, target: Path, payload: CheckpointPayload) -> None:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.ckpt_dir / f".tmp-{target.name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        payloads = {
-            MODEL_FILE: _torch_bytes(unwrap(model).state_dict()),
-            OPTIM_FILE: _torch_bytes(
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                }
-            ),
-            STATE_FILE: json.dumps(train_state, indent=1, sort_keys=True).encode(),
-        }
-        files = {name: _write_file(tmp / name, data) for name, data in payloads.items()}
-        # The manifest goes last: its presence (and matching hashes) is what makes the folder count.
-        _write_file(
-            tmp / MANIFEST_FILE,
-            json.dumps({"format": FORMAT_VERSION, "step": train_state["step"], "files": files}, indent=1).encode(),
-        )
-        _fsync_dir(tmp)
-        if target.exists():  # an uncommitted or broken leftover at this step: keep it aside, lose nothing
-            target.rename(target.with_name(f"{target.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}"))
+        try:
+            payloads = {
+                MODEL_FILE: _torch_bytes(payload.model),
+                OPTIM_FILE: _torch_bytes(payload.rest),
+                STATE_FILE: json.dumps(payload.train_state, indent=1, sort_keys=True).encode(),
+                **self.extra_files,
+            }
+            files = {name: write_durable(tmp / name, data) for name, data in payloads.items()}
+            # The manifest goes last: its presence (and matching hashes) is what makes the folder count.
+            manifest = {"format": FORMAT_VERSION, "step": payload.step, "files": files}
+            write_durable(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+            fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing half-written behind
+            raise
+        if target.exists():  # an uncommitted leftover at this step: keep it aside, lose nothing
+            _set_aside(target)
         os.rename(tmp, target)
-        _fsync_dir(self.ckpt_dir)
-        _replace_text(self.ckpt_dir / LATEST_FILE, target.name + "\n")
+        fsync_dir(self.ckpt_dir)
+        atomic_write(self.ckpt_dir / LATEST_FILE, target.name + "\n")
 
     def _apply_retention(self, newest: int) -> None:
-        for step, folder in committed_steps(self.ckpt_dir)[self.keep :]:
-            if step < newest:
-                shutil.rmtree(folder, ignore_errors=True)
+        """Keep the newest ``keep`` committed checkpoints up to ``newest``; never touch uncommitted folders."""
+        committed = [(s, f) for s, f in step_folders(self.ckpt_dir) if s <= newest and (f / MANIFEST_FILE).exists()]
+        for _, folder in committed[self.keep :]:
+            # Rename first: a kill in the middle of the delete leaves a .trash- folder, never a half step- one.
+            trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+            os.rename(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def clean_stale_temporaries(self) -> None:
-        """Remove half-written ``.tmp-*`` folders a killed save left behind (rank 0, before training)."""
+        """Remove what killed saves left behind (``.tmp-*``, ``.trash-*``). Rank 0, before training."""
         if self.ctx.is_main and self.ckpt_dir.is_dir():
-            for path in self.ckpt_dir.glob(".tmp-*"):
+            for path in [*self.ckpt_dir.glob(".tmp-*"), *self.ckpt_dir.glob(".trash-*")]:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     def find_resume_point(self) -> Path | None:
-        """Rank 0 picks the newest valid checkpoint and every rank gets the same answer. Collective."""
+        """Rank 0 picks the newest valid checkpoint and every rank gets the same answer. Collective.
+
+        Broken checkpoints newer than it are set aside (renamed ``*.invalid-*``, not deleted) so they are
+        neither retried at every start nor counted by retention.
+        """
         choice = None
         if self.ctx.is_main:
+            folders = step_folders(self.ckpt_dir)
             found = find_latest_valid(self.ckpt_dir)
-            had_any = bool(committed_steps(self.ckpt_dir))
-            if found is None and had_any:
+            if found is None and folders:
                 choice = "!none-valid"
-            else:
-                choice = str(found) if found else None
+            elif found is not None:
+                for _, folder in folders:
+                    if folder == found:
+                        break
+                    _set_aside(folder)
+                choice = str(found)
         choice = self.ctx.broadcast_object(choice)
         if choice == "!none-valid":
             raise CheckpointError(
                 f"'{self.ckpt_dir}' holds checkpoints but none is valid; refusing to start "
-                "from scratch over them. HINT: move them away or use a new run.dir"
+                "from scratch over them. HINT: `orchestrator ckpt inspect` shows why; move them away or use a new "
+                "run.dir"
             )
         return Path(choice) if choice else None
 
@@ -324,3 +389,9 @@ class Checkpointer:
         if rest.get("scaler"):
             scaler.load_state_dict(rest["scaler"])
         return read_train_state(folder)
+
+
+def _set_aside(folder: Path) -> None:
+    aside = folder.with_name(f"{folder.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    log.warning("setting aside broken checkpoint %s as %s", folder.name, aside.name)
+    os.rename(folder, aside)

@@ -120,9 +120,15 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA; uses a GradScaler)
     log_every: int = 10  # steps between metric lines (metrics.jsonl, console)
     compile: bool = False  # torch.compile the model (checkpoints are saved unwrapped either way)
+    # Periodic checkpoints block training only while state is copied to host memory; the write and commit
+    # run in the background (at most one in flight). The final and the stop saves stay synchronous.
+    async_checkpoint: bool = False
+    # torch.use_deterministic_algorithms + cuBLAS/cuDNN settings: bitwise-reproducible GPU runs (slower).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _check_min("train.max_steps", self.max_steps, 1)
+        _check_min("train.seed", self.seed, 0)
         _check_min("train.checkpoint_every", self.checkpoint_every, 1)
         _check_min("train.keep_checkpoints", self.keep_checkpoints, 1)
         _check_min("train.grad_accum_steps", self.grad_accum_steps, 1)
@@ -140,6 +146,9 @@ class LaunchConfig:
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
     collective_timeout_s: float = 600.0  # no collective blocks longer than this
     grace_period_s: float = 5.0  # SIGTERM → SIGKILL delay when workers are torn down
+    # A rank whose heartbeat stops, or whose step stops advancing, for this long is hung: the group is torn
+    # down (and restarted when launch.max_restarts allows). 0 disables the watch.
+    hang_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check_min("launch.nproc", self.nproc, 1)
@@ -147,6 +156,7 @@ class LaunchConfig:
         _check_choice("launch.device", self.device, ("auto", "cpu", "cuda"))
         _check_min("launch.collective_timeout_s", self.collective_timeout_s, 1.0)
         _check_min("launch.grace_period_s", self.grace_period_s, 0.0)
+        _check_min("launch.hang_timeout_s", self.hang_timeout_s, 0.0)
 
 
 @dataclass(frozen=True)
@@ -368,3 +378,26 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
             f"use a multiple of {world_size * accum}, or change --nproc / train.grad_accum_steps",
         )
     return BatchPlan(world_size, gbs, gbs // world_size, gbs // (world_size * accum), accum)
+
+
+def check_resume_compatible(cfg: Config, saved: dict[str, Any], where: str) -> None:
+    """Refuse a resume whose config would silently change what the run consumes (raises ConfigError).
+
+    ``saved`` is a checkpoint's train_state.json. The data position is ``step x global batch`` in the global order
+    of ``train.seed``, so both must match; the run can be extended (larger max_steps) but not cut below its step.
+    """
+    hint = "HINT: put it back, or start a new run.dir (train.init_from can take these weights)"
+    for key, now, then in (
+        ("train.seed", cfg.train.seed, saved.get("seed")),
+        ("data.global_batch_size", cfg.data.global_batch_size, saved.get("global_batch_size")),
+        ("task.factory", cfg.task.factory, saved.get("task")),
+    ):
+        if then is not None and now != then:
+            _fail(key, now, f"the checkpoint in {where} was saved with {then!r}; resuming would change the data", hint)
+    if saved.get("step", 0) > cfg.train.max_steps:
+        _fail(
+            "train.max_steps",
+            cfg.train.max_steps,
+            f"the run in {where} is already at step {saved['step']}",
+            "raise train.max_steps to continue it, or use a new run.dir",
+        )

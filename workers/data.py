@@ -8,6 +8,8 @@ size consumes the identical sequence of samples, from any step.
 
 from __future__ import annotations
 
+import hashlib
+import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +18,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import default_collate as _default_collate
 
 from workers.config import BatchPlan
+
+try:
+    import numpy as _np
+except ImportError:  # numpy is optional for the orchestrator itself
+    _np = None
 
 _EPOCH_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) pairs from colliding for small seeds
 
@@ -48,40 +55,59 @@ class GlobalOrder:
 
 
 class StepBatchSampler:
-    """Yields this rank's micro-batches (lists of indices), step after step, from ``start_step`` on.
-
-    Endless: the trainer stops taking batches after its last step. Picklable, so DataLoader worker
-    processes may use it.
+    """Yields this rank's micro-batches, step after step, from ``start_step`` on: lists of
+    ``(stream position, dataset index)``. Endless: the trainer stops taking batches after its last step.
     """
 
     def __init__(self, n: int, seed: int, plan: BatchPlan, rank: int, start_step: int) -> None:
         self.order, self.plan, self.rank, self.start_step = GlobalOrder(n, seed), plan, rank, start_step
 
-    def indices_for_step(self, step: int) -> list[int]:
-        """The indices rank ``self.rank`` consumes in optimizer step ``step`` (0-based)."""
-        start = step * self.plan.global_batch_size + self.rank * self.plan.per_rank_batch
-        return self.order.take(start, self.plan.per_rank_batch)
+    def positions_for_step(self, step: int) -> tuple[int, int]:
+        """The stream positions ``[start, start+count)`` rank ``self.rank`` consumes in step ``step`` (0-based)."""
+        return step * self.plan.global_batch_size + self.rank * self.plan.per_rank_batch, self.plan.per_rank_batch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step, micro = self.start_step, self.plan.micro_batch
         while True:
-            idx = self.indices_for_step(step)
-            for i in range(0, len(idx), micro):
-                yield idx[i : i + micro]
+            start, count = self.positions_for_step(step)
+            items = list(enumerate(self.order.take(start, count), start))  # (stream position, dataset index)
+            for i in range(0, count, micro):
+                yield items[i : i + micro]
             step += 1
 
 
 class IndexedDataset(Dataset):
-    """Wraps the task's dataset so each batch also carries the indices it was made from."""
+    """Wraps the task's dataset: fetches by (stream position, index), returns ``(index, sample)``.
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
+    Before each fetch, torch's, Python's and NumPy's RNGs are seeded from (seed, stream position), so random
+    augmentation in ``__getitem__`` depends only on which sample of the global stream is being made — not on
+    the DataLoader worker, the number of workers, the world size or where the run was resumed.
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, Any]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[int, Any]:
+        position, index = item
+        seed_all(derive_seed(self.seed, "sample", position))
         return index, self.dataset[index]
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of ints/strings (no overflow, no collisions between fields)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (all devices), Python's ``random`` and NumPy (when installed)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if _np is not None:
+        _np.random.seed(seed % (1 << 32))
 
 
 class IndexedCollate:
@@ -104,13 +130,13 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader over the task's dataset driven by ``sampler``; batches are ``(indices, batch)``."""
     return DataLoader(
-        IndexedDataset(dataset),
+        IndexedDataset(dataset, sampler.order.seed),
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=IndexedCollate(collate_fn),
         pin_memory=pin_memory,
         persistent_workers=False,
-        # Worker seeds come from this generator, not from the global RNG, so starting the loader
-        # does not shift the training RNG; tied to the start step so restarts are reproducible.
-        generator=torch.Generator().manual_seed(sampler.order.seed + sampler.start_step),
+        # Loader workers draw their base seed from this generator instead of the global RNG, so starting a
+        # loader does not shift the training RNG (sample randomness is seeded per sample anyway).
+        generator=torch.Generator().manual_seed(sampler.order.seed),
     )

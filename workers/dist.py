@@ -156,12 +156,20 @@ def _pick_device(pref: str, local_rank: int, local_world: int) -> torch.device:
     if pref == "cpu" or not cuda:
         return torch.device("cpu")
     count = torch.cuda.device_count()
+    if count == 1 and local_world > 1 and os.environ.get("SLURM_STEP_GPUS", os.environ.get("SLURM_JOB_GPUS")):
+        return torch.device("cuda", 0)  # SLURM gave each task its own GPU (--gpus-per-task): it sees only that one
     if local_world > count:
         raise ConfigError(
             f"{local_world} workers on this node but only {count} visible GPU(s). "
             "HINT: lower --nproc or launch.device=cpu"
         )
     return torch.device("cuda", local_rank)
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """fp16 needs CUDA (its GradScaler is CUDA-only); bf16 and fp32 run anywhere. Raises ConfigError."""
+    if precision == "fp16" and device_type != "cuda":
+        raise ConfigError("config key 'train.precision' = 'fp16': fp16 needs CUDA. HINT: use bf16 or fp32 on CPU")
 
 
 def cpu_threads_per_worker(local_world_size: int) -> int:

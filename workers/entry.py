@@ -14,6 +14,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -21,7 +22,18 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from workers.config import Config, ConfigError, config_from_dict, dump_config, load_config, plan_batches
+from workers.config import (
+    Config,
+    ConfigError,
+    check_resume_compatible,
+    config_from_dict,
+    dump_config,
+    load_config,
+    plan_batches,
+)
+from workers.fsutil import RunDirLock, atomic_write
+from workers.heartbeat import HEARTBEAT_DIR_ENV
+from workers.stop import StopFlag
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ERROR_FILE_ENV = "ORCH_ERROR_FILE"
@@ -55,10 +67,7 @@ def write_error_file(rank: int, exc: BaseException, kind: str) -> None:
         "traceback": "".join(traceback.format_exception(exc)),
         "time": time.time(),
     }
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    atomic_write(Path(path), json.dumps(record))
 
 
 def preflight(cfg: Config, world_size: int) -> None:
@@ -78,41 +87,77 @@ def preflight(cfg: Config, world_size: int) -> None:
             "HINT: use a new run.dir, move the checkpoints away, or resume"
         )
     resolve_factory(cfg.task.factory)
+    if cfg.run.resume:
+        newest = _newest_train_state(ckpt_dir)
+        if newest is not None:
+            check_resume_compatible(cfg, newest, str(cfg.run_dir))
+
+
+def _newest_train_state(ckpt_dir: Path) -> dict[str, Any] | None:
+    """train_state.json of the newest folder with a manifest (JSON only: no torch, no hashing here)."""
+    found = ckpt_dir.glob("step-*/manifest.json") if ckpt_dir.is_dir() else []
+    folders = sorted((m for m in found if re.fullmatch(r"step-\d{8}", m.parent.name)), reverse=True)
+    for manifest in folders:
+        try:
+            return json.loads((manifest.parent / "train_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def lock_run_dir(cfg: Config) -> RunDirLock:
+    """Hold ``run.dir/.lock`` for this launch; ConfigError (exit 2) when another launch holds it."""
+    try:
+        return RunDirLock(cfg.run_dir).acquire()
+    except BlockingIOError as exc:
+        raise ConfigError(f"{exc}. HINT: wait for it to end, or use another run.dir") from None
 
 
 def save_resolved_config(cfg: Config) -> None:
     """Write ``run.dir/config.yaml`` (rank 0; only after the config has been validated)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.run_dir / "config.yaml"
-    tmp = path.with_name(".config.yaml.tmp")
-    tmp.write_text(dump_config(cfg))
-    os.replace(tmp, path)
+    atomic_write(cfg.run_dir / "config.yaml", dump_config(cfg))
 
 
-def run_worker(cfg: Config) -> int:
+def _error_kind(exc: BaseException) -> str:
+    """``config`` and ``checkpoint`` errors don't heal by restarting; anything else might."""
+    if isinstance(exc, ConfigError):
+        return "config"
+    return "checkpoint" if type(exc).__name__ == "CheckpointError" else "exception"
+
+
+def run_worker(cfg: Config, stop: StopFlag | None = None) -> int:
     """Train on this process's rank. Returns an exit code; never raises.
 
     Must be called on all ranks of the job (it joins the process group and takes part in collectives).
+    Callers should install ``stop`` as early as they can, so a signal during the slow imports is a graceful stop.
     """
     import torch  # noqa: PLC0415 - keep `python -m workers --help` and config errors torch-free
 
-    from workers.dist import DistContext, cpu_threads_per_worker  # noqa: PLC0415
-    from workers.trainer import StopFlag, Trainer  # noqa: PLC0415
+    from workers.dist import DistContext, check_precision, cpu_threads_per_worker  # noqa: PLC0415
+    from workers.heartbeat import NoHeartbeat, heartbeat_from_env  # noqa: PLC0415
+    from workers.trainer import Trainer  # noqa: PLC0415
 
-    stop = StopFlag()
-    stop.install()  # before anything slow, so an early SIGTERM is a graceful stop, not a crash
+    stop = stop or StopFlag().install()
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    ctx = None
+    ctx, heartbeat, lock = None, NoHeartbeat(), None
     try:
         ctx = DistContext.from_env(cfg.launch.device)
         rank = ctx.rank
         plan_batches(cfg, ctx.world_size)  # a bad combination fails before anything is written
+        check_precision(cfg.train.precision, ctx.device.type)
         torch.set_num_threads(cpu_threads_per_worker(ctx.local_world_size))
-        if ctx.is_main and ctx.source != "launcher":  # our launcher already wrote it
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS initialises
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        if ctx.is_main and ctx.source != "launcher":  # our launcher already did both
+            lock = lock_run_dir(cfg)
             save_resolved_config(cfg)
         setup_logging(cfg.run_dir, rank)
+        heartbeat = heartbeat_from_env(rank).start()
         ctx.init_process_group(cfg.launch.collective_timeout_s)
-        result = Trainer(cfg, ctx, stop).fit()
+        result = Trainer(cfg, ctx, stop, heartbeat).fit()
         ctx.barrier()
         log.info("done at step %d%s", result.step, " (stopped early)" if result.stopped_early else "")
         return EXIT_OK
@@ -121,12 +166,15 @@ def run_worker(cfg: Config) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BaseException as exc:
-        write_error_file(rank, exc, "exception")
+        write_error_file(rank, exc, _error_kind(exc))
         log.error("rank %d failed:\n%s", rank, "".join(traceback.format_exception(exc)))
         if not logging.getLogger().handlers:
             traceback.print_exc()
         return EXIT_FAILED
     finally:
+        heartbeat.stop()
+        if lock is not None:
+            lock.release()
         if ctx is not None:
             with contextlib.suppress(Exception):
                 ctx.destroy()
@@ -143,25 +191,21 @@ def _die_with_parent() -> None:
 
 
 def spawned_worker(
-    cfg_dict: dict[str, Any], rank: int, world_size: int, port: int, error_dir: str, launcher_pid: int
+    cfg_dict: dict[str, Any], rank: int, world_size: int, port: int, logs_dir: str, launcher_pid: int, attempt: int
 ) -> None:
     """Entry of a worker started by the local launcher (picklable: module-level)."""
+    stop = StopFlag().install()  # first: a stop request during start-up is then a graceful one
     _die_with_parent()
     if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
         os._exit(EXIT_FAILED)
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "ORCH_LAUNCHER": "launcher",
-            ERROR_FILE_ENV: str(Path(error_dir) / f"error-rank-{rank}.json"),
-        }
-    )
-    code = run_worker(config_from_dict(cfg_dict))
+    os.environ.update({
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "ORCH_LAUNCHER": "launcher", "ORCH_RESTART_COUNT": str(attempt),
+        ERROR_FILE_ENV: str(Path(logs_dir) / f"error-rank-{rank}.json"),
+        HEARTBEAT_DIR_ENV: logs_dir,
+    })  # fmt: skip
+    code = run_worker(config_from_dict(cfg_dict), stop)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip interpreter teardown: no lingering atexit work after the group is gone
@@ -169,6 +213,7 @@ def spawned_worker(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m workers CONFIG.yaml [key=value ...]``: the entry for torchrun, srun or a plain process."""
+    stop = StopFlag().install()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(
@@ -182,4 +227,4 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return run_worker(cfg)
+    return run_worker(cfg, stop)

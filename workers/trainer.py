@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -23,9 +22,11 @@ import torch
 from torch import nn
 
 from workers.checkpoint import Checkpointer, load_weights, unwrap
-from workers.config import BatchPlan, Config, OptimConfig, plan_batches
-from workers.data import StepBatchSampler, make_loader
+from workers.config import BatchPlan, Config, OptimConfig, check_resume_compatible, dump_config, plan_batches
+from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all
 from workers.dist import DistContext, maybe_no_sync
+from workers.heartbeat import Heartbeat, NoHeartbeat
+from workers.stop import StopFlag
 from workers.tasks import build_task
 
 log = logging.getLogger("workers.trainer")
@@ -41,7 +42,7 @@ class FitResult:
 
 def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     """The RNG seed of one micro-step: a function of (seed, step, rank, micro) only (invariant 3)."""
-    return ((seed * 1_000_003 + step) * 10_007 + rank) * 101 + micro
+    return derive_seed(seed, "step", step, rank, micro)
 
 
 def lr_factor(cfg: OptimConfig, max_steps: int, step: int) -> float:
@@ -63,23 +64,11 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the handler only sets it. Ranks agree on it at step boundaries."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.requested = True
-
-
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple: rebuild it field by field
+        return type(batch)(*(_to_device(b, device) for b in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(b, device) for b in batch)
     if isinstance(batch, dict):
@@ -90,11 +79,20 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 class Trainer:
     """Owns one worker's training: model, optimizer, data, checkpoints. Built and run on every rank."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, stop: StopFlag | None = None) -> None:
+    def __init__(
+        self, cfg: Config, ctx: DistContext, stop: StopFlag | None = None, heartbeat: Heartbeat | None = None
+    ) -> None:
         self.cfg, self.ctx, self.stop = cfg, ctx, stop or StopFlag()
+        self.heartbeat = heartbeat or NoHeartbeat()
         self.plan: BatchPlan = plan_batches(cfg, ctx.world_size)
         self.run_dir = cfg.run_dir
-        self.ckpt = Checkpointer(self.run_dir / "checkpoints", ctx, keep=cfg.train.keep_checkpoints)
+        self.ckpt = Checkpointer(
+            self.run_dir / "checkpoints",
+            ctx,
+            keep=cfg.train.keep_checkpoints,
+            async_save=cfg.train.async_checkpoint,
+            extra_files={"config.yaml": dump_config(cfg).encode()},  # each checkpoint knows how it was made
+        )
         self.step = 0
         self.wrapped: nn.Module | None = None  # the DDP / compiled module once training starts
 
@@ -117,7 +115,9 @@ class Trainer:
         folder = self.ckpt.find_resume_point() if self.cfg.run.resume else None
         if folder is not None:
             state = self.ckpt.load(folder, self.model, self.optimizer, self.scheduler, self.scaler)
+            check_resume_compatible(self.cfg, state, str(folder))
             self.step = int(state["step"])
+            self._apply_optim_config()
             log.info(
                 "resumed from %s: step %d, %d samples seen, saved at world size %d, now %d",
                 folder,
@@ -129,6 +129,23 @@ class Trainer:
         elif self.cfg.train.init_from:
             unwrap(self.model).load_state_dict(load_weights(self.cfg.train.init_from), strict=True)
             log.info("initialised weights from %s", self.cfg.train.init_from)
+
+    def _apply_optim_config(self) -> None:
+        """After a resume the config's optimizer settings win over the saved ones (with a warning when they
+        differ), and the LR is recomputed for the current global step: an edited ``optim.lr`` or
+        ``train.max_steps`` takes effect at once. Unchanged settings reproduce the saved values bit for bit."""
+        cfg, lr = self.cfg.optim, self.cfg.optim.lr
+        wanted = {"initial_lr": lr, "weight_decay": cfg.weight_decay}
+        wanted.update({"momentum": cfg.momentum} if cfg.name == "sgd" else {"betas": tuple(cfg.betas)})
+        current = lr * lr_factor(cfg, self.cfg.train.max_steps, self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            for key, value in wanted.items():
+                if key in group and group[key] != value:
+                    log.warning("optimizer %s changed on resume: %r -> %r (config wins)", key, group[key], value)
+                group[key] = value
+            group["lr"] = current
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        self.scheduler._last_lr = [current] * len(self.optimizer.param_groups)
 
     def _wrap(self) -> nn.Module:
         model = self.model
@@ -154,6 +171,12 @@ class Trainer:
 
     def fit(self) -> FitResult:
         """Train to ``train.max_steps`` (or until a stop is agreed). Must be called on all ranks."""
+        try:
+            return self._fit()
+        finally:
+            self.ckpt.close()  # a background save in flight still commits, even when training failed
+
+    def _fit(self) -> FitResult:
         self._build()
         self._restore()
         if self.step >= self.cfg.train.max_steps:
@@ -177,6 +200,7 @@ class Trainer:
         )
         stopped = False
         while self.step < self.cfg.train.max_steps:
+            self.heartbeat.update(self.step, "train")
             t0 = time.perf_counter()
             loss, grad_norm = self._train_step(model, batches, recorder)
             self.step += 1
@@ -191,11 +215,14 @@ class Trainer:
                 self.plan,
             )
             stopped = self._agree_on_stop()
-            if stopped or self._should_checkpoint():
-                self.save()
+            last = stopped or self.step == self.cfg.train.max_steps
+            if last or self.step % self.cfg.train.checkpoint_every == 0:
+                self.heartbeat.update(self.step, "checkpoint")
+                self.save(blocking=last)  # the final and the stop saves are always synchronous
             if stopped:
                 log.info("stop requested: saved at step %d and leaving", self.step)
                 break
+        self.heartbeat.update(self.step, "done")
         return FitResult(self.step, stopped_early=stopped)
 
     def _train_step(
@@ -209,10 +236,11 @@ class Trainer:
             if recorder:
                 recorder.record(self.step, micro, indices)
             batch = _to_device(batch, self.ctx.device)
-            torch.manual_seed(step_seed(self.cfg.train.seed, self.step, self.ctx.rank, micro))
+            seed_all(step_seed(self.cfg.train.seed, self.step, self.ctx.rank, micro))
             # Gradients of all but the last micro-step stay local: one all-reduce per optimizer step.
-            with maybe_no_sync(model, micro < accum - 1), self._autocast():
-                loss = self.task.loss(model, batch) / accum
+            with maybe_no_sync(model, micro < accum - 1):
+                with self._autocast():  # forward under autocast; backward outside it, as torch.amp advises
+                    loss = self.task.loss(model, batch) / accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
         grad_norm = None
@@ -239,11 +267,11 @@ class Trainer:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _should_checkpoint(self) -> bool:
-        return self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.cfg.train.max_steps
+    def save(self, blocking: bool = True) -> Path:
+        """Collective checkpoint of the current step. Must be called on all ranks.
 
-    def save(self) -> Path:
-        """Collective checkpoint of the current step. Must be called on all ranks."""
+        ``blocking=False`` lets an async checkpointer commit in the background (see Checkpointer.save).
+        """
         t0 = time.perf_counter()
         state = {
             "step": self.step,
@@ -257,8 +285,11 @@ class Trainer:
             "time": time.time(),
         }
         # The wrapped module goes in: the checkpointer peels DDP / torch.compile itself, whatever it is given.
-        folder = self.ckpt.save(self.step, self.wrapped, self.optimizer, self.scheduler, self.scaler, state)
-        log.info("checkpoint %s committed in %.3f s", folder.name, time.perf_counter() - t0)
+        folder = self.ckpt.save(
+            self.step, self.wrapped, self.optimizer, self.scheduler, self.scaler, state, blocking=blocking
+        )
+        done = "committed" if blocking or not self.cfg.train.async_checkpoint else "snapshot taken, writing"
+        log.info("checkpoint %s %s; training blocked %.3f s", folder.name, done, time.perf_counter() - t0)
         return folder
 
 

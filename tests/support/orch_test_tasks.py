@@ -7,6 +7,7 @@ killed between checkpoints), an injected failure on one rank, an audit of which 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -60,15 +61,34 @@ def _install_write_audit(audit_dir: str) -> None:
     sys.addaudithook(hook)
 
 
+def _install_die_in_save(marker: str, step: int) -> None:
+    """SIGKILL this process (rank 0, the writer) in the middle of writing checkpoint ``step``, once:
+    after model.pt is written, while optim.pt is being opened. ``marker`` records that it happened."""
+    target = f".tmp-step-{step:08d}-"
+
+    def hook(event: str, args: tuple) -> None:
+        path = str(args[0]) if event == "open" else ""
+        writing = target in path and path.endswith("optim.pt") and "w" in str(args[1])
+        if writing and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.addaudithook(hook)
+
+
 def quick(
     step_sleep_s: float = 0.0,
     fail_rank: int | None = None,
     fail_call: int | None = None,
     audit_dir: str | None = None,
+    die_in_save: str | None = None,
+    die_in_save_step: int = 8,
     **kwargs,
 ):
     if audit_dir:
         _install_write_audit(audit_dir)
+    if die_in_save:
+        _install_die_in_save(die_in_save, die_in_save_step)
     return _Slowed(quickstart.build(**kwargs), step_sleep_s, fail_rank, fail_call)
 
 

@@ -1,0 +1,70 @@
+"""Small file-system helpers shared by checkpoints, configs, error records and exports (torch-free)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> dict[str, int | str]:
+    """Write ``data`` to ``path``, flush and fsync; return ``{"size", "sha256"}`` (a manifest entry)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` atomically: write a hidden sibling, fsync it, rename it over ``path``, fsync the folder.
+
+    Readers see the old content or the new one, never a part; a kill leaves at worst a ``.tmp-*`` sibling.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    write_durable(tmp, data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class RunDirLock:
+    """An exclusive ``flock`` on ``run.dir/.lock`` held for a whole launch: two launches never share a run dir.
+
+    The kernel drops the lock when the holder dies (even by SIGKILL), so there is no stale lock to clean up.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> RunDirLock:
+        """Take the lock or raise BlockingIOError naming the holder's pid."""
+        import fcntl  # noqa: PLC0415 - POSIX only
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BlockingIOError(f"run dir '{self.path.parent}' is in use by another launch (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None

@@ -1,0 +1,84 @@
+"""Per-rank liveness for hang detection.
+
+A daemon thread rewrites ``heartbeat-rank-<r>.json`` (``{pid, rank, step, phase, time}``) every ``interval``
+seconds. The launcher reads these files: a heartbeat that stops (a frozen process: SIGSTOP, a dead machine)
+or a step that stops advancing while the phase is ``train`` (a stuck collective, a deadlock) is a hang.
+The training loop only assigns two attributes per step; all I/O happens in the thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+HEARTBEAT_DIR_ENV = "ORCH_HEARTBEAT_DIR"
+
+
+def heartbeat_path(directory: Path, rank: int) -> Path:
+    return directory / f"heartbeat-rank-{rank}.json"
+
+
+class Heartbeat:
+    """Writes this rank's heartbeat file from a background thread. ``update`` is cheap: call it every step."""
+
+    def __init__(self, path: Path, rank: int, interval_s: float = 1.0) -> None:
+        self.path, self.rank, self.interval_s = path, rank, interval_s
+        self.step, self.phase = 0, "setup"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write()
+        self._thread.start()
+        return self
+
+    def update(self, step: int | None = None, phase: str | None = None) -> None:
+        if step is not None:
+            self.step = step
+        if phase is not None:
+            self.phase = phase
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._write()
+
+    def _write(self) -> None:
+        record = {"pid": os.getpid(), "rank": self.rank, "step": self.step, "phase": self.phase, "time": time.time()}
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a full disk must not kill training from a side thread; the launcher will see staleness
+
+
+class NoHeartbeat:
+    """The do-nothing twin, for launches that don't watch heartbeats (torchrun, a plain process)."""
+
+    def start(self) -> NoHeartbeat:
+        return self
+
+    def update(self, step: int | None = None, phase: str | None = None) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def heartbeat_from_env(rank: int) -> Heartbeat | NoHeartbeat:
+    directory = os.environ.get(HEARTBEAT_DIR_ENV)
+    return Heartbeat(heartbeat_path(Path(directory), rank), rank) if directory else NoHeartbeat()
+
+
+def read_heartbeat(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
