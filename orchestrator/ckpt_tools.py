@@ -50,7 +50,10 @@ def _describe_folder(folder: Path) -> dict[str, Any]:
     except CheckpointError:
         pass
     if (folder / MODEL_FILE).is_file() and info["complete"]:
-        info.update(_weights_summary(load_weights(folder / MODEL_FILE)))
+        try:
+            info.update(_weights_summary(load_weights(folder / MODEL_FILE)), safe=True)
+        except CheckpointError as exc:  # e.g. a pickled callable: refused by weights_only, never run
+            info.update(safe=False, problem=str(exc))
     return info
 
 
@@ -72,6 +75,8 @@ def _print_folder(info: dict[str, Any], indent: str = "") -> None:
     status = "yes (manifest verified)" if info["complete"] else f"NO — {info['problem']}"
     print(f"{indent}checkpoint: {info['path']}")
     print(f"{indent}  complete: {status}")
+    if info.get("safe") is False:
+        print(f"{indent}  safe: NO (UNSAFE: refused, not loaded) — {info['problem']}")
     for key, label in (
         ("step", "step"),
         ("samples_seen", "samples seen"),

@@ -98,3 +98,20 @@ def test_dropout_task_killed_and_relaunched_is_bitwise_equal(tmp_path):
     task.model.load_state_dict(load(ref))
     x = task.dataset[0][0][None]
     assert not torch.equal(task.model(x), task.model(x))
+
+
+def test_random_augmentation_is_reproduced_whatever_the_loader_workers_and_stops(refs, tmp_path):
+    """Per-sample seeding: augmentation depends on the sample's place in the global stream only."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    launch(ref, 2, "task.args.augment=0.5", "data.num_workers=0")
+    launch_and_kill(
+        run,
+        2,
+        "task.args.augment=0.5",
+        "data.num_workers=2",
+        "task.args.step_sleep_s=0.1",
+        kill_after=f"step-{EVERY:08d}",
+    )
+    launch(run, 2, "task.args.augment=0.5", "data.num_workers=2")
+    assert tensors_equal(load(run), load(ref))
+    assert rel_diff(load(ref), load(refs[2])) > 1e-4  # the augmentation really changed the training

@@ -83,13 +83,33 @@ def quick(
     audit_dir: str | None = None,
     die_in_save: str | None = None,
     die_in_save_step: int = 8,
+    augment: float = 0.0,
     **kwargs,
 ):
     if audit_dir:
         _install_write_audit(audit_dir)
     if die_in_save:
         _install_die_in_save(die_in_save, die_in_save_step)
-    return _Slowed(quickstart.build(**kwargs), step_sleep_s, fail_rank, fail_call)
+    task = quickstart.build(**kwargs)
+    if augment:
+        task.dataset = _NoisyInputs(task.dataset, augment)
+    return _Slowed(task, step_sleep_s, fail_rank, fail_call)
+
+
+class _NoisyInputs:
+    """Random augmentation inside __getitem__ (draws from torch's global RNG, as user code would)."""
+
+    def __init__(self, dataset, scale: float) -> None:
+        self.dataset, self.scale = dataset, scale
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        import torch
+
+        x, y = self.dataset[index]
+        return x + self.scale * torch.randn_like(x), y
 
 
 def chars(step_sleep_s: float = 0.0, **kwargs):

@@ -1,0 +1,183 @@
+"""Crash-safe and safe-to-load checkpoints: corrupt files are skipped with a warning naming them, a full disk is a
+clear error that leaves older checkpoints intact, a pickle payload is refused and never runs, async saves give the
+same weights, a resume that would silently change the data is refused, two launches can't share a run dir."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import EVERY, MAX_STEPS, QUICK, ROOT, cli, copy_run, env, latest_name, launch, load, tensors_equal
+
+
+def _ckpt(run, step):
+    return run / "checkpoints" / f"step-{step:08d}"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flipped"])
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(damage, refs, tmp_path):
+    run = copy_run(refs[2], tmp_path / "run")
+    model_pt = _ckpt(run, MAX_STEPS) / "model.pt"
+    data = bytearray(model_pt.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x10
+    model_pt.write_bytes(bytes(data))
+    proc = launch(run, 2)
+    assert f"skipping checkpoint step-{MAX_STEPS:08d}" in proc.stderr
+    assert ("bytes" if damage == "truncated" else "sha256") in proc.stderr
+    assert f"resumed from {_ckpt(run, MAX_STEPS - EVERY)}" in proc.stderr
+    assert tensors_equal(load(run), load(refs[2]))
+
+
+def test_async_checkpoints_give_the_same_weights_as_sync(refs, tmp_path):
+    run = tmp_path / "async"
+    proc = launch(run, 2, "train.async_checkpoint=true")
+    assert "snapshot taken, writing" in proc.stderr  # the periodic saves really went the async way
+    assert tensors_equal(load(run), load(refs[2]))
+    assert tensors_equal(load(run, "optim.pt"), load(refs[2], "optim.pt"))
+    assert tensors_equal(load(run, step=MAX_STEPS - EVERY), load(refs[2], step=MAX_STEPS - EVERY))
+
+
+def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_valid(refs, tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "died"
+    proc = launch(
+        run,
+        2,
+        "train.async_checkpoint=true",
+        "launch.max_restarts=1",
+        "launch.grace_period_s=1",
+        f"task.args.die_in_save={marker}",
+        "task.args.die_in_save_step=8",
+    )
+    assert marker.exists(), "the background write was never interrupted"
+    assert f"resumed from {_ckpt(run, EVERY)}" in proc.stderr
+    assert tensors_equal(load(run), load(refs[2]))
+
+
+def _tmpfs(path, size: str) -> None:
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
+
+
+def test_disk_full_is_a_clear_error_and_older_checkpoints_stay_intact(tmp_path):
+    mnt = tmp_path / "small"
+    _tmpfs(mnt, "8m")
+    try:
+        run = mnt / "run"
+        cmd = [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "launch",
+            "configs/quickstart.yaml",
+            "--nproc",
+            "2",
+            f"run.dir={run}",
+            *QUICK,
+            "task.args.step_sleep_s=0.1",
+            "train.log_every=100",
+        ]
+        proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        while latest_name(run) != f"step-{EVERY:08d}":
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.01)
+        with open(mnt / "filler", "wb") as f:  # fill the disk
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+            _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1
+        assert "cannot write checkpoint" in err and "No space left on device" in err and "older checkpoints" in err
+        assert latest_name(run) == f"step-{EVERY:08d}"
+        assert not list((run / "checkpoints").glob(".tmp-*"))  # the failed save cleaned up after itself
+        (mnt / "filler").unlink()
+        assert "complete: yes" in cli("ckpt", "inspect", str(_ckpt(run, EVERY)), check=True).stdout
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_pickle_payload_in_a_checkpoint_is_refused_and_never_runs(refs, tmp_path):
+    run = copy_run(refs[2], tmp_path / "run")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = _ckpt(run, MAX_STEPS)
+    sd = torch.load(folder / "model.pt", weights_only=True)
+    torch.save({**sd, "evil": Payload()}, folder / "model.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())  # a forger would fix the manifest too
+    data = (folder / "model.pt").read_bytes()
+    manifest["files"]["model.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    proc = launch(run, 2, "train.max_steps=16", "launch.max_restarts=2", check=False)
+    assert proc.returncode == 1
+    assert "weights_only" in proc.stderr and "model.pt" in proc.stderr
+    assert "restarting" not in proc.stderr  # an unsafe checkpoint is not retried
+    out = cli("ckpt", "inspect", str(folder)).stdout
+    assert "UNSAFE" in out
+    assert not marker.exists(), "the payload ran"
+
+
+def test_resume_refuses_a_config_that_would_change_the_data(refs, tmp_path):
+    run = copy_run(refs[2], tmp_path / "run")
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    for override, message in (
+        ("train.seed=1", "'train.seed' = 1: the checkpoint"),
+        ("data.global_batch_size=48", "'data.global_batch_size' = 48"),
+        ("train.max_steps=8", "already at step 12"),
+    ):
+        proc = launch(run, 2, override, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_an_edited_learning_rate_takes_effect_on_resume_with_a_warning(refs, tmp_path):
+    run = copy_run(refs[2], tmp_path / "run")
+    proc = launch(run, 1, "train.max_steps=14", "optim.lr=0.0005", "optim.schedule=constant", "optim.warmup_steps=0")
+    assert "optimizer initial_lr changed on resume: 0.003 -> 0.0005" in proc.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 14 and rows[-1]["lr"] == 0.0005
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), "metrics.jsonl has duplicated or unordered steps after the resume"
+
+
+def test_two_launches_cannot_share_a_run_dir(tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "launch",
+        "configs/quickstart.yaml",
+        "--nproc",
+        "1",
+        f"run.dir={run}",
+        *QUICK,
+        "task.args.step_sleep_s=0.2",
+    ]
+    first = subprocess.Popen(cmd, env=env(), cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        while not (run / "logs").exists():
+            time.sleep(0.05)
+        second = cli("launch", "configs/quickstart.yaml", "--nproc", "1", f"run.dir={run}", *QUICK)
+        assert second.returncode == 2 and "is in use by another launch" in second.stderr
+    finally:
+        first.wait(timeout=120)
+    assert first.returncode == 0
