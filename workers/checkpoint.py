@@ -15,7 +15,6 @@ Everything is loaded with ``weights_only=True``; nothing here unpickles arbitrar
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from workers.dist import DistContext
-from workers.fsutil import atomic_write, fsync_dir, write_durable
+from workers.fsutil import HashingWriter, atomic_write, fsync_dir, write_durable
 
 log = logging.getLogger("workers.checkpoint")
 
@@ -129,10 +128,14 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- writing
 
 
-def _torch_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+def save_torch_durable(path: Path, obj: Any) -> dict[str, Any]:
+    """``torch.save`` streamed to ``path`` through a hashing writer, then fsync; returns the manifest entry."""
+    with open(path, "wb") as f:
+        writer = HashingWriter(f)
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return writer.entry()
 
 
 def snapshot(obj: Any, pin: bool = False) -> Any:
@@ -316,13 +319,12 @@ class Checkpointer:
             shutil.rmtree(tmp)
         tmp.mkdir()
         try:
-            payloads = {
-                MODEL_FILE: _torch_bytes(payload.model),
-                OPTIM_FILE: _torch_bytes(payload.rest),
-                STATE_FILE: json.dumps(payload.train_state, indent=1, sort_keys=True).encode(),
-                **self.extra_files,
+            files = {
+                MODEL_FILE: save_torch_durable(tmp / MODEL_FILE, payload.model),
+                OPTIM_FILE: save_torch_durable(tmp / OPTIM_FILE, payload.rest),
+                STATE_FILE: write_durable(tmp / STATE_FILE, json.dumps(payload.train_state, indent=1).encode()),
             }
-            files = {name: write_durable(tmp / name, data) for name, data in payloads.items()}
+            files.update({name: write_durable(tmp / name, data) for name, data in self.extra_files.items()})
             # The manifest goes last: its presence (and matching hashes) is what makes the folder count.
             manifest = {"format": FORMAT_VERSION, "step": payload.step, "files": files}
             write_durable(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())

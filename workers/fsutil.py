@@ -68,3 +68,25 @@ class RunDirLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+class HashingWriter:
+    """A write-only file object that hashes (sha256) and counts what passes through it to ``f``.
+
+    Lets ``torch.save`` stream straight to disk while the manifest entry is computed on the way: no second
+    in-memory copy of the state, no second read of the file.
+    """
+
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def entry(self) -> dict[str, int | str]:
+        return {"size": self.size, "sha256": self.sha.hexdigest()}
