@@ -83,7 +83,13 @@ class RunResult:
         lines = [f"training failed: rank {rc.rank} failed first ({rc.describe()})"]
         if rc.error and rc.error.get("traceback"):
             lines += ["", f"traceback of rank {rc.rank}:", rc.error["traceback"].rstrip()]
-        lines += ["", "all ranks:"] + [f"  {self.outcomes[r].describe()}" for r in sorted(self.outcomes)]
+        lines += ["", "all ranks (full tracebacks in run.dir/logs/error-rank-<r>.json):"]
+        for rank in sorted(self.outcomes):
+            outcome = self.outcomes[rank]
+            lines.append(f"  {outcome.describe()}")
+            if outcome is not rc and outcome.error and outcome.error.get("traceback"):
+                where = [ln.strip() for ln in outcome.error["traceback"].splitlines() if ln.strip().startswith("File")]
+                lines += [f"      at {where[-1]}"] if where else []
         return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ COMMON = [
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), str(ROOT), env.get("PYTHONPATH", "")])
+    env["ORCH_HEARTBEAT_INTERVAL_S"] = "0.02"  # fine-grained step reports, so kills land on the chosen step
     return env
 
 
@@ -146,12 +147,17 @@ def main() -> int:
                 flush=True,
             )
     survived = sum(t["survived"] for t in trials)
-    print(f"{survived}/{len(trials)} survived (final weights and optimizer bitwise equal to an uninterrupted run)")
+    killed = sum(bool(t.get("killed")) for t in trials)
+    print(
+        f"{survived}/{len(trials)} survived (final weights and optimizer bitwise equal to an uninterrupted run); "
+        f"{killed} trials really killed a rank (the others' target had already finished)"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         summary = {
             "survived": survived,
             "total": len(trials),
+            "killed": killed,
             "seed": args.seed,
             "machine": platform.platform(),
             "cpus": os.cpu_count(),

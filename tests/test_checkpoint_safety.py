@@ -4,6 +4,7 @@ same weights, a resume that would silently change the data is refused, two launc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -62,18 +63,27 @@ def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_valid(r
     assert tensors_equal(load(run), load(refs[2]))
 
 
-def _tmpfs(path, size: str) -> None:
-    path.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+def _mount(*args: str) -> None:
+    proc = subprocess.run(["mount", *args], capture_output=True)
     if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount here (needs root): {proc.stderr.decode().strip()}")
 
 
-def test_disk_full_is_a_clear_error_and_older_checkpoints_stay_intact(tmp_path):
-    mnt = tmp_path / "small"
-    _tmpfs(mnt, "8m")
-    try:
+@pytest.mark.parametrize("trouble", ["disk full", "read-only"])
+def test_an_unwritable_run_dir_is_a_clear_error_and_older_checkpoints_stay_intact(trouble, tmp_path):
+    """A real full file system (a small tmpfs, then filled) and a real read-only one (checkpoints/ bind-mounted,
+    then remounted read-only) after the first checkpoint: the next save fails with a clear error."""
+    run = mnt = tmp_path / "run"
+    if trouble == "disk full":
+        mnt = tmp_path / "small"
+        mnt.mkdir()
+        _mount("-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt))
         run = mnt / "run"
+    else:
+        mnt = run / "checkpoints"
+        mnt.mkdir(parents=True)
+        _mount("--bind", str(mnt), str(mnt))
+    try:
         cmd = [
             sys.executable,
             "-m",
@@ -91,19 +101,21 @@ def test_disk_full_is_a_clear_error_and_older_checkpoints_stay_intact(tmp_path):
         while latest_name(run) != f"step-{EVERY:08d}":
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.01)
-        with open(mnt / "filler", "wb") as f:  # fill the disk
-            try:
+        if trouble == "disk full":
+            with open(mnt / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
                 while True:
                     f.write(b"\0" * (1 << 20))
-                    f.flush()
-            except OSError:
-                pass
-            _, err = proc.communicate(timeout=60)
+        else:  # retried: the remount is refused (busy) while a file under it is open for writing
+            for _ in range(50):
+                if subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.02)
+        _, err = proc.communicate(timeout=60)
         assert proc.returncode == 1
-        assert "cannot write checkpoint" in err and "No space left on device" in err and "older checkpoints" in err
+        reason = "No space left on device" if trouble == "disk full" else "Read-only file system"
+        assert "cannot write checkpoint" in err and reason in err and "older checkpoints are intact" in err, err
         assert latest_name(run) == f"step-{EVERY:08d}"
         assert not list((run / "checkpoints").glob(".tmp-*"))  # the failed save cleaned up after itself
-        (mnt / "filler").unlink()
         assert "complete: yes" in cli("ckpt", "inspect", str(_ckpt(run, EVERY)), check=True).stdout
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)

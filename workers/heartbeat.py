@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 HEARTBEAT_DIR_ENV = "ORCH_HEARTBEAT_DIR"
+HEARTBEAT_INTERVAL_ENV = "ORCH_HEARTBEAT_INTERVAL_S"  # seconds between writes (default 1)
 
 
 def heartbeat_path(directory: Path, rank: int) -> Path:
@@ -74,7 +75,10 @@ class NoHeartbeat:
 
 def heartbeat_from_env(rank: int) -> Heartbeat | NoHeartbeat:
     directory = os.environ.get(HEARTBEAT_DIR_ENV)
-    return Heartbeat(heartbeat_path(Path(directory), rank), rank) if directory else NoHeartbeat()
+    if not directory:
+        return NoHeartbeat()
+    interval = float(os.environ.get(HEARTBEAT_INTERVAL_ENV, "1.0"))
+    return Heartbeat(heartbeat_path(Path(directory), rank), rank, interval)
 
 
 def read_heartbeat(path: Path) -> dict | None:
