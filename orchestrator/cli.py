@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides (anywhere on the line), e.g. train.max_steps=500",
     )
 
+    stat = sub.add_parser("status", help="a run's state, step, loss, throughput, restarts, wandb run id")
+    stat.add_argument("run_dir")
+    stat.add_argument("--json", action="store_true", help="print one JSON object")
+    plot = sub.add_parser("plot", help="draw loss, learning rate and throughput from metrics.jsonl to a PNG")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+
     ckpt = sub.add_parser("ckpt", help="inspect or export checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=_Parser)
     inspect = ckpt_sub.add_parser("inspect", help="describe a checkpoint, a run dir or a weights file")
@@ -128,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "launch":
             return cmd_launch(args)
+        if args.command in ("status", "plot"):
+            from orchestrator import runinfo  # noqa: PLC0415
+
+            return runinfo.run(args)
         from orchestrator import ckpt_tools  # noqa: PLC0415
 
         return ckpt_tools.run(args)

@@ -246,6 +246,7 @@ class Checkpointer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt") if async_save else None
         self._in_flight: Future | None = None
         self.last_blocked_s = 0.0  # how long the last save() blocked the training loop
+        self.last_commit_s = 0.0  # how long the last committed save took to write (rank 0; async: background)
 
     def save(
         self,
@@ -303,6 +304,7 @@ class Checkpointer:
 
     def _commit(self, target: Path, payload: CheckpointPayload) -> None:
         """Rank 0: write everything into a temporary folder, fsync, rename into place, update ``latest``."""
+        t0 = time.perf_counter()
         try:
             self._write_folder(target, payload)
         except OSError as exc:
@@ -311,6 +313,7 @@ class Checkpointer:
                 "HINT: check free space and write permission on run.dir"
             ) from exc
         self._apply_retention(payload.step)
+        self.last_commit_s = time.perf_counter() - t0
 
     def _write_folder(self, target: Path, payload: CheckpointPayload) -> None:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -163,7 +163,8 @@ class LaunchConfig:
 class TrackingConfig:
     """Experiment tracking (wandb on rank 0)."""
 
-    mode: str = "offline"  # offline | online | disabled
+    # auto: online when a wandb API key is configured (WANDB_API_KEY or ~/.netrc), else offline; WANDB_MODE wins.
+    mode: str = "auto"  # auto | offline | online | disabled
     project: str = "orchestrator"
     entity: str | None = None
     name: str | None = None
@@ -171,7 +172,7 @@ class TrackingConfig:
     tags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_choice("tracking.mode", self.mode, ("offline", "online", "disabled"))
+        _check_choice("tracking.mode", self.mode, ("auto", "offline", "online", "disabled"))
 
 
 @dataclass(frozen=True)

@@ -102,9 +102,15 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def seed_all(seed: int) -> None:
-    """Seed torch (all devices), Python's ``random`` and NumPy (when installed)."""
-    torch.manual_seed(seed)
+def seed_all(seed: int, device: torch.device | None = None) -> None:
+    """Seed torch's CPU generator (and ``device``'s, when it is a GPU), Python's ``random`` and NumPy.
+
+    ``torch.manual_seed`` would also do it, but costs ~150 µs (it visits every backend); this costs ~10 µs,
+    which matters when it runs for every sample.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        torch.cuda.manual_seed(seed)  # the current device: each rank's own
     random.seed(seed)
     if _np is not None:
         _np.random.seed(seed % (1 << 32))

@@ -26,8 +26,10 @@ from workers.config import BatchPlan, Config, OptimConfig, check_resume_compatib
 from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all
 from workers.dist import DistContext, maybe_no_sync
 from workers.heartbeat import Heartbeat, NoHeartbeat
+from workers.reporting import Reporter, StepStats
 from workers.stop import StopFlag
 from workers.tasks import build_task
+from workers.tracking import Tracker
 
 log = logging.getLogger("workers.trainer")
 
@@ -95,6 +97,7 @@ class Trainer:
         )
         self.step = 0
         self.wrapped: nn.Module | None = None  # the DDP / compiled module once training starts
+        self.tracker: Tracker | None = None
 
     # ------------------------------------------------------------ setup
 
@@ -175,6 +178,8 @@ class Trainer:
             return self._fit()
         finally:
             self.ckpt.close()  # a background save in flight still commits, even when training failed
+            if self.tracker is not None:
+                self.tracker.finish()
 
     def _fit(self) -> FitResult:
         self._build()
@@ -183,7 +188,8 @@ class Trainer:
             log.info("nothing to do: the run is at step %d of %d", self.step, self.cfg.train.max_steps)
             return FitResult(self.step, stopped_early=False)
         model = self.wrapped = self._wrap()
-        metrics = MetricsWriter(self.run_dir, self.ctx, self.step)
+        self.tracker = Tracker(self.cfg, self.ctx.is_main)
+        self.reporter = Reporter(self.cfg, self.ctx, self.tracker, self.step)
         recorder = IndexRecorder(self.run_dir, self.ctx, self.step) if self.cfg.data.record_indices else None
         batches = self._batches()
         log.info(
@@ -202,18 +208,10 @@ class Trainer:
         while self.step < self.cfg.train.max_steps:
             self.heartbeat.update(self.step, "train")
             t0 = time.perf_counter()
-            loss, grad_norm = self._train_step(model, batches, recorder)
+            loss, grad_norm, data_wait = self._train_step(model, batches, recorder)
             self.step += 1
-            metrics.maybe_log(
-                self.step,
-                self.cfg.train.log_every,
-                self.cfg.train.max_steps,
-                loss,
-                grad_norm,
-                self.scheduler.get_last_lr()[0],
-                time.perf_counter() - t0,
-                self.plan,
-            )
+            lr = self.scheduler.get_last_lr()[0]
+            self.reporter.step(self.step, StepStats(loss, grad_norm, lr, time.perf_counter() - t0, data_wait))
             stopped = self._agree_on_stop()
             last = stopped or self.step == self.cfg.train.max_steps
             if last or self.step % self.cfg.train.checkpoint_every == 0:
@@ -227,16 +225,20 @@ class Trainer:
 
     def _train_step(
         self, model: nn.Module, batches: Iterator, recorder: IndexRecorder | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """One optimizer step; returns (loss, grad norm, seconds spent waiting for data). No host sync."""
         model.train()
         accum = self.plan.accum_steps
         loss_sum = torch.zeros((), device=self.ctx.device)
+        data_wait = 0.0
         for micro in range(accum):
+            t0 = time.perf_counter()
             indices, batch = next(batches)
+            data_wait += time.perf_counter() - t0
             if recorder:
                 recorder.record(self.step, micro, indices)
             batch = _to_device(batch, self.ctx.device)
-            seed_all(step_seed(self.cfg.train.seed, self.step, self.ctx.rank, micro))
+            seed_all(step_seed(self.cfg.train.seed, self.step, self.ctx.rank, micro), self.ctx.device)
             # Gradients of all but the last micro-step stay local: one all-reduce per optimizer step.
             with maybe_no_sync(model, micro < accum - 1):
                 with self._autocast():  # forward under autocast; backward outside it, as torch.amp advises
@@ -251,7 +253,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss_sum, grad_norm
+        return loss_sum, grad_norm, data_wait
 
     def _autocast(self) -> Any:
         precision = self.cfg.train.precision
@@ -281,6 +283,7 @@ class Trainer:
             "seed": self.cfg.train.seed,
             "max_steps": self.cfg.train.max_steps,
             "task": self.cfg.task.factory,
+            "tracking_run_id": self.tracker.run_id,
             "torch": torch.__version__,
             "time": time.time(),
         }
@@ -288,66 +291,11 @@ class Trainer:
         folder = self.ckpt.save(
             self.step, self.wrapped, self.optimizer, self.scheduler, self.scaler, state, blocking=blocking
         )
+        blocked = time.perf_counter() - t0
         done = "committed" if blocking or not self.cfg.train.async_checkpoint else "snapshot taken, writing"
-        log.info("checkpoint %s %s; training blocked %.3f s", folder.name, done, time.perf_counter() - t0)
+        log.info("checkpoint %s %s; training blocked %.3f s", folder.name, done, blocked)
+        self.reporter.note(ckpt_blocked_s=round(blocked, 6), ckpt_save_s=round(self.ckpt.last_commit_s, 6))
         return folder
-
-
-class MetricsWriter:
-    """Rank 0 appends one JSON line per logged step to ``metrics.jsonl``; other ranks only join the average.
-
-    On resume, lines past the resume step (from a run killed after its last checkpoint) are dropped, so the
-    file holds each step once.
-    """
-
-    def __init__(self, run_dir: Path, ctx: DistContext, start_step: int) -> None:
-        self.ctx, self.path = ctx, run_dir / "metrics.jsonl"
-        self._last_t = time.perf_counter()
-        self._last_step = start_step
-        if ctx.is_main and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if _line_step(ln) <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-
-    def maybe_log(
-        self,
-        step: int,
-        every: int,
-        max_steps: int,
-        loss: torch.Tensor,
-        grad_norm: torch.Tensor | None,
-        lr: float,
-        step_time: float,
-        plan: BatchPlan,
-    ) -> None:
-        """Collective at log steps (the loss average): called on all ranks every step."""
-        if step % every and step not in (1, max_steps):
-            return
-        loss_avg = self.ctx.all_reduce_mean(loss.detach().clone()).item()
-        now = time.perf_counter()
-        rate = (step - self._last_step) * plan.global_batch_size / max(now - self._last_t, 1e-9)
-        self._last_t, self._last_step = now, step
-        if not self.ctx.is_main:
-            return
-        row = {
-            "step": step,
-            "loss": loss_avg,
-            "lr": lr,
-            "samples_per_s": round(rate, 2),
-            "step_time_s": round(step_time, 6),
-            "world_size": self.ctx.world_size,
-        }
-        if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        log.info("step %d/%d loss %.5f lr %.2e %.0f samples/s", step, max_steps, loss_avg, lr, rate)
-
-
-def _line_step(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62  # unreadable (e.g. cut by a kill): drop it
 
 
 class IndexRecorder:

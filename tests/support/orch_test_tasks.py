@@ -76,6 +76,17 @@ def _install_die_in_save(marker: str, step: int) -> None:
     sys.addaudithook(hook)
 
 
+class _Forbid:
+    """An import hook that makes importing ``name`` (or its submodules) fail in this worker."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name or fullname.startswith(self.name + "."):
+            raise ImportError(f"{fullname} is forbidden in this test")
+
+
 def quick(
     step_sleep_s: float = 0.0,
     fail_rank: int | None = None,
@@ -84,12 +95,15 @@ def quick(
     die_in_save: str | None = None,
     die_in_save_step: int = 8,
     augment: float = 0.0,
+    forbid_import: str | None = None,
     **kwargs,
 ):
     if audit_dir:
         _install_write_audit(audit_dir)
     if die_in_save:
         _install_die_in_save(die_in_save, die_in_save_step)
+    if forbid_import:
+        sys.meta_path.insert(0, _Forbid(forbid_import))
     task = quickstart.build(**kwargs)
     if augment:
         task.dataset = _NoisyInputs(task.dataset, augment)

@@ -1,0 +1,167 @@
+"""Metrics: ``metrics.jsonl`` always, wandb on rank 0 when enabled. One continuous run across every restart.
+
+- The wandb run id is created once and kept in ``run.dir/tracking.json``; every start (local restart, resume on
+  another world size, SLURM requeue) calls ``wandb.init(id=..., resume="allow")`` on rank 0 with it.
+- Everything is logged against the *global* step. On resume, steps already logged before the stop (the run may
+  have gone past its last checkpoint) are not logged again: their values are identical, and skipping them
+  keeps every curve free of duplicates and gaps.
+- With ``tracking.mode: disabled`` wandb is never imported and nothing is written under ``wandb/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Protocol
+
+from workers.config import Config
+from workers.fsutil import atomic_write
+from workers.wandb_records import last_persisted_step
+
+log = logging.getLogger("workers.tracking")
+TRACKING_FILE = "tracking.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class Sink(Protocol):
+    skip_through: int  # steps <= this are already in this sink (logged before a stop): not logged again
+
+    def log(self, step: int, row: dict[str, Any]) -> None: ...
+    def finish(self) -> None: ...
+
+
+def run_id(run_dir: Path) -> str:
+    """The run's tracking id: read from ``tracking.json``, created there on first use. Rank 0 only."""
+    path = run_dir / TRACKING_FILE
+    try:
+        return json.loads(path.read_text())["wandb_run_id"]
+    except (OSError, ValueError, KeyError):
+        pass
+    rid = secrets.token_hex(4)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps({"wandb_run_id": rid}) + "\n")
+    return rid
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` (a line torn by a kill is skipped)."""
+    rows = []
+    path = run_dir / METRICS_FILE
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The highest step in ``metrics.jsonl`` (0 if none)."""
+    return max((int(r["step"]) for r in read_metrics(run_dir) if "step" in r), default=0)
+
+
+def _drop_torn_last_line(path: Path) -> None:
+    """A kill in the middle of an append leaves a partial last line: cut it so the file stays valid JSONL."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        atomic_write(path, data[: data.rfind(b"\n") + 1])
+
+
+class JsonlSink:
+    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / METRICS_FILE
+        _drop_torn_last_line(self.path)
+        self.skip_through = last_logged_step(run_dir)
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **row}) + "\n")
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbSink:
+    """Rank 0's wandb run (offline files under ``run.dir/wandb/`` or online)."""
+
+    def __init__(self, cfg: Config, rid: str, mode: str | None) -> None:
+        import wandb  # noqa: PLC0415 - only when tracking is on
+
+        t = cfg.tracking
+        self.run = wandb.init(
+            project=t.project, entity=t.entity, name=t.name or cfg.run_dir.name, group=t.group,
+            tags=list(t.tags) or None, config=cfg.to_dict(), dir=str(cfg.run_dir), id=rid, resume="allow",
+            mode=mode,
+            # workers own their console; wandb's system sampler would cost CPU on every rank-0 step
+            settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True, save_code=False),
+        )  # fmt: skip
+        self.run.define_metric("global_step")
+        self.run.define_metric("*", step_metric="global_step")
+        # What wandb already holds: online, the server tells (starting_step); offline, its own files do.
+        offline = last_persisted_step(cfg.run_dir, rid) if self.run.offline else 0
+        self.skip_through = max(offline, int(getattr(self.run, "starting_step", 0) or 0) - 1)
+        self._backfill(cfg.run_dir)
+
+    def _backfill(self, run_dir: Path) -> None:
+        """A kill can take wandb's unflushed rows with it while ``metrics.jsonl`` kept them: log those rows
+        again (same steps, same values) so the wandb run has no gap."""
+        rows = [r for r in read_metrics(run_dir) if r.get("step", 0) > self.skip_through]
+        for row in rows:
+            self.log(row["step"], {k: v for k, v in row.items() if k != "step"})
+        if rows:
+            log.info("wandb: back-filled steps %d..%d from metrics.jsonl", rows[0]["step"], rows[-1]["step"])
+            self.skip_through = rows[-1]["step"]
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        self.run.log({**row, "global_step": step}, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def wandb_mode(cfg: Config) -> str | None:
+    """``auto``: online when an API key is configured, else offline; ``WANDB_MODE`` wins when set."""
+    if cfg.tracking.mode != "auto":
+        return cfg.tracking.mode
+    if os.environ.get("WANDB_MODE"):
+        return None  # let wandb read it
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or Path("~/.netrc").expanduser().exists()
+    return "online" if has_key else "offline"
+
+
+class Tracker:
+    """Rank 0's metric sinks behind one call; on other ranks it holds nothing and logs nothing."""
+
+    def __init__(self, cfg: Config, is_main: bool) -> None:
+        self.sinks: list[Sink] = []
+        self.run_id: str | None = None
+        if not is_main:
+            return
+        self.sinks.append(JsonlSink(cfg.run_dir))
+        if cfg.tracking.mode != "disabled":
+            self.run_id = run_id(cfg.run_dir)
+            mode = wandb_mode(cfg)
+            self.sinks.append(WandbSink(cfg, self.run_id, mode))
+            log.info(
+                "wandb run %s (%s), continuing after step %d",
+                self.run_id,
+                mode or os.environ.get("WANDB_MODE"),
+                self.sinks[-1].skip_through,
+            )
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            if step > sink.skip_through:
+                sink.log(step, row)
+
+    def finish(self) -> None:
+        for sink in self.sinks:
+            sink.finish()
