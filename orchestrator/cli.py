@@ -100,28 +100,31 @@ def _check_devices(cfg: Config) -> None:
 
 
 def _launch_with_restarts(cfg: Config) -> int:
-    from orchestrator.launcher import LocalLauncher  # noqa: PLC0415
+    from orchestrator.launcher import LocalLauncher, SignalRelay  # noqa: PLC0415
 
     restarts = 0
-    while True:
-        log.info(
-            "launching %d worker(s), run dir %s%s",
-            cfg.launch.nproc,
-            cfg.run.dir,
-            f" (restart {restarts}/{cfg.launch.max_restarts})" if restarts else "",
-        )
-        result = LocalLauncher(cfg, cfg.launch.nproc, attempt=restarts).run()
-        if result.ok:
-            log.info("run finished: %s", cfg.run.dir)
-            return EXIT_OK
-        if result.usage_error:
-            print(f"orchestrator: error: {result.root_cause.error['message'].partition(': ')[2]}", file=sys.stderr)
-            return EXIT_USAGE
-        print(result.report(), file=sys.stderr)
-        if result.stopped_by_signal or not result.retryable or restarts >= cfg.launch.max_restarts:
-            return EXIT_FAILED
-        restarts += 1
-        log.warning("restarting the group from the latest checkpoint (%d/%d)", restarts, cfg.launch.max_restarts)
+    # One signal relay for all attempts: a Ctrl-C during a teardown or between attempts still means "stop".
+    with SignalRelay() as relay:
+        while True:
+            log.info(
+                "launching %d worker(s), run dir %s%s",
+                cfg.launch.nproc,
+                cfg.run.dir,
+                f" (restart {restarts}/{cfg.launch.max_restarts})" if restarts else "",
+            )
+            result = LocalLauncher(cfg, cfg.launch.nproc, attempt=restarts).run(relay)
+            if result.ok:
+                log.info("run finished: %s", cfg.run.dir)
+                return EXIT_OK
+            if result.usage_error:
+                print(f"orchestrator: error: {result.root_cause.error['message'].partition(': ')[2]}", file=sys.stderr)
+                return EXIT_USAGE
+            print(result.report(), file=sys.stderr)
+            stopped = result.stopped_by_signal or relay.count > 0
+            if stopped or not result.retryable or restarts >= cfg.launch.max_restarts:
+                return EXIT_FAILED
+            restarts += 1
+            log.warning("restarting the group from the latest checkpoint (%d/%d)", restarts, cfg.launch.max_restarts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,14 +137,14 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
     return alive
 
 
-class _SignalRelay:
+class SignalRelay:
     """Launcher signal handling: the handler only records; the supervision loop acts on it."""
 
     def __init__(self) -> None:
         self.count = 0
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _SignalRelay:
+    def __enter__(self) -> SignalRelay:
         for sig in (signal.SIGINT, signal.SIGTERM):
             # Install our own even if SIGINT was ignored (a launcher started from a script may inherit that).
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -161,32 +161,48 @@ class _SignalRelay:
 class HangWatch:
     """Reads the workers' heartbeat files; names a rank that froze or stopped making progress.
 
-    A rank hangs when its heartbeat file has not been rewritten for ``timeout_s`` (the process is frozen:
-    SIGSTOP, swapped out, a dead node), or when it reports phase ``train`` but its step has not advanced
-    for ``timeout_s`` (a stuck collective, a deadlock). Setup and checkpoint phases only need to stay alive.
+    - Frozen: a heartbeat file not rewritten for ``timeout_s`` (SIGSTOP, a swapped-out or dead machine). Checked
+      across all ranks first: a frozen rank is the cause, the others only wait for it.
+    - Stuck: every rank is in phase ``train`` past its first step of this attempt, and some (step, phase) has not
+      changed for ``timeout_s`` (a stuck collective, a deadlock). Setup, the first step (compilation, warm-up)
+      and checkpoint phases are exempt: they may be slow without being stuck.
     """
 
     def __init__(self, directory: Path, nproc: int, timeout_s: float) -> None:
         self.paths = [heartbeat_path(directory, r) for r in range(nproc)]
         self.timeout_s = timeout_s
-        self._progress: dict[int, tuple[int, float]] = {}  # rank -> (step, when that step was first seen)
+        self._progress: dict[int, tuple[tuple[int, str], float]] = {}  # rank -> ((step, phase), since when)
+        self._first_step: dict[int, int] = {}  # rank -> the first step it reported in phase train
 
     def find_hung(self, alive: list[int], now: float) -> tuple[int, str] | None:
         if self.timeout_s <= 0:
             return None
-        for rank in alive:
-            beat = read_heartbeat(self.paths[rank])
-            if beat is None:
-                continue  # not started yet: process-group timeouts cover a rank stuck before its first beat
-            step, since = self._progress.get(rank, (-1, now))
-            if beat["step"] != step:
-                self._progress[rank] = (beat["step"], now)
-                since = now
-            if now - beat["time"] > self.timeout_s:
-                return rank, f"no heartbeat for {now - beat['time']:.0f} s at step {beat['step']} (frozen?)"
-            if beat["phase"] == "train" and now - since > self.timeout_s:
-                return rank, f"no progress for {now - since:.0f} s at step {beat['step']} (stuck collective?)"
-        return None
+        beats = {r: b for r in alive if (b := read_heartbeat(self.paths[r])) is not None}
+        stale = sorted(
+            ((now - b["time"], r) for r, b in beats.items() if now - b["time"] > self.timeout_s), reverse=True
+        )
+        if stale:
+            age, rank = stale[0]
+            return rank, f"no heartbeat for {age:.0f} s at step {beats[rank]['step']} (frozen?)"
+        for rank, beat in beats.items():
+            key = (beat["step"], beat["phase"])
+            if rank not in self._progress or self._progress[rank][0] != key:
+                self._progress[rank] = (key, now)
+            if beat["phase"] == "train":
+                self._first_step.setdefault(rank, beat["step"])
+        watched = len(beats) == len(alive) and all(
+            b["phase"] == "train" and b["step"] > self._first_step[r] for r, b in beats.items()
+        )
+        stuck = sorted((beats[r]["step"], r) for r in beats if now - self._progress[r][1] > self.timeout_s)
+        if not (watched and stuck):
+            return None
+        step, rank = stuck[0]
+        ranks = ", ".join(str(r) for _, r in stuck)
+        return (
+            rank,
+            f"no progress for {now - self._progress[rank][1]:.0f} s at step {step} on rank(s) {ranks} "
+            "(stuck collective?)",
+        )
 
 
 class LocalLauncher:
@@ -199,8 +215,11 @@ class LocalLauncher:
         self.cfg, self.nproc, self.attempt = cfg, nproc, attempt
         self.logs = cfg.run_dir / "logs"
 
-    def run(self) -> RunResult:
-        """Start the group and supervise it to the end. Always tears the group down before returning."""
+    def run(self, relay: SignalRelay | None = None) -> RunResult:
+        """Start the group and supervise it to the end. Always tears the group down before returning.
+
+        ``relay``: the launcher's signal handling, when the caller holds it across several attempts.
+        """
         import torch.multiprocessing as mp  # noqa: PLC0415 - torch loads only once a launch is certain
 
         from workers.entry import spawned_worker  # noqa: PLC0415
@@ -211,18 +230,18 @@ class LocalLauncher:
         ctx = mp.get_context("spawn")
         port = free_port()
         procs = []
-        with _SignalRelay() as relay:
+        with contextlib.nullcontext(relay) if relay else SignalRelay() as active:
             try:
                 for rank in range(self.nproc):
                     args = (self.cfg.to_dict(), rank, self.nproc, port, str(self.logs), os.getpid(), self.attempt)
                     proc = ctx.Process(target=spawned_worker, name=f"worker-{rank}", args=args)
                     proc.start()
                     procs.append(proc)
-                return self._supervise(procs, relay)
+                return self._supervise(procs, active)
             finally:
                 kill_tree([p.pid for p in procs if p.is_alive()], self.cfg.launch.grace_period_s)
 
-    def _supervise(self, procs: list, relay: _SignalRelay) -> RunResult:
+    def _supervise(self, procs: list, relay: SignalRelay) -> RunResult:
         result = RunResult()
         hangs = HangWatch(self.logs, len(procs), self.cfg.launch.hang_timeout_s)
         forwarded = 0
@@ -231,10 +250,12 @@ class LocalLauncher:
             if relay.count > forwarded:
                 forwarded = self._relay_signal(procs, relay.count, result)
             seen_at = time.time()
+            exits_seen = len(result.outcomes)
             for rank, proc in enumerate(procs):
                 if proc.exitcode is not None and rank not in result.outcomes:
                     result.outcomes[rank] = _outcome(rank, proc.exitcode, self.logs, seen_at)
-            if result.root_cause is None:
+            # An exit is evidence; a hang is a judgement: in a poll that saw new exits, they speak first.
+            if result.root_cause is None and len(result.outcomes) == exits_seen:
                 alive = [r for r, p in enumerate(procs) if p.exitcode is None]
                 hung = None if relay.count else hangs.find_hung(alive, seen_at)
                 if hung:

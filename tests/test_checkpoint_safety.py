@@ -157,6 +157,10 @@ def test_resume_refuses_a_config_that_would_change_the_data(refs, tmp_path):
         proc = launch(run, 2, override, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+    # Found only once the task is built (in the workers): still exit 2, no restart, checkpoints untouched.
+    for override, message in (("task.args.n=240", "its dataset's length"), ("task.args.hidden=16", "does not fit")):
+        proc = launch(run, 2, override, "launch.max_restarts=2", check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "restarting" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 

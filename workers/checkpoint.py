@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.config import ConfigError
 from workers.dist import DistContext
 from workers.fsutil import HashingWriter, atomic_write, fsync_dir, write_durable
 
@@ -149,7 +150,10 @@ def snapshot(obj: Any, pin: bool = False) -> Any:
             return host.copy_(obj.detach(), non_blocking=True)
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return type(obj)((k, snapshot(v, pin)) for k, v in obj.items())
+        copy = type(obj)((k, snapshot(v, pin)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state_dict's per-module versions (load_state_dict reads them)
+            copy._metadata = obj._metadata
+        return copy
     if isinstance(obj, (list, tuple)):
         return type(obj)(snapshot(v, pin) for v in obj)
     return obj
@@ -180,9 +184,18 @@ def verify(folder: Path) -> dict[str, Any]:
             raise CheckpointError(f"'{folder}' is missing {name}")
         if path.stat().st_size != entry["size"]:
             raise CheckpointError(f"'{path}' has {path.stat().st_size} bytes, manifest says {entry['size']}")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+        if _sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"'{path}' does not match its sha256 in the manifest (corrupt)")
     return manifest
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """sha256 of a file read in 16 MiB chunks (a 10 GB optimizer state must not need 10 GB of RAM)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def step_folders(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -228,9 +241,9 @@ class CheckpointPayload:
 class Checkpointer:
     """Saves and restores training state under ``ckpt_dir``. One per process; see the module docstring.
 
-    With ``async_save``, :meth:`save` blocks training only while rank 0 copies the state to host memory; a
-    background thread serialises, writes and commits it. At most one save is in flight. No collective ever
-    runs in that thread (only rank 0 writes files).
+    With ``async_save``, :meth:`save` blocks training only while rank 0 copies the state to host memory (and,
+    if the previous save is still being written, until it is: at most one save is in flight); a background
+    thread serialises, writes and commits it. No collective ever runs in that thread (only rank 0 writes).
     """
 
     def __init__(
@@ -245,7 +258,6 @@ class Checkpointer:
         self.extra_files = extra_files or {}  # e.g. the resolved config.yaml, saved in every checkpoint
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt") if async_save else None
         self._in_flight: Future | None = None
-        self.last_blocked_s = 0.0  # how long the last save() blocked the training loop
         self.last_commit_s = 0.0  # how long the last committed save took to write (rank 0; async: background)
 
     def save(
@@ -265,7 +277,6 @@ class Checkpointer:
         the state to host memory and returns; the commit happens in the background (no barrier needed: the
         other ranks write nothing). Older checkpoints beyond ``keep`` are deleted only after a commit.
         """
-        t0 = time.perf_counter()
         target = self.ckpt_dir / step_dir_name(step)
         if self.ctx.is_main:
             self.wait()  # at most one save in flight; also surfaces a failed background write
@@ -285,7 +296,6 @@ class Checkpointer:
                 self._commit(target, payload)
         if blocking or self._pool is None:
             self.ctx.barrier()
-        self.last_blocked_s = time.perf_counter() - t0
         return target
 
     def wait(self) -> None:
@@ -369,10 +379,12 @@ class Checkpointer:
             if found is None and folders:
                 choice = "!none-valid"
             elif found is not None:
-                for _, folder in folders:
-                    if folder == found:
-                        break
+                newer = [f for _, f in folders if f.name > found.name]
+                for folder in newer:
                     _set_aside(folder)
+                latest = self.ckpt_dir / LATEST_FILE
+                if newer or not latest.exists() or latest.read_text().strip() != found.name:
+                    atomic_write(self.ckpt_dir / LATEST_FILE, found.name + "\n")  # never name a set-aside folder
                 choice = str(found)
         choice = self.ctx.broadcast_object(choice)
         if choice == "!none-valid":
@@ -387,7 +399,15 @@ class Checkpointer:
         self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any
     ) -> dict[str, Any]:
         """Restore model, optimizer, scheduler and scaler from ``folder``; return its train state."""
-        unwrap(model).load_state_dict(_safe_load(folder / MODEL_FILE), strict=True)
+        weights = _safe_load(folder / MODEL_FILE)  # an unsafe or corrupt file: CheckpointError, not a config error
+        try:
+            unwrap(model).load_state_dict(weights, strict=True)
+        except RuntimeError as exc:  # another architecture than the one saved: a config problem, not a crash
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"checkpoint '{folder}' does not fit the model that task.factory/task.args build: "
+                f"{first}. HINT: restore the task settings of this run, or use a new run.dir"
+            ) from None
         rest = _safe_load(folder / OPTIM_FILE)
         optimizer.load_state_dict(rest["optimizer"])
         scheduler.load_state_dict(rest["scheduler"])

@@ -381,7 +381,7 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
     return BatchPlan(world_size, gbs, gbs // world_size, gbs // (world_size * accum), accum)
 
 
-def check_resume_compatible(cfg: Config, saved: dict[str, Any], where: str) -> None:
+def check_resume_compatible(cfg: Config, saved: dict[str, Any], where: str, dataset_len: int | None = None) -> None:
     """Refuse a resume whose config would silently change what the run consumes (raises ConfigError).
 
     ``saved`` is a checkpoint's train_state.json. The data position is ``step x global batch`` in the global order
@@ -392,6 +392,7 @@ def check_resume_compatible(cfg: Config, saved: dict[str, Any], where: str) -> N
         ("train.seed", cfg.train.seed, saved.get("seed")),
         ("data.global_batch_size", cfg.data.global_batch_size, saved.get("global_batch_size")),
         ("task.factory", cfg.task.factory, saved.get("task")),
+        ("task.factory (its dataset's length)", dataset_len, saved.get("dataset_len") if dataset_len else None),
     ):
         if then is not None and now != then:
             _fail(key, now, f"the checkpoint in {where} was saved with {then!r}; resuming would change the data", hint)

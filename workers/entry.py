@@ -121,9 +121,11 @@ def save_resolved_config(cfg: Config) -> None:
 
 def _error_kind(exc: BaseException) -> str:
     """``config`` and ``checkpoint`` errors don't heal by restarting; anything else might."""
+    from workers.checkpoint import CheckpointError  # noqa: PLC0415 - torch is loaded by now
+
     if isinstance(exc, ConfigError):
         return "config"
-    return "checkpoint" if type(exc).__name__ == "CheckpointError" else "exception"
+    return "checkpoint" if isinstance(exc, CheckpointError) else "exception"
 
 
 def run_worker(cfg: Config, stop: StopFlag | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -59,6 +60,8 @@ class RunDirLock:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise BlockingIOError(f"run dir '{self.path.parent}' is in use by another launch (pid {holder})") from None
+        except OSError as exc:  # a file system without flock (some NFS / Lustre mounts): run unguarded
+            logging.getLogger("workers").warning("cannot lock %s (%s): two launches could share it", self.path, exc)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.checkpoint import Checkpointer, load_weights, unwrap
+from workers.checkpoint import Checkpointer, load_weights, read_train_state, unwrap
 from workers.config import BatchPlan, Config, OptimConfig, check_resume_compatible, dump_config, plan_batches
 from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all
 from workers.dist import DistContext, maybe_no_sync
@@ -117,8 +117,8 @@ class Trainer:
         self.ckpt.clean_stale_temporaries()
         folder = self.ckpt.find_resume_point() if self.cfg.run.resume else None
         if folder is not None:
+            check_resume_compatible(self.cfg, read_train_state(folder), str(folder), len(self.task.dataset))
             state = self.ckpt.load(folder, self.model, self.optimizer, self.scheduler, self.scaler)
-            check_resume_compatible(self.cfg, state, str(folder))
             self.step = int(state["step"])
             self._apply_optim_config()
             log.info(
@@ -175,9 +175,18 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train to ``train.max_steps`` (or until a stop is agreed). Must be called on all ranks."""
         try:
-            return self._fit()
+            result = self._fit()
+        except BaseException:
+            # A background save in flight still commits; its own failure must not mask the training error.
+            try:
+                self.ckpt.close()
+            except Exception as exc:
+                log.error("the background checkpoint failed too: %s", exc)
+            raise
+        else:
+            self.ckpt.close()
+            return result
         finally:
-            self.ckpt.close()  # a background save in flight still commits, even when training failed
             if self.tracker is not None:
                 self.tracker.finish()
 
@@ -284,6 +293,8 @@ class Trainer:
             "max_steps": self.cfg.train.max_steps,
             "task": self.cfg.task.factory,
             "tracking_run_id": self.tracker.run_id,
+            "dataset_len": len(self.task.dataset),
+            "task_args": self.cfg.task.args,
             "torch": torch.__version__,
             "time": time.time(),
         }
