@@ -22,6 +22,7 @@ COMMON = [
     "tracking.mode=disabled",
     "launch.device=cuda",
     "data.global_batch_size=64",
+    "train.deterministic=true",
 ]
 rows: list[tuple[str, bool, str]] = []
 
@@ -102,6 +103,11 @@ def main() -> int:
             and equal(load(resumed, 20, "optim.pt"), load(run, 20, "optim.pt"))
         )
         check(f"{precision}: resume from step 10 bitwise", same, f"exit {proc.returncode}")
+        if precision == "bf16":  # async checkpoints: pinned host snapshot on CUDA, same weights as sync
+            async_run = tmp / "bf16-async"
+            proc = launch(async_run, f"train.precision={precision}", "train.async_checkpoint=true")
+            same = proc.returncode == 0 and equal(load(async_run, 10, "model.pt"), load(run, 10, "model.pt"))
+            check("bf16: async (pinned) checkpoint = sync", same, f"exit {proc.returncode}")
     shutil.rmtree(tmp, ignore_errors=True)
     return report()
 

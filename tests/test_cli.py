@@ -157,3 +157,35 @@ def test_sigkill_of_the_launcher_leaves_no_worker_behind(tmp_path):
     proc.wait()
     _, alive = psutil.wait_procs(tree, timeout=10)
     assert not alive, f"left behind: {[p.pid for p in alive]}"
+
+
+def test_a_second_sigint_tears_the_workers_down_at_once(tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "launch",
+        "configs/quickstart.yaml",
+        "--nproc",
+        "2",
+        f"run.dir={run}",
+        *QUICK,
+        "task.args.step_sleep_s=2",
+    ]  # 4 s steps: a graceful stop would take long
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    while not (run / "logs" / "heartbeat-rank-1.json").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 3.5, "the second SIGINT did not tear down at once"
+    assert proc.returncode == 1 and "second stop request" in err
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    assert not alive
+    assert latest_name(run) is None  # nothing was saved: the first step never finished

@@ -45,6 +45,7 @@ class Reporter:
         self.extra: dict[str, float] = {"restarts": float(os.environ.get("ORCH_RESTART_COUNT", "0"))}
         self.progress = Progress(self.max_steps, start_step) if ctx.is_main and sys.stderr.isatty() else None
         self.last_loss = float("nan")
+        self.logging_s = self.gather_s = 0.0  # cumulative time in log steps: sinks + console / the all-gather
 
     def note(self, **values: float) -> None:
         """Values to put in the next logged row (e.g. checkpoint times)."""
@@ -57,13 +58,17 @@ class Reporter:
             self.progress.update(step, self._rate(step), self.last_loss)
         if step % self.every and step not in (1, self.max_steps):
             return
+        t_log = time.perf_counter()
         loss, per_rank = self._gather(stats.loss)
+        t_gathered = time.perf_counter()
         now = time.perf_counter()
         steps = max(1, step - self.window_step)
         row = {
             "loss": loss, "lr": stats.lr, "samples_per_s": round(self._rate(step, now), 2),
             "step_time_s": round(self.step_time / steps, 6), "data_wait_s": round(self.data_wait / steps, 6),
-            "world_size": self.ctx.world_size, **self.extra, **per_rank,
+            "world_size": self.ctx.world_size, "logging_s_total": round(self.logging_s, 6),
+            "gather_s_total": round(self.gather_s, 6), **self.extra,
+            **per_rank,
         }  # fmt: skip
         if stats.grad_norm is not None:
             row["grad_norm"] = float(stats.grad_norm)
@@ -80,6 +85,10 @@ class Reporter:
                     stats.lr,
                     row["samples_per_s"],
                 )
+        # What logging cost rank 0, reported in the next row: the all-gather (mostly waiting for the slowest
+        # rank, a wait the next gradient all-reduce would have had anyway) and the rest (sinks, console).
+        self.gather_s += t_gathered - t_log
+        self.logging_s += time.perf_counter() - t_gathered
         if self.progress and step == self.max_steps:
             self.progress.close()
 

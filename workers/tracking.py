@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import secrets
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,13 +82,16 @@ class JsonlSink:
         self.path = run_dir / METRICS_FILE
         _drop_torn_last_line(self.path)
         self.skip_through = last_logged_step(run_dir)
+        self._file = None
 
     def log(self, step: int, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **row}) + "\n")
+        if self._file is None:
+            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - kept open; line-buffered: a kill keeps rows
+        self._file.write(json.dumps({"step": step, **row}) + "\n")
 
     def finish(self) -> None:
-        pass
+        if self._file is not None:
+            self._file.close()
 
 
 class WandbSink:
@@ -137,6 +142,32 @@ def wandb_mode(cfg: Config) -> str | None:
     return "online" if has_key else "offline"
 
 
+class BackgroundSink:
+    """Runs a slow sink (wandb: serialisation and IPC to its service) on a thread, so a log step costs the
+    training loop only a queue put. Order is kept; :meth:`finish` drains the queue first."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink, self.skip_through = sink, sink.skip_through
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="tracking", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                self.sink.log(*item)
+            except Exception as exc:  # tracking trouble must not stop training
+                log.warning("tracking: could not log step %d: %s", item[0], exc)
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        self.queue.put((step, row))
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.sink.finish()
+
+
 class Tracker:
     """Rank 0's metric sinks behind one call; on other ranks it holds nothing and logs nothing."""
 
@@ -149,7 +180,7 @@ class Tracker:
         if cfg.tracking.mode != "disabled":
             self.run_id = run_id(cfg.run_dir)
             mode = wandb_mode(cfg)
-            self.sinks.append(WandbSink(cfg, self.run_id, mode))
+            self.sinks.append(BackgroundSink(WandbSink(cfg, self.run_id, mode)))
             log.info(
                 "wandb run %s (%s), continuing after step %d",
                 self.run_id,
