@@ -38,6 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides (anywhere on the line), e.g. train.max_steps=500",
     )
 
+    submit = sub.add_parser("submit", help="run a config on SLURM (through submitit); prints the job id")
+    submit.add_argument("config", help="the run's YAML config")
+    submit.add_argument("--nodes", type=int, default=None, help="nodes (default: slurm.nodes)")
+    submit.add_argument(
+        "--tasks-per-node", type=int, default=None, help="workers per node (default: slurm.tasks_per_node, or G)"
+    )
+    submit.add_argument("--gpus-per-node", type=int, default=None, metavar="G", help="GPUs per node")
+    submit.add_argument("--partition", default=None, help="SLURM partition (default: slurm.partition)")
+    submit.add_argument("--time", type=int, default=None, metavar="MIN", help="time limit per job, minutes")
+    submit.add_argument("--wait", action="store_true", help="follow the job to its end, streaming rank 0's log")
+    submit.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    cancel = sub.add_parser("cancel", help="cancel a run's SLURM job(s)")
+    cancel.add_argument("run_dir")
+
     stat = sub.add_parser("status", help="a run's state, step, loss, throughput, restarts, wandb run id")
     stat.add_argument("run_dir")
     stat.add_argument("--json", action="store_true", help="print one JSON object")
@@ -80,6 +94,53 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return _launch_with_restarts(cfg)
     finally:
         lock.release()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator import slurm  # noqa: PLC0415
+    from workers.entry import preflight, save_resolved_config  # noqa: PLC0415
+
+    flags = {
+        "nodes": args.nodes, "tasks_per_node": args.tasks_per_node, "gpus_per_node": args.gpus_per_node,
+        "partition": args.partition, "time_min": args.time,
+    }  # fmt: skip
+    if args.gpus_per_node and args.tasks_per_node is None:
+        flags["tasks_per_node"] = args.gpus_per_node  # one task per GPU
+    overrides = list(args.overrides) + [f"slurm.{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_config(args.config, overrides)
+    slurm.require_slurm()
+    preflight(cfg, cfg.slurm.world_size)
+    active = slurm.active_jobs(cfg.run_dir)
+    if active:
+        job_id, state = active[0]
+        raise ConfigError(
+            f"run dir '{cfg.run_dir}' already has job {job_id} ({state.describe()}). "
+            f"HINT: orchestrator cancel {cfg.run_dir}, or wait for it to end"
+        )
+    offset = slurm.log_offset(cfg.run_dir)
+    job_id = slurm.submit(cfg)
+    save_resolved_config(cfg)  # after SLURM accepted it: a refused submission leaves the run dir as it was
+    s = cfg.slurm
+    print(job_id)
+    print(
+        f"submitted job {job_id}: {s.nodes} node(s) x {s.tasks_per_node} task(s), run dir {cfg.run_dir}\n"
+        f"  follow: orchestrator status {cfg.run_dir}    stop: orchestrator cancel {cfg.run_dir}",
+        file=sys.stderr,
+    )
+    return slurm.follow(cfg.run_dir, job_id, offset) if args.wait else EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from orchestrator import slurm  # noqa: PLC0415
+
+    run_dir = Path(args.run_dir)
+    if not slurm.load_jobs(run_dir):
+        raise ConfigError(f"'{run_dir}' has no SLURM jobs (no {slurm.JOBS_FILE}). HINT: is it the right run dir?")
+    cancelled = slurm.cancel(run_dir)
+    print(f"cancelled job(s) {', '.join(cancelled)}" if cancelled else f"no active job for {run_dir}")
+    return EXIT_OK
 
 
 def _check_devices(cfg: Config) -> None:
@@ -131,13 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`launch cfg.yaml --nproc 2 a.b=1`): argparse leaves those as extras.
-    if extra and args.command == "launch" and all("=" in e and not e.startswith("-") for e in extra):
+    if extra and args.command in ("launch", "submit") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "launch":
             return cmd_launch(args)
+        if args.command == "submit":
+            return cmd_submit(args)
+        if args.command == "cancel":
+            return cmd_cancel(args)
         if args.command in ("status", "plot"):
             from orchestrator import runinfo  # noqa: PLC0415
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from orchestrator.slurm import status_info as slurm_status_info
 from workers.entry import EXIT_OK, EXIT_USAGE
 from workers.fsutil import RunDirLock
 from workers.tracking import METRICS_FILE, TRACKING_FILE, read_metrics
@@ -38,6 +39,7 @@ def status(run_dir: Path) -> dict[str, Any]:
         "restarts": last.get("restarts"), "world_size": last.get("world_size"),
         "latest_checkpoint": latest.read_text().strip() if latest.exists() else None,
         "wandb_run_id": tracking.get("wandb_run_id"),
+        **slurm_status_info(run_dir),
     }  # fmt: skip
 
 

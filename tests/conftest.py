@@ -181,6 +181,18 @@ def killed2(tmp_path_factory) -> Path:
     return run
 
 
+def wandb_view(run: Path) -> tuple[str, list[list[int]], dict]:
+    """(wandb run id, logged steps per start of the run, recorded config), read back from wandb's offline files."""
+    from workers.wandb_records import history_steps, offline_logs, read_records
+
+    rid = json.loads((run / "tracking.json").read_text())["wandb_run_id"]
+    logs = offline_logs(run, rid)
+    run_records = [r.run for p in logs for r in read_records(p) if r.WhichOneof("record_type") == "run"]
+    assert {r.run_id for r in run_records} == {rid}
+    config = {u.key: json.loads(u.value_json) for u in run_records[0].config.update}
+    return rid, [history_steps(p) for p in logs], config
+
+
 def copy_run(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest

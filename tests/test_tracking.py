@@ -10,21 +10,10 @@ import pty
 import subprocess
 import sys
 
-from conftest import EVERY, MAX_STEPS, QUICK, ROOT, cli, copy_run, env, launch, launch_and_kill, load
-
-from workers.wandb_records import history_steps, offline_logs, read_records
+from conftest import EVERY, MAX_STEPS, QUICK, ROOT, cli, copy_run, env, launch, launch_and_kill, load, wandb_view
 
 OFFLINE = ["tracking.mode=offline", "train.log_every=2"]
 EXPECTED_STEPS = [1, *range(2, MAX_STEPS + 1, 2)]
-
-
-def _wandb_view(run) -> tuple[str, list[list[int]], dict]:
-    rid = json.loads((run / "tracking.json").read_text())["wandb_run_id"]
-    logs = offline_logs(run, rid)
-    run_records = [r.run for p in logs for r in read_records(p) if r.WhichOneof("record_type") == "run"]
-    assert {r.run_id for r in run_records} == {rid}
-    config = {u.key: json.loads(u.value_json) for u in run_records[0].config.update}
-    return rid, [history_steps(p) for p in logs], config
 
 
 def test_one_wandb_run_across_a_kill_and_a_resume_on_another_world_size(tmp_path):
@@ -34,7 +23,7 @@ def test_one_wandb_run_across_a_kill_and_a_resume_on_another_world_size(tmp_path
     for ws in (2, 1):
         run = copy_run(killed, tmp_path / f"resumed-ws{ws}")
         launch(run, ws, *OFFLINE)
-        rid, per_start, config = _wandb_view(run)
+        rid, per_start, config = wandb_view(run)
         assert rid == rid_before and len(per_start) == 2, per_start  # two starts, one wandb run
         steps = [s for start in per_start for s in start]
         assert steps == EXPECTED_STEPS, per_start  # strictly increasing: no gap, no duplicate at the resume

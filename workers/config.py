@@ -176,6 +176,44 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    """How ``orchestrator submit`` asks SLURM for an allocation (one task per GPU, or per CPU worker)."""
+
+    nodes: int = 1
+    tasks_per_node: int = 1  # = workers per node; with GPUs, one per GPU
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1  # also the intra-op threads of each worker
+    mem_gb: float | None = None  # per node; null: the partition's default
+    time_min: int = 60  # wall-clock limit of each job (a requeued job gets it afresh)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    job_name: str | None = None  # default: the run dir's name
+    # The preemption / time-limit notice: SLURM sends it ``signal_delay_s`` before the end. Ranks agree at the next
+    # step, save together, rank 0 requeues the job, and the requeued job resumes from that checkpoint.
+    signal: str = "USR2"  # USR1 | USR2
+    signal_delay_s: int = 90
+    # Notices that arrive because the time limit is near (not a preemption) requeue at most this many times.
+    max_timeouts: int = 3
+    additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch options, e.g. {exclusive: true}
+    setup: tuple[str, ...] = ()  # shell lines run in the batch script before srun (module load ..., source venv)
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+            _check_min(f"slurm.{key}", getattr(self, key), 1)
+        _check_min("slurm.gpus_per_node", self.gpus_per_node, 0)
+        _check_min("slurm.mem_gb", self.mem_gb, 0.0)
+        _check_min("slurm.signal_delay_s", self.signal_delay_s, 0)
+        _check_min("slurm.max_timeouts", self.max_timeouts, 0)
+        _check_choice("slurm.signal", self.signal, ("USR1", "USR2"))
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run. Build it with :func:`load_config`; never mutate it (it is frozen)."""
 
@@ -186,6 +224,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -174,11 +174,12 @@ def check_precision(precision: str, device_type: str) -> None:
 
 def cpu_threads_per_worker(local_world_size: int) -> int:
     """Intra-op threads per worker so that N workers don't oversubscribe this machine's cores."""
-    if "OMP_NUM_THREADS" in os.environ:  # the user (or torchrun) chose: respect it
+    # The user (or torchrun) chose, or SLURM allotted CPUs to each task: respect it.
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
         try:
-            return max(1, int(os.environ["OMP_NUM_THREADS"]))
-        except ValueError:
-            pass
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            continue
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, local_world_size))
 

@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from workers import slurm
 from workers.config import (
     Config,
     ConfigError,
@@ -156,12 +157,18 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> int:
         if ctx.is_main and ctx.source != "launcher":  # our launcher already did both
             lock = lock_run_dir(cfg)
             save_resolved_config(cfg)
+        if ctx.source == "slurm":
+            _slurm_error_file(cfg, rank)
         setup_logging(cfg.run_dir, rank)
+        if ctx.source == "slurm" and ctx.is_main:
+            slurm.on_start(cfg, ctx.world_size)
         heartbeat = heartbeat_from_env(rank).start()
         ctx.init_process_group(cfg.launch.collective_timeout_s)
         result = Trainer(cfg, ctx, stop, heartbeat).fit()
         ctx.barrier()
         log.info("done at step %d%s", result.step, " (stopped early)" if result.stopped_early else "")
+        if ctx.source == "slurm" and ctx.is_main:  # every rank has saved: now rank 0 may requeue the job
+            return slurm.on_finish(cfg, stop, result.step, result.stop_reason)
         return EXIT_OK
     except ConfigError as exc:
         write_error_file(rank, exc, "config")
@@ -180,6 +187,13 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> int:
         if ctx is not None:
             with contextlib.suppress(Exception):
                 ctx.destroy()
+
+
+def _slurm_error_file(cfg: Config, rank: int) -> None:
+    """Under SLURM no launcher names the error file: use ``logs/error-rank-<r>.json`` and drop a stale one from
+    an earlier incarnation of the job (a requeue must not look failed)."""
+    path = Path(os.environ.setdefault(ERROR_FILE_ENV, str(cfg.run_dir / "logs" / f"error-rank-{rank}.json")))
+    path.unlink(missing_ok=True)
 
 
 def _die_with_parent() -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from workers import slurm
 from workers.config import Config
 from workers.dist import DistContext
 from workers.tracking import Tracker
@@ -31,6 +32,17 @@ class StepStats:
     data_wait_s: float
 
 
+def _restart_counts(cfg: Config, ctx: DistContext) -> dict[str, float]:
+    """Restarts of this run so far: the local launcher's count, or SLURM's requeues and, of those, preemptions."""
+    if ctx.source == "slurm":
+        events = slurm.read_events(cfg.run_dir)
+        return {
+            "restarts": float(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            "preemptions": float(sum(1 for e in events if e.get("event") == "requeue" and e["kind"] == "preemption")),
+        }
+    return {"restarts": float(os.environ.get("ORCH_RESTART_COUNT", "0"))}
+
+
 class Reporter:
     """Called every step on every rank; does real work only at log steps (a collective then, on all ranks)."""
 
@@ -42,7 +54,7 @@ class Reporter:
         self.proc.cpu_percent(None)  # start the CPU-time window
         self.window_start, self.window_step = time.perf_counter(), start_step
         self.data_wait = self.step_time = 0.0
-        self.extra: dict[str, float] = {"restarts": float(os.environ.get("ORCH_RESTART_COUNT", "0"))}
+        self.extra: dict[str, float] = _restart_counts(cfg, ctx)
         self.progress = Progress(self.max_steps, start_step) if ctx.is_main and sys.stderr.isatty() else None
         self.last_loss = float("nan")
         self.logging_s = self.gather_s = 0.0  # cumulative time in log steps: sinks + console / the all-gather

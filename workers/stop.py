@@ -1,22 +1,51 @@
-"""The stop flag: SIGTERM/SIGINT only set it (no collective, no I/O in a handler). Torch-free, so a worker
-installs it first thing, before the slow imports."""
+"""The stop flag: signals only set it (no collective, no I/O in a handler). Torch-free, so a worker installs it
+first thing, before the slow imports.
+
+Two kinds of request, agreed across ranks as the larger of the two codes (see Trainer._agree_on_stop):
+
+- ``STOP`` (SIGTERM, SIGINT): save at the next step boundary and exit 0;
+- ``PREEMPT`` (SIGUSR1, SIGUSR2: SLURM's notice before a preemption or the time limit): save at the next step
+  boundary; under SLURM, rank 0 then requeues the job (workers/slurm.py).
+"""
 
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
+
+NONE, STOP, PREEMPT = 0, 1, 2
+REASONS = {NONE: None, STOP: "stop", PREEMPT: "preempt"}
+_CODES = {signal.SIGTERM: STOP, signal.SIGINT: STOP, signal.SIGUSR1: PREEMPT, signal.SIGUSR2: PREEMPT}
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT. Ranks agree on it at step boundaries (see Trainer._agree_on_stop)."""
+    """Set by signals. ``current_step`` is kept up to date by the trainer (a plain attribute write per step) so
+    the handler can note which step was in flight when the first notice came."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.code = NONE
+        self.signum: int | None = None
+        self.signal_step: int | None = None  # the step in flight when the first signal arrived
+        self.signal_time: float | None = None
+        self.current_step = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.code != NONE
 
     def install(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in _CODES:
             signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        self.requested = True
+        if self.signum is None:
+            self.signum, self.signal_step, self.signal_time = signum, self.current_step, time.time()
+        self.code = max(self.code, _CODES.get(signal.Signals(signum), STOP))
+
+    def describe(self) -> str:
+        """E.g. ``SIGUSR2 during step 7`` (for logs)."""
+        if self.signum is None:
+            return "a stop request from another rank"
+        return f"{signal.Signals(self.signum).name} during step {self.signal_step}"

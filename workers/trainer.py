@@ -27,7 +27,7 @@ from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all
 from workers.dist import DistContext, maybe_no_sync
 from workers.heartbeat import Heartbeat, NoHeartbeat
 from workers.reporting import Reporter, StepStats
-from workers.stop import StopFlag
+from workers.stop import NONE, PREEMPT, REASONS, StopFlag
 from workers.tasks import build_task
 from workers.tracking import Tracker
 
@@ -40,6 +40,7 @@ class FitResult:
 
     step: int  # global steps completed
     stopped_early: bool  # a stop was requested (signal) and the run saved and left before max_steps
+    stop_reason: str | None = None  # "stop" (SIGTERM/SIGINT) | "preempt" (SIGUSR1/2), agreed by all ranks
 
 
 def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -213,9 +214,10 @@ class Trainer:
             self.plan.accum_steps,
             self.plan.micro_batch,
         )
-        stopped = False
+        stopped = NONE
         while self.step < self.cfg.train.max_steps:
             self.heartbeat.update(self.step, "train")
+            self.stop.current_step = self.step + 1  # the step in flight, for the signal handler's note
             t0 = time.perf_counter()
             loss, grad_norm, data_wait = self._train_step(model, batches, recorder)
             self.step += 1
@@ -227,10 +229,15 @@ class Trainer:
                 self.heartbeat.update(self.step, "checkpoint")
                 self.save(blocking=last)  # the final and the stop saves are always synchronous
             if stopped:
-                log.info("stop requested: saved at step %d and leaving", self.step)
+                log.info(
+                    "%s (%s): all ranks saved step %d and are leaving; no completed step is lost",
+                    "preemption notice" if stopped == PREEMPT else "stop requested",
+                    self.stop.describe(),
+                    self.step,
+                )
                 break
         self.heartbeat.update(self.step, "done")
-        return FitResult(self.step, stopped_early=stopped)
+        return FitResult(self.step, stopped_early=bool(stopped), stop_reason=REASONS[stopped])
 
     def _train_step(
         self, model: nn.Module, batches: Iterator, recorder: IndexRecorder | None
@@ -271,12 +278,13 @@ class Trainer:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
 
-    def _agree_on_stop(self) -> bool:
-        """All ranks learn whether any rank was asked to stop (one tiny all-reduce per step)."""
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.ctx.device)
+    def _agree_on_stop(self) -> int:
+        """All ranks learn the strongest stop request of any rank: NONE, STOP or PREEMPT (one tiny all-reduce
+        per step). Must be called on all ranks."""
+        flag = torch.tensor([float(self.stop.code)], device=self.ctx.device)
         if self.ctx.world_size > 1 and self.ctx.distributed:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     def save(self, blocking: bool = True) -> Path:
         """Collective checkpoint of the current step. Must be called on all ranks.

@@ -22,7 +22,8 @@ class _Slowed:
 
     def loss(self, model, batch):
         self.calls += 1
-        if self.fail_rank == int(os.environ.get("RANK", "0")) and self.calls == self.fail_call:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # srun sets no RANK
+        if self.fail_rank == rank and self.calls == self.fail_call:
             raise RuntimeError(f"injected failure on call {self.calls}")
         if self.step_sleep_s:
             time.sleep(self.step_sleep_s)

@@ -1,0 +1,350 @@
+"""The launch side of SLURM: ``orchestrator submit`` (through submitit), ``--wait``, ``cancel``, and the SLURM part
+of ``orchestrator status``.
+
+The job side (what each task runs, preemption → save → requeue) is workers/slurm.py. Job ids are kept in
+``run.dir/slurm/jobs.json``; the job side appends its events to ``run.dir/slurm/events.jsonl``; submitit keeps its
+scripts and per-task stdout/stderr under ``run.dir/slurm/submitit/<job id>/``. Live state comes from squeue,
+then scontrol (finished jobs, for a while), then sacct (clusters with accounting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workers.config import Config, ConfigError
+from workers.entry import EXIT_FAILED, EXIT_OK
+from workers.fsutil import atomic_write
+from workers.slurm import SlurmJob, read_events, record_event
+
+JOBS_FILE = Path("slurm") / "jobs.json"
+SUBMITIT_DIR = Path("slurm") / "submitit"
+# States after which a job never runs again. REQUEUED, PENDING, RUNNING, COMPLETING, ... are not in it.
+TERMINAL = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+    "PREEMPTED", "REVOKED", "UNKNOWN",
+}  # fmt: skip
+PENDING_NOTE_EVERY_S = 60.0
+# Pending reasons that do not clear by waiting: the request does not fit the partition or its limits.
+HOPELESS = {
+    "PartitionNodeLimit": "more nodes than the partition allows",
+    "PartitionTimeLimit": "a longer time limit than the partition allows",
+    "PartitionConfig": "resources the partition does not offer",
+    "BadConstraints": "a constraint no node satisfies",
+    "ReqNodeNotAvail": "nodes that are not available",
+    "InvalidAccount": "an invalid account",
+    "InvalidQOS": "an invalid QOS",
+}
+
+
+@dataclass(frozen=True)
+class JobState:
+    state: str  # SLURM's state name (RUNNING, PENDING, COMPLETED, ...) or UNKNOWN when no tool knows the job
+    reason: str = ""  # why a job is pending (Priority, Resources, BeginTime, ...)
+    nodes: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def describe(self) -> str:
+        extra = self.reason if self.state == "PENDING" else self.nodes
+        text = self.state + (f" ({extra})" if extra and extra not in ("None", "(null)") else "")
+        hopeless = next((why for key, why in HOPELESS.items() if self.reason.startswith(key)), None)
+        if self.state == "PENDING" and hopeless:
+            text += f": it asks for {hopeless} and will not start. HINT: orchestrator cancel, then resubmit"
+        return text
+
+
+def require_slurm() -> None:
+    """ConfigError (exit 2) when the SLURM client commands are missing."""
+    missing = [cmd for cmd in ("sbatch", "squeue", "scontrol", "scancel") if shutil.which(cmd) is None]
+    if missing:
+        raise ConfigError(
+            f"SLURM not found: {', '.join(missing)} not on PATH. HINT: run this on a SLURM login node; for a local "
+            'dev cluster: slurm/dev-cluster.sh up && eval "$(slurm/dev-cluster.sh env)"'
+        )
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def job_state(job_id: str) -> JobState:
+    """Where a job is now: squeue for live jobs, scontrol for recently finished ones, then sacct."""
+    out = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N"])
+    if out and out.strip():
+        state, reason, nodes = [*out.strip().splitlines()[0].split("|"), "", ""][:3]
+        return JobState(state, reason, nodes)
+    out = _run(["scontrol", "show", "job", "-o", job_id])
+    if out and "JobState=" in out:
+        fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+        return JobState(fields.get("JobState", "UNKNOWN"), fields.get("Reason", ""), fields.get("NodeList", ""))
+    out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+    if out and out.strip():
+        return JobState(out.strip().splitlines()[0].split()[0])
+    return JobState("UNKNOWN")
+
+
+def load_jobs(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / JOBS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _add_job(run_dir: Path, job: dict[str, Any]) -> None:
+    jobs = load_jobs(run_dir)
+    jobs.append(job)
+    (run_dir / JOBS_FILE).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / JOBS_FILE, json.dumps(jobs, indent=1))
+
+
+def active_jobs(run_dir: Path) -> list[tuple[str, JobState]]:
+    """Recorded jobs of this run dir that may still run (pending, running, requeued, held)."""
+    found = []
+    for job in load_jobs(run_dir):
+        state = job_state(job["job_id"])
+        if not state.terminal:
+            found.append((job["job_id"], state))
+    return found
+
+
+def _executor(cfg: Config) -> Any:
+    import submitit  # noqa: PLC0415 - only submit needs it
+
+    s = cfg.slurm
+    executor = submitit.SlurmExecutor(folder=cfg.run_dir / SUBMITIT_DIR / "%j", max_num_timeout=s.max_timeouts)
+    params: dict[str, Any] = {
+        "job_name": s.job_name or cfg.run_dir.resolve().name,
+        "nodes": s.nodes,
+        "ntasks_per_node": s.tasks_per_node,
+        "cpus_per_task": s.cpus_per_task,
+        "time": s.time_min,
+        "signal_delay_s": s.signal_delay_s,
+        # A task that fails takes the step down at once: the other ranks don't wait out the collective timeout.
+        "srun_args": ["--kill-on-bad-exit=1"],
+        # The notice signal (submitit would set USR2 from its own env var) and requeueability, whatever the
+        # cluster's default; then the user's own sbatch options, which win.
+        "additional_parameters": {"signal": f"{s.signal}@{s.signal_delay_s}", "requeue": True, **s.additional},
+    }
+    optional = {
+        "gpus_per_node": s.gpus_per_node or None, "mem": f"{s.mem_gb:g}G" if s.mem_gb else None,
+        "partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint,
+        "setup": list(s.setup) or None,
+    }  # fmt: skip
+    params.update({k: v for k, v in optional.items() if v is not None})
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(cfg: Config) -> str:
+    """Submit the validated run; record and return the job id.
+
+    Raises ConfigError when SLURM refuses the job (bad partition, account, ...), after removing what the attempt
+    left in the run dir (and the run dir itself when this submission created it).
+    """
+    existed = cfg.run_dir.exists()
+    try:
+        with _captured_stderr() as captured:  # sbatch writes its refusal to our stderr: fold it into one message
+            job = _executor(cfg).submit(SlurmJob(cfg.to_dict()))
+    except Exception as exc:  # submitit wraps sbatch's refusal in several exception types
+        _clean_refused(cfg.run_dir, existed)
+        said = [ln for ln in captured.read().splitlines() if ln.strip()] or str(exc).strip().splitlines()
+        raise ConfigError(
+            f"SLURM refused the job: {said[-1] if said else type(exc).__name__}. "
+            "HINT: check slurm.partition / account / qos, --nodes/--tasks-per-node against sinfo, slurm.additional"
+        ) from None
+    s = cfg.slurm
+    _add_job(cfg.run_dir, {
+        "job_id": str(job.job_id), "submitted": time.time(), "nodes": s.nodes, "tasks_per_node": s.tasks_per_node,
+        "gpus_per_node": s.gpus_per_node, "world_size": s.world_size,
+        "submitit_dir": str(cfg.run_dir / SUBMITIT_DIR / str(job.job_id)),
+    })  # fmt: skip
+    return str(job.job_id)
+
+
+class _Captured:
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile(mode="w+b")  # noqa: SIM115 - closed by _captured_stderr
+
+    text = ""
+
+    def read(self) -> str:
+        if self.file.closed:
+            return self.text
+        self.file.seek(0)
+        return self.file.read().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[_Captured]:
+    """Send file descriptor 2 (child processes included) to a temporary file for the duration."""
+    captured = _Captured()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(captured.file.fileno(), 2)
+    try:
+        yield captured
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        captured.text = captured.read()
+        captured.file.close()
+
+
+def _clean_refused(run_dir: Path, existed: bool) -> None:
+    """Remove what a refused submission wrote: submitit's staging files, or the run dir it created."""
+    if not existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    staging = run_dir / SUBMITIT_DIR
+    for path in staging.glob("*") if staging.is_dir() else []:
+        if path.is_file():  # job folders (<job id>/) belong to earlier, accepted submissions
+            path.unlink(missing_ok=True)
+    for folder in (staging, staging.parent):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
+
+
+def cancel(run_dir: Path) -> list[str]:
+    """scancel every active job of the run dir (SLURM sends SIGTERM first: ranks save at the next step if they
+    can within the cluster's KillWait). Returns the job ids cancelled."""
+    require_slurm()
+    cancelled = []
+    for job_id, _state in active_jobs(run_dir):
+        if _run(["scancel", job_id]) is not None:
+            record_event(run_dir, "cancelled", job_id=job_id)
+            cancelled.append(job_id)
+    return cancelled
+
+
+# ---------------------------------------------------------------- failures and following
+
+
+def first_failure(run_dir: Path) -> dict[str, Any] | None:
+    """The error record of the rank that failed first (``logs/error-rank-<r>.json``, earliest time)."""
+    errors = []
+    for path in (run_dir / "logs").glob("error-rank-*.json"):
+        try:
+            errors.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return min(errors, key=lambda e: e.get("time", 0.0)) if errors else None
+
+
+def failure_report(run_dir: Path, job: dict[str, Any], state: JobState) -> str:
+    """What a user needs when a job did not complete: its state, the first failing rank's traceback, log paths."""
+    lines = [f"job {job['job_id']} ended {state.describe()}"]
+    error = first_failure(run_dir)
+    if error:
+        lines += [f"rank {error['rank']} failed first: {error['message']}", "", error.get("traceback", "").rstrip()]
+    events = [e for e in read_events(run_dir) if e.get("job_id") == job["job_id"]]
+    if events and events[-1]["event"] == "timeout-cap":
+        saved = events[-1]["saved_step"]
+        lines.append(f"the job reached its time limit too often (slurm.max_timeouts); last saved step {saved}")
+    submitit_logs = f"  {job.get('submitit_dir')}/<job>_<task>_log.err|out"
+    lines += ["", "logs:", f"  {run_dir / 'logs'}/rank-<r>.log", submitit_logs]
+    if not error:  # nothing of ours ran far enough to write an error file: show the task's own stderr
+        tail = _tail(Path(job.get("submitit_dir", "")) / f"{job['job_id']}_0_log.err", 20)
+        if tail:
+            lines += ["", "task 0 stderr (last lines):", tail]
+    return "\n".join(lines)
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+class LogFollower:
+    """Prints what is appended to a file (rank 0's log) from a given offset on."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path, self.offset = path, offset
+
+    def pump(self) -> None:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        if data:
+            self.offset += len(data)
+            sys.stdout.write(data.decode(errors="replace"))
+            sys.stdout.flush()
+
+
+def log_offset(run_dir: Path) -> int:
+    path = run_dir / "logs" / "rank-0.log"
+    return path.stat().st_size if path.exists() else 0
+
+
+def follow(run_dir: Path, job_id: str, offset: int = 0, poll_s: float = 1.0) -> int:
+    """Follow a job to its end (requeues included), streaming rank 0's log. Exit code 0 when it completed."""
+    follower = LogFollower(run_dir / "logs" / "rank-0.log", offset)
+    job = next((j for j in load_jobs(run_dir) if j["job_id"] == job_id), {"job_id": job_id})
+    last, noted, unknown = None, 0.0, 0
+    while True:
+        state = job_state(job_id)
+        follower.pump()
+        unknown = unknown + 1 if state.state == "UNKNOWN" else 0
+        if 0 < unknown < 5:  # a slow controller is not the end of the job: look again
+            time.sleep(poll_s)
+            continue
+        now = time.monotonic()
+        if state.describe() != last or (state.state == "PENDING" and now - noted > PENDING_NOTE_EVERY_S):
+            note = "still " if state.describe() == last else ""
+            print(f"[submit] job {job_id}: {note}{state.describe()}", file=sys.stderr, flush=True)
+            last, noted = state.describe(), now
+        if state.terminal:
+            break
+        time.sleep(poll_s)
+    time.sleep(poll_s)  # the last lines may land just after the state changes
+    follower.pump()
+    events = [e for e in read_events(run_dir) if e.get("job_id") == job_id]
+    if state.state == "COMPLETED" and events and events[-1]["event"] == "completed":
+        print(f"[submit] job {job_id} completed at step {events[-1]['step']}: {run_dir}", file=sys.stderr)
+        return EXIT_OK
+    print(failure_report(run_dir, job, state), file=sys.stderr)
+    return EXIT_FAILED
+
+
+def status_info(run_dir: Path) -> dict[str, Any]:
+    """The SLURM part of ``orchestrator status`` (empty when the run was never submitted)."""
+    jobs = load_jobs(run_dir)
+    if not jobs:
+        return {}
+    latest = jobs[-1]
+    state = job_state(latest["job_id"]) if shutil.which("squeue") else JobState("UNKNOWN", "no SLURM here")
+    events = read_events(run_dir)
+    requeues = [e for e in events if e.get("event") == "requeue"]
+    info: dict[str, Any] = {
+        "slurm_jobs": [j["job_id"] for j in jobs],
+        "slurm_state": f"job {latest['job_id']}: {state.describe()}",
+        "requeues": len(requeues),
+        "preemptions": sum(1 for e in requeues if e.get("kind") == "preemption"),
+        "timeouts": sum(1 for e in requeues if e.get("kind") == "timeout"),
+    }
+    mine = [e for e in events if e.get("job_id") == latest["job_id"]]
+    if state.state == "CANCELLED":
+        info["note"] = "cancelled; submit the run again to resume from its latest checkpoint"
+    elif state.terminal and not (mine and mine[-1]["event"] == "completed"):
+        info["failure"] = failure_report(run_dir, latest, state)
+    return info

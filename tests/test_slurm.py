@@ -1,0 +1,210 @@
+"""SLURM against the real dev cluster (slurm/dev-cluster.sh: two nodes on this machine), through the real CLI:
+a 2-task and a 2-node job equal ``launch --nproc 2``; a USR2 notice → save at the next step → requeue → bitwise
+equal finish with one wandb run; cancel + resubmit on another size; failures, time limits and stuck jobs reported.
+
+Without a cluster these tests skip with the reason; with ORCH_REQUIRE_SLURM=1 (CI) they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    EVERY,
+    MAX_STEPS,
+    QUICK,
+    cli,
+    consumed_sequence,
+    latest_name,
+    load,
+    rel_diff,
+    tensors_equal,
+    wandb_view,
+)
+
+DEV_CONF = Path(os.environ.get("ORCH_SLURM_DIR", "/tmp/orch-slurm")) / "etc" / "slurm.conf"
+SLOW = ["task.args.step_sleep_s=0.3"]
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "SLURM is not installed (no sbatch); start the dev cluster with: slurm/dev-cluster.sh up"
+    if "SLURM_CONF" not in os.environ and DEV_CONF.is_file():
+        os.environ["SLURM_CONF"] = str(DEV_CONF)  # the workers' jobs inherit it through the CLI's environment
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    if "UP" not in ping.stdout:
+        return f"no SLURM controller answers ({(ping.stdout + ping.stderr).strip()}); run: slurm/dev-cluster.sh up"
+    idle = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True).stdout.split("\n")
+    if sum(1 for line in idle if line.strip()) < 2:
+        return f"the tests need a cluster with 2 nodes, sinfo says: {idle}"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    problem = _cluster_problem()
+    if problem:
+        if os.environ.get("ORCH_REQUIRE_SLURM") == "1":
+            pytest.fail(f"ORCH_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+
+
+def submit(run: Path, *args: str, wait: bool = True) -> subprocess.CompletedProcess:
+    extra = ["--wait"] if wait else []
+    return cli("submit", "configs/quickstart.yaml", f"run.dir={run}", *QUICK, "slurm.time_min=10", *args, *extra)
+
+
+def job_id_of(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()[0]
+
+
+def status(run: Path) -> dict:
+    proc = cli("status", str(run), "--json", check=True)
+    return json.loads(proc.stdout)
+
+
+def wait_until(predicate, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def slurm_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return out.split("JobState=", 1)[1].split()[0] if "JobState=" in out else "GONE"
+
+
+def events(run: Path) -> list[dict]:
+    path = run / "slurm" / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def assert_same_as(run: Path, ref: Path) -> None:
+    assert tensors_equal(load(run), load(ref)), "model differs from the local launch"
+    assert tensors_equal(load(run, "optim.pt"), load(ref, "optim.pt")), "optimizer differs"
+    assert consumed_sequence(run) == consumed_sequence(ref), "another sample sequence was consumed"
+
+
+@pytest.mark.parametrize("shape", [["--tasks-per-node", "2"], ["--nodes", "2"]], ids=["2-tasks", "2-nodes"])
+def test_job_trains_like_a_local_launch(refs, tmp_path, shape):
+    run = tmp_path / "run"
+    proc = submit(run, *shape)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split()[0]
+    assert f"job {job} completed at step {MAX_STEPS}" in proc.stderr
+    assert "training steps 0..12" in proc.stdout, "--wait streams rank 0's log"
+    assert_same_as(run, refs[2])
+    info = status(run)
+    assert info["slurm_jobs"] == [job] and info["slurm_state"].startswith(f"job {job}: COMPLETED")
+    start = [e for e in events(run) if e["event"] == "start"]
+    assert [e["world_size"] for e in start] == [2]
+    assert start[0]["nodes"] == ("n[1-2]" if "--nodes" in shape else "n1")  # really on two nodes
+
+
+def test_usr2_saves_at_the_next_step_requeues_and_resumes_exactly(refs, tmp_path):
+    run = tmp_path / "run"
+    job = job_id_of(submit(run, "--tasks-per-node", "2", *SLOW, "tracking.mode=offline", wait=False))
+    wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_until(lambda: any(e["event"] == "completed" for e in events(run)), 180, "the requeued job to finish")
+    wait_until(lambda: slurm_state(job) == "COMPLETED", 30, "COMPLETED")
+
+    kinds = [(e["event"], e["restart"], e.get("world_size", 2)) for e in events(run)]
+    assert [k[:2] for k in kinds] == [("start", 0), ("requeue", 0), ("start", 1), ("completed", 1)], kinds
+    assert {k[2] for k in kinds} == {2}, kinds
+    requeue = events(run)[1]
+    # The notice came while step signal_step was in flight; that very step was saved: nothing to redo.
+    assert requeue["kind"] == "preemption" and requeue["saved_step"] == requeue["signal_step"], requeue
+    saved = requeue["saved_step"]
+    assert EVERY < saved < MAX_STEPS, requeue
+    log = (run / "logs" / "rank-0.log").read_text()
+    assert f"saved step {saved}, 0 steps lost; requeueing" in log
+    assert f"resumed from {run / 'checkpoints' / f'step-{saved:08d}'}: step {saved}" in log
+    assert_same_as(run, refs[2])
+    # One wandb run across the requeue, its steps strictly increasing with no gap or duplicate.
+    rid, per_start, _config = wandb_view(run)
+    assert len(per_start) == 2 and [s for start in per_start for s in start] == [1, *range(2, MAX_STEPS + 1, 2)]
+    info = status(run)
+    assert info["requeues"] == 1 and info["preemptions"] == 1 and info["wandb_run_id"] == rid
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["restarts"] == 1 and rows[-1]["preemptions"] == 1
+
+
+def test_cancelled_job_resumes_on_another_number_of_tasks(refs, tmp_path):
+    run = tmp_path / "run"
+    job = job_id_of(submit(run, "--tasks-per-node", "2", *SLOW, wait=False))
+    wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
+    proc = cli("cancel", str(run), check=True)
+    assert f"cancelled job(s) {job}" in proc.stdout
+    wait_until(lambda: slurm_state(job) == "CANCELLED", 60, "CANCELLED")
+    assert "cancelled" in status(run)["note"]
+    stopped_at = int(latest_name(run).split("-")[1])
+    assert stopped_at < MAX_STEPS
+
+    proc = submit(run, "--tasks-per-node", "1")  # same run dir, world size 1: resumes from the latest checkpoint
+    assert proc.returncode == 0, proc.stderr
+    assert f"step {stopped_at}, {stopped_at * 24} samples seen, saved at world size 2, now 1" in proc.stdout
+    assert rel_diff(load(run), load(refs[2])) <= 1e-5
+    assert consumed_sequence(run) == consumed_sequence(refs[2])
+    assert len(status(run)["slurm_jobs"]) == 2
+
+
+def test_failing_job_names_the_rank_and_its_traceback(tmp_path):
+    run = tmp_path / "run"
+    proc = submit(run, "--tasks-per-node", "2", "task.args.fail_rank=1", "task.args.fail_call=5")
+    assert proc.returncode == 1, proc.stderr
+    for where in (proc.stderr, status(run)["failure"]):
+        assert "rank 1 failed first: RuntimeError: injected failure on call 5" in where, where
+        assert "Traceback (most recent call last)" in where and "orch_test_tasks.py" in where
+        assert "FAILED" in where and "logs/rank-<r>.log" in where
+
+
+def test_time_limit_notice_is_a_timeout_and_the_cap_stops_requeues(tmp_path):
+    # A 1-minute job warned 50 s ahead: the notice comes ~10-40 s in, close to the end: a timeout, not a
+    # preemption. With slurm.max_timeouts=0 the job saves and is not requeued.
+    run = tmp_path / "run"
+    proc = submit(
+        run, *SLOW, "train.max_steps=1000", "slurm.time_min=1", "slurm.signal_delay_s=50", "slurm.max_timeouts=0"
+    )
+    assert proc.returncode == 1, proc.stderr
+    cap = [e for e in events(run) if e["event"] == "timeout-cap"]
+    assert len(cap) == 1 and cap[0]["kind"] == "timeout", events(run)
+    assert latest_name(run) == f"step-{cap[0]['saved_step']:08d}"  # the notice's save is committed
+    assert "time limit too often" in proc.stderr
+    assert not [e for e in events(run) if e["event"] == "requeue"]
+
+
+def test_pending_job_is_reported_and_a_second_submit_is_refused(tmp_path):
+    run = tmp_path / "run"
+    job = job_id_of(submit(run, "slurm.additional={begin: now+1hour}", wait=False))
+    try:
+        assert status(run)["slurm_state"] == f"job {job}: PENDING (BeginTime)"
+        again = submit(run)
+        assert again.returncode == 2 and f"already has job {job} (PENDING (BeginTime))" in again.stderr
+        assert again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
+    finally:
+        cli("cancel", str(run), check=True)
+    wait_until(lambda: slurm_state(job) == "CANCELLED", 30, "CANCELLED")
+
+
+def test_bad_submissions_exit_2_and_leave_nothing(tmp_path):
+    run = tmp_path / "run"
+    for args, expected in (
+        (["--partition", "nope"], "SLURM refused the job: sbatch: error: Batch job submission failed: Invalid"),
+        (["--nodes", "5"], "not divisible by world size 5"),
+        (["slurm.signal=TERM"], "config key 'slurm.signal' = 'TERM': must be one of USR1, USR2"),
+        (["slurm.nodez=2"], "did you mean 'slurm.nodes'?"),
+    ):
+        proc = submit(run, *args, wait=False)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert not run.exists(), f"{args} left {list(run.rglob('*'))}"

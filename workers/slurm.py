@@ -1,0 +1,157 @@
+"""The job side of SLURM: what each task of a submitted job runs, and what a preemption notice leads to.
+
+Tasks reach :func:`workers.entry.run_worker` either through submitit (:class:`SlurmJob`) or through a plain
+``srun python -m workers CONFIG`` (``slurm/train.sbatch``); both take the same path from there:
+
+1. SLURM sends the notice (``slurm.signal``, USR2 by default, ``slurm.signal_delay_s`` before the end; or
+   ``scancel --signal=USR2``). Its handler only sets the stop flag (workers/stop.py).
+2. Ranks agree at the next step boundary and all join a synchronous save (Trainer).
+3. Rank 0 tells a time limit from a preemption, records the event, and requeues the job with
+   ``scontrol requeue``; every rank exits cleanly. Timeouts requeue at most ``slurm.max_timeouts`` times.
+4. The requeued job (same job id) resumes from that checkpoint like any other resume.
+
+The run's SLURM history is ``run.dir/slurm/events.jsonl`` (one JSON object per line: start, requeue, completed,
+timeout-cap, ...), written by rank 0 and read by ``orchestrator status`` / ``submit --wait``. Torch-free.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from workers.config import Config
+from workers.stop import StopFlag
+
+log = logging.getLogger("workers.slurm")
+
+EVENTS_FILE = Path("slurm") / "events.jsonl"
+# SLURM checks time limits every ~30 s: a notice this close to the job's end time is the time limit, not a preemption.
+_TIMEOUT_SLACK_S = 60
+
+
+def job_id(env: dict[str, str] | None = None) -> str | None:
+    env = os.environ if env is None else env
+    return env.get("SLURM_JOB_ID")
+
+
+def record_event(run_dir: Path, event: str, **fields: Any) -> None:
+    """Append one event to ``run.dir/slurm/events.jsonl`` (rank 0 only; a line is one small write)."""
+    row = {
+        "event": event,
+        "time": time.time(),
+        "job_id": job_id(),
+        "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        **fields,
+    }
+    path = run_dir / EVENTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's SLURM events, oldest first (a torn last line is skipped)."""
+    path = run_dir / EVENTS_FILE
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def _job_end_time(job: str) -> float | None:
+    """The job's scheduled end (epoch seconds) from squeue, or None when SLURM does not say."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+        return datetime.datetime.strptime(out.splitlines()[0], "%Y-%m-%dT%H:%M:%S").timestamp()
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def classify_notice(job: str, signal_delay_s: int, signal_time: float | None) -> str:
+    """``timeout`` when the notice came because the time limit is near, else ``preemption``."""
+    end = _job_end_time(job)
+    if end is None:
+        return "preemption"
+    left = end - (signal_time or time.time())
+    return "timeout" if left <= signal_delay_s + _TIMEOUT_SLACK_S else "preemption"
+
+
+def on_start(cfg: Config, world_size: int) -> None:
+    """Rank 0, at the start of every job incarnation: record it."""
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    record_event(cfg.run_dir, "start", world_size=world_size, nodes=os.environ.get("SLURM_JOB_NODELIST"))
+    if restart:
+        log.info("SLURM job %s, requeue %d: resuming from the latest checkpoint", job_id(), restart)
+
+
+def on_finish(cfg: Config, stop: StopFlag, step: int, stop_reason: str | None) -> int:
+    """Rank 0, after every rank has passed the final barrier: record the outcome and requeue after a notice.
+
+    Returns the worker's exit code: 0, or 1 when the job cannot be requeued (time-limit cap, scontrol failure).
+    """
+    if stop_reason is None:
+        record_event(cfg.run_dir, "completed", step=step)
+        return 0
+    if stop_reason != "preempt":
+        record_event(cfg.run_dir, "stopped", step=step, signal_step=stop.signal_step)
+        return 0
+    job = job_id() or "?"
+    kind = classify_notice(job, cfg.slurm.signal_delay_s, stop.signal_time)
+    events = read_events(cfg.run_dir)
+    timeouts = sum(1 for e in events if e.get("event") == "requeue" and e.get("kind") == "timeout")
+    fields = {"kind": kind, "saved_step": step, "signal_step": stop.signal_step}
+    if kind == "timeout" and timeouts >= cfg.slurm.max_timeouts:
+        record_event(cfg.run_dir, "timeout-cap", **fields)
+        log.error(
+            "job %s reached its time limit %d times (slurm.max_timeouts=%d): saved step %d, not requeued. "
+            "Submit the run again to continue it",
+            job, timeouts + 1, cfg.slurm.max_timeouts, step,
+        )  # fmt: skip
+        return 1
+    record_event(cfg.run_dir, "requeue", **fields)
+    log.info(
+        "%s notice for job %s (%s): saved step %d, 0 steps lost; requeueing, the job resumes at step %d",
+        kind, job, stop.describe(), step, step,
+    )  # fmt: skip
+    try:
+        subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        record_event(cfg.run_dir, "requeue-failed", error=str(detail).strip())
+        log.error("could not requeue job %s: %s. Submit the run again to continue from step %d", job, detail, step)
+        return 1
+    return 0
+
+
+class SlurmJob:
+    """What submitit runs in every task of a job. Pickled by reference (a module-level class holding a plain
+    dict), so the job needs only this package on the nodes."""
+
+    def __init__(self, cfg_dict: dict[str, Any]) -> None:
+        self.cfg_dict = cfg_dict
+
+    def __call__(self) -> int:
+        from workers.config import config_from_dict  # noqa: PLC0415
+        from workers.entry import run_worker  # noqa: PLC0415
+
+        # Replaces submitit's handlers: its USR2 handler would checkpoint on rank 0 alone, inside the handler,
+        # and its SIGTERM handler ignores the signal. Ours only set the flag that all ranks agree on.
+        stop = StopFlag().install()
+        code = run_worker(config_from_dict(self.cfg_dict), stop)
+        if code:
+            raise SystemExit(code)  # the task (and, with --kill-on-bad-exit, the job step) fails
+        return code
