@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from conftest import (
     EVERY,
     MAX_STEPS,
     QUICK,
+    ROOT,
     cli,
     consumed_sequence,
+    env,
     latest_name,
     load,
     rel_diff,
@@ -108,6 +111,19 @@ def test_job_trains_like_a_local_launch(refs, tmp_path, shape):
     start = [e for e in events(run) if e["event"] == "start"]
     assert [e["world_size"] for e in start] == [2]
     assert start[0]["nodes"] == ("n[1-2]" if "--nodes" in shape else "n1")  # really on two nodes
+
+
+def test_plain_sbatch_template_trains_the_same(refs, tmp_path):
+    run = tmp_path / "run"
+    e = env()
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}"  # the template runs `python`
+    cmd = ["sbatch", "--wait", f"--output={tmp_path}/slurm-%j.out", f"--chdir={ROOT}", "slurm/train.sbatch"]
+    proc = subprocess.run(
+        [*cmd, "configs/quickstart.yaml", f"run.dir={run}", *QUICK], env=e, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr + "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert [(x["event"], x.get("world_size")) for x in events(run)] == [("start", 2), ("completed", None)]
+    assert_same_as(run, refs[2])
 
 
 def test_usr2_saves_at_the_next_step_requeues_and_resumes_exactly(refs, tmp_path):

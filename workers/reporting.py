@@ -79,7 +79,7 @@ class Reporter:
             "loss": loss, "lr": stats.lr, "samples_per_s": round(self._rate(step, now), 2),
             "step_time_s": round(self.step_time / steps, 6), "data_wait_s": round(self.data_wait / steps, 6),
             "world_size": self.ctx.world_size, "logging_s_total": round(self.logging_s, 6),
-            "gather_s_total": round(self.gather_s, 6), **self.extra,
+            "gather_s_total": round(self.gather_s, 6), "time": round(time.time(), 3), **self.extra,
             **per_rank,
         }  # fmt: skip
         if stats.grad_norm is not None:
