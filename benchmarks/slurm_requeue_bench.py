@@ -6,7 +6,8 @@ cluster of slurm/dev-cluster.sh), waits until it trains, sends ``scancel --signa
 - saved → restarted: SLURM requeues, schedules and starts the job again, and the workers import torch (the start
   event of restart 1 is written once rank 0 knows its rank, after the imports);
 - restarted → first step: process group, model build, checkpoint load and verify, first step (metrics.jsonl);
-- the total, and the steps lost (first step after the requeue − saved step − 1; 0 means nothing redone).
+- the total, and the steps lost: the last step the first incarnation logged (a metrics row every step) minus the
+  saved step — work done before the requeue that the requeued job must redo.
 
     python benchmarks/slurm_requeue_bench.py [--trials 3] [--out benchmarks/results/slurm_requeue.json]
 """
@@ -82,7 +83,9 @@ def trial(base: Path, i: int) -> dict:
         "notice_to_first_step_s": first["time"] - t_signal,
         "saved_step": requeue["saved_step"],
         "first_step_after": first["step"],
-        "steps_lost": first["step"] - requeue["saved_step"] - 1,
+        # steps the first incarnation completed that the checkpoint does not hold (redone after the requeue)
+        "steps_lost": max(r["step"] for r in _rows(run / "metrics.jsonl") if r.get("restarts") == 0)
+        - requeue["saved_step"],
     }
 
 

@@ -116,7 +116,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"run dir '{cfg.run_dir}' already has job {job_id} ({state.describe()}). "
             f"HINT: orchestrator cancel {cfg.run_dir}, or wait for it to end"
-        )
+        )  # (UNKNOWN included: two jobs on one run dir would fight over it)
     offset = slurm.log_offset(cfg.run_dir)
     job_id = slurm.submit(cfg)
     save_resolved_config(cfg)  # after SLURM accepted it: a refused submission leaves the run dir as it was
@@ -138,9 +138,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not slurm.load_jobs(run_dir):
         raise ConfigError(f"'{run_dir}' has no SLURM jobs (no {slurm.JOBS_FILE}). HINT: is it the right run dir?")
-    cancelled = slurm.cancel(run_dir)
+    cancelled, problems = slurm.cancel(run_dir)
     print(f"cancelled job(s) {', '.join(cancelled)}" if cancelled else f"no active job for {run_dir}")
-    return EXIT_OK
+    for problem in problems:
+        print(f"orchestrator: error: could not cancel {problem}", file=sys.stderr)
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 def _check_devices(cfg: Config) -> None:

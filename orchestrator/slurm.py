@@ -29,22 +29,26 @@ from workers.slurm import SlurmJob, read_events, record_event
 
 JOBS_FILE = Path("slurm") / "jobs.json"
 SUBMITIT_DIR = Path("slurm") / "submitit"
-# States after which a job never runs again. REQUEUED, PENDING, RUNNING, COMPLETING, ... are not in it.
+# States after which a job never runs again. REQUEUED, PENDING, RUNNING, COMPLETING, ... are not in it. GONE: the
+# controller has forgotten the job (it ended long ago) and no accounting remembers it. UNKNOWN (SLURM did not
+# answer) is not final: the job may well be running.
 TERMINAL = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-    "PREEMPTED", "REVOKED", "UNKNOWN",
+    "PREEMPTED", "REVOKED", "GONE",
 }  # fmt: skip
 PENDING_NOTE_EVERY_S = 60.0
+LOST_CONTACT_S = 120.0
 # Pending reasons that do not clear by waiting: the request does not fit the partition or its limits.
 HOPELESS = {
     "PartitionNodeLimit": "more nodes than the partition allows",
     "PartitionTimeLimit": "a longer time limit than the partition allows",
     "PartitionConfig": "resources the partition does not offer",
     "BadConstraints": "a constraint no node satisfies",
-    "ReqNodeNotAvail": "nodes that are not available",
+    "DependencyNeverSatisfied": "a dependency that can no longer be satisfied",
     "InvalidAccount": "an invalid account",
     "InvalidQOS": "an invalid QOS",
 }
+HELD = ("JobHeldAdmin", "JobHeldUser", "launch failed requeued held")
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,20 @@ class JobState:
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
+    @property
+    def hopeless(self) -> str | None:
+        """Why a pending job will never start by itself, or None."""
+        if self.state != "PENDING":
+            return None
+        return next((why for key, why in HOPELESS.items() if self.reason.startswith(key)), None)
+
     def describe(self) -> str:
-        extra = self.reason if self.state == "PENDING" else self.nodes
+        extra = self.reason if self.state in ("PENDING", "UNKNOWN") else self.nodes
         text = self.state + (f" ({extra})" if extra and extra not in ("None", "(null)") else "")
-        hopeless = next((why for key, why in HOPELESS.items() if self.reason.startswith(key)), None)
-        if self.state == "PENDING" and hopeless:
-            text += f": it asks for {hopeless} and will not start. HINT: orchestrator cancel, then resubmit"
+        if self.hopeless:
+            text += f": it asks for {self.hopeless} and will not start. HINT: orchestrator cancel, then resubmit"
+        elif self.state == "PENDING" and self.reason.startswith(HELD):
+            text += ": held. HINT: scontrol release <job id>, or orchestrator cancel"
         return text
 
 
@@ -76,28 +88,39 @@ def require_slurm() -> None:
         )
 
 
-def _run(cmd: list[str]) -> str | None:
+def _run(cmd: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr); exit code -1 when the command could not run at all."""
     try:
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout if proc.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return -1, "", str(exc)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _forgotten(stderr: str) -> bool:
+    return "Invalid job id" in stderr
 
 
 def job_state(job_id: str) -> JobState:
-    """Where a job is now: squeue for live jobs, scontrol for recently finished ones, then sacct."""
-    out = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N"])
-    if out and out.strip():
+    """Where a job is now: squeue for live jobs, scontrol for recently finished ones, then sacct.
+
+    GONE when the controller answers that it does not know the job (and no accounting does); UNKNOWN when SLURM
+    could not be asked (controller down, timeout): callers must not take that for the job's end.
+    """
+    rc, out, err = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N"])
+    if rc == 0 and out.strip():
         state, reason, nodes = [*out.strip().splitlines()[0].split("|"), "", ""][:3]
         return JobState(state, reason, nodes)
-    out = _run(["scontrol", "show", "job", "-o", job_id])
-    if out and "JobState=" in out:
+    answered = rc == 0 or _forgotten(err)
+    rc, out, err = _run(["scontrol", "show", "job", "-o", job_id])
+    if rc == 0 and "JobState=" in out:
         fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
         return JobState(fields.get("JobState", "UNKNOWN"), fields.get("Reason", ""), fields.get("NodeList", ""))
-    out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
-    if out and out.strip():
+    answered = answered or _forgotten(err)
+    rc, out, _ = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+    if rc == 0 and out.strip():
         return JobState(out.strip().splitlines()[0].split()[0])
-    return JobState("UNKNOWN")
+    return JobState("GONE") if answered else JobState("UNKNOWN", "SLURM did not answer")
 
 
 def load_jobs(run_dir: Path) -> list[dict[str, Any]]:
@@ -113,7 +136,7 @@ def _add_job(run_dir: Path, job: dict[str, Any]) -> None:
 
 
 def active_jobs(run_dir: Path) -> list[tuple[str, JobState]]:
-    """Recorded jobs of this run dir that may still run (pending, running, requeued, held)."""
+    """Recorded jobs of this run dir that may still run (pending, running, requeued, held, or SLURM can't say)."""
     found = []
     for job in load_jobs(run_dir):
         state = job_state(job["job_id"])
@@ -156,11 +179,14 @@ def submit(cfg: Config) -> str:
     Raises ConfigError when SLURM refuses the job (bad partition, account, ...), after removing what the attempt
     left in the run dir (and the run dir itself when this submission created it).
     """
+    from submitit.core.utils import FailedJobError  # noqa: PLC0415 - only submit needs submitit
+
     existed = cfg.run_dir.exists()
+    executor = _executor(cfg)
     try:
         with _captured_stderr() as captured:  # sbatch writes its refusal to our stderr: fold it into one message
-            job = _executor(cfg).submit(SlurmJob(cfg.to_dict()))
-    except Exception as exc:  # submitit wraps sbatch's refusal in several exception types
+            job = executor.submit(SlurmJob(cfg.to_dict()))
+    except FailedJobError as exc:  # sbatch said no (nothing was queued)
         _clean_refused(cfg.run_dir, existed)
         said = [ln for ln in captured.read().splitlines() if ln.strip()] or str(exc).strip().splitlines()
         raise ConfigError(
@@ -220,36 +246,42 @@ def _clean_refused(run_dir: Path, existed: bool) -> None:
             folder.rmdir()  # only when empty
 
 
-def cancel(run_dir: Path) -> list[str]:
+def cancel(run_dir: Path) -> tuple[list[str], list[str]]:
     """scancel every active job of the run dir (SLURM sends SIGTERM first: ranks save at the next step if they
-    can within the cluster's KillWait). Returns the job ids cancelled."""
+    can within the cluster's KillWait). Returns (job ids cancelled, problems)."""
     require_slurm()
-    cancelled = []
-    for job_id, _state in active_jobs(run_dir):
-        if _run(["scancel", job_id]) is not None:
+    cancelled, problems = [], []
+    for job_id, state in active_jobs(run_dir):
+        rc, _out, err = _run(["scancel", job_id])
+        if rc == 0:
             record_event(run_dir, "cancelled", job_id=job_id)
             cancelled.append(job_id)
-    return cancelled
+        else:
+            problems.append(f"job {job_id} ({state.describe()}): scancel said {err.strip() or f'exit {rc}'}")
+    return cancelled, problems
 
 
 # ---------------------------------------------------------------- failures and following
 
 
-def first_failure(run_dir: Path) -> dict[str, Any] | None:
-    """The error record of the rank that failed first (``logs/error-rank-<r>.json``, earliest time)."""
+def first_failure(run_dir: Path, job_id: str | None = None) -> dict[str, Any] | None:
+    """The error record of the rank that failed first (``logs/error-rank-<r>.json``, earliest time), of job
+    ``job_id`` when given."""
     errors = []
     for path in (run_dir / "logs").glob("error-rank-*.json"):
         try:
-            errors.append(json.loads(path.read_text()))
+            error = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if job_id is None or error.get("job_id") == job_id:
+            errors.append(error)
     return min(errors, key=lambda e: e.get("time", 0.0)) if errors else None
 
 
 def failure_report(run_dir: Path, job: dict[str, Any], state: JobState) -> str:
     """What a user needs when a job did not complete: its state, the first failing rank's traceback, log paths."""
     lines = [f"job {job['job_id']} ended {state.describe()}"]
-    error = first_failure(run_dir)
+    error = first_failure(run_dir, job["job_id"])
     if error:
         lines += [f"rank {error['rank']} failed first: {error['message']}", "", error.get("traceback", "").rstrip()]
     events = [e for e in read_events(run_dir) if e.get("job_id") == job["job_id"]]
@@ -297,22 +329,28 @@ def log_offset(run_dir: Path) -> int:
 
 
 def follow(run_dir: Path, job_id: str, offset: int = 0, poll_s: float = 1.0) -> int:
-    """Follow a job to its end (requeues included), streaming rank 0's log. Exit code 0 when it completed."""
+    """Follow a job to its end (requeues included), streaming rank 0's log. Exit code 0 when it completed, 1 when
+    it ended otherwise, will never start, or SLURM stopped answering."""
     follower = LogFollower(run_dir / "logs" / "rank-0.log", offset)
     job = next((j for j in load_jobs(run_dir) if j["job_id"] == job_id), {"job_id": job_id})
-    last, noted, unknown = None, 0.0, 0
+    last, noted, answered = None, 0.0, time.monotonic()
     while True:
         state = job_state(job_id)
         follower.pump()
-        unknown = unknown + 1 if state.state == "UNKNOWN" else 0
-        if 0 < unknown < 5:  # a slow controller is not the end of the job: look again
-            time.sleep(poll_s)
-            continue
         now = time.monotonic()
         if state.describe() != last or (state.state == "PENDING" and now - noted > PENDING_NOTE_EVERY_S):
             note = "still " if state.describe() == last else ""
             print(f"[submit] job {job_id}: {note}{state.describe()}", file=sys.stderr, flush=True)
             last, noted = state.describe(), now
+        if state.state != "UNKNOWN":
+            answered = now
+        elif now - answered > LOST_CONTACT_S:
+            print(f"[submit] SLURM has not answered for {LOST_CONTACT_S:.0f} s; the job may still run. "
+                  f"HINT: orchestrator status {run_dir}", file=sys.stderr)  # fmt: skip
+            return EXIT_FAILED
+        if state.hopeless:
+            print(f"[submit] job {job_id} is still queued. HINT: orchestrator cancel {run_dir}", file=sys.stderr)
+            return EXIT_FAILED
         if state.terminal:
             break
         time.sleep(poll_s)
@@ -329,11 +367,16 @@ def follow(run_dir: Path, job_id: str, offset: int = 0, poll_s: float = 1.0) -> 
 def status_info(run_dir: Path) -> dict[str, Any]:
     """The SLURM part of ``orchestrator status`` (empty when the run was never submitted)."""
     jobs = load_jobs(run_dir)
+    events = read_events(run_dir)
+    known = {j["job_id"] for j in jobs}
+    for event in events:  # jobs started by plain sbatch (slurm/train.sbatch) only appear in the events
+        if event.get("job_id") and event["job_id"] not in known:
+            known.add(event["job_id"])
+            jobs.append({"job_id": event["job_id"]})
     if not jobs:
         return {}
     latest = jobs[-1]
     state = job_state(latest["job_id"]) if shutil.which("squeue") else JobState("UNKNOWN", "no SLURM here")
-    events = read_events(run_dir)
     requeues = [e for e in events if e.get("event") == "requeue"]
     info: dict[str, Any] = {
         "slurm_jobs": [j["job_id"] for j in jobs],
@@ -343,7 +386,9 @@ def status_info(run_dir: Path) -> dict[str, Any]:
         "timeouts": sum(1 for e in requeues if e.get("kind") == "timeout"),
     }
     mine = [e for e in events if e.get("job_id") == latest["job_id"]]
-    if state.state == "CANCELLED":
+    if state.state == "UNKNOWN":
+        pass  # nothing can be said about the outcome
+    elif state.state == "CANCELLED":
         info["note"] = "cancelled; submit the run again to resume from its latest checkpoint"
     elif state.terminal and not (mine and mine[-1]["event"] == "completed"):
         info["failure"] = failure_report(run_dir, latest, state)

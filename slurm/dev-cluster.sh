@@ -115,10 +115,12 @@ wait_for() {  # wait_for SECONDS WHAT CMD...
 }
 
 nodes_idle() { [ "$(sinfo -h -N -o '%N %t' | grep -c ' idle')" -ge "${#NODES[@]}" ]; }
+# Up and answering, busy or not (a node that does not respond shows a '*' or a down/drain/fail/unknown state).
+nodes_ok() { [ "$(sinfo -h -N -o '%t' | grep -cE '^(idle|alloc|mix|comp)$')" -ge "${#NODES[@]}" ]; }
 ctld_up() { scontrol ping | grep -q UP; }
 
 up() {
-  if [ -f "$CONF" ] && ctld_up 2>/dev/null && nodes_idle 2>/dev/null; then
+  if [ -f "$CONF" ] && ctld_up 2>/dev/null && nodes_ok 2>/dev/null; then
     say "already up ($CONF)"; return 0
   fi
   install_packages

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,24 +128,38 @@ def test_plain_sbatch_template_trains_the_same(refs, tmp_path):
 
 
 def test_usr2_saves_at_the_next_step_requeues_and_resumes_exactly(refs, tmp_path):
+    # DataLoader worker processes too: SLURM signals every process of the step, and they must shrug it off.
     run = tmp_path / "run"
-    job = job_id_of(submit(run, "--tasks-per-node", "2", *SLOW, "tracking.mode=offline", wait=False))
-    wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    wait_until(lambda: any(e["event"] == "completed" for e in events(run)), 180, "the requeued job to finish")
-    wait_until(lambda: slurm_state(job) == "COMPLETED", 30, "COMPLETED")
+    args = ["--tasks-per-node", "2", *SLOW, "tracking.mode=offline", "data.num_workers=2", "--wait"]
+    cmd = [sys.executable, "-m", "orchestrator", "submit", "configs/quickstart.yaml", f"run.dir={run}", *QUICK]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen([*cmd, *args], env=env(), cwd=ROOT, text=True, **pipes)
+    try:
+        wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
+        job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+        out, err = proc.communicate(timeout=180)  # --wait follows the job through its requeue to the end
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert f"job {job} completed at step {MAX_STEPS}" in err, err
+    assert slurm_state(job) == "COMPLETED"
 
     kinds = [(e["event"], e["restart"], e.get("world_size", 2)) for e in events(run)]
     assert [k[:2] for k in kinds] == [("start", 0), ("requeue", 0), ("start", 1), ("completed", 1)], kinds
     assert {k[2] for k in kinds} == {2}, kinds
     requeue = events(run)[1]
-    # The notice came while step signal_step was in flight; that very step was saved: nothing to redo.
-    assert requeue["kind"] == "preemption" and requeue["saved_step"] == requeue["signal_step"], requeue
+    # The notice came while step signal_step was in flight (or during the save after it): the next step boundary
+    # saved, so nothing completed is redone.
+    assert requeue["kind"] == "preemption" and requeue["saved_step"] - requeue["signal_step"] in (0, 1), requeue
     saved = requeue["saved_step"]
     assert EVERY < saved < MAX_STEPS, requeue
     log = (run / "logs" / "rank-0.log").read_text()
-    assert f"saved step {saved}, 0 steps lost; requeueing" in log
+    assert f"saved step {saved}, the last completed step: 0 steps lost; requeued" in log
     assert f"resumed from {run / 'checkpoints' / f'step-{saved:08d}'}: step {saved}" in log
+    for line in ("0 steps lost; requeued", "resumed from"):  # --wait streamed rank 0's log of both incarnations
+        assert line in out, out
     assert_same_as(run, refs[2])
     # One wandb run across the requeue, its steps strictly increasing with no gap or duplicate.
     rid, per_start, _config = wandb_view(run)
@@ -184,19 +199,22 @@ def test_failing_job_names_the_rank_and_its_traceback(tmp_path):
         assert "FAILED" in where and "logs/rank-<r>.log" in where
 
 
-def test_time_limit_notice_is_a_timeout_and_the_cap_stops_requeues(tmp_path):
+def test_time_limit_notices_requeue_until_the_cap(tmp_path):
     # A 1-minute job warned 50 s ahead: the notice comes ~10-40 s in, close to the end: a timeout, not a
-    # preemption. With slurm.max_timeouts=0 the job saves and is not requeued.
+    # preemption. slurm.max_timeouts=1: the first one requeues (with a fresh time limit), the second saves and
+    # ends the job without a requeue.
     run = tmp_path / "run"
     proc = submit(
-        run, *SLOW, "train.max_steps=1000", "slurm.time_min=1", "slurm.signal_delay_s=50", "slurm.max_timeouts=0"
+        run, *SLOW, "train.max_steps=1000", "slurm.time_min=1", "slurm.signal_delay_s=50", "slurm.max_timeouts=1"
     )
     assert proc.returncode == 1, proc.stderr
-    cap = [e for e in events(run) if e["event"] == "timeout-cap"]
-    assert len(cap) == 1 and cap[0]["kind"] == "timeout", events(run)
-    assert latest_name(run) == f"step-{cap[0]['saved_step']:08d}"  # the notice's save is committed
-    assert "time limit too often" in proc.stderr
-    assert not [e for e in events(run) if e["event"] == "requeue"]
+    got = [(e["event"], e["restart"], e.get("kind")) for e in events(run)]
+    assert got == [("start", 0, None), ("requeue", 0, "timeout"), ("start", 1, None), ("timeout-cap", 1, "timeout")]
+    cap = events(run)[-1]
+    assert latest_name(run) == f"step-{cap['saved_step']:08d}"  # the last notice's save is committed
+    assert "time limit too often" in proc.stderr and "FAILED" in proc.stderr
+    info = status(run)
+    assert info["timeouts"] == 1 and info["preemptions"] == 0 and "time limit too often" in info["failure"]
 
 
 def test_pending_job_is_reported_and_a_second_submit_is_refused(tmp_path):
@@ -210,6 +228,12 @@ def test_pending_job_is_reported_and_a_second_submit_is_refused(tmp_path):
     finally:
         cli("cancel", str(run), check=True)
     wait_until(lambda: slurm_state(job) == "CANCELLED", 30, "CANCELLED")
+    # More nodes than the partition has: pending for ever. --wait says so and returns instead of waiting.
+    proc = submit(run, "--nodes", "3")
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(r"PENDING \(Partition\w+\): it asks for .* and will not start", proc.stderr), proc.stderr
+    assert "is still queued. HINT: orchestrator cancel" in proc.stderr
+    cli("cancel", str(run), check=True)
 
 
 def test_bad_submissions_exit_2_and_leave_nothing(tmp_path):

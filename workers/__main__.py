@@ -1,7 +1,5 @@
 """``python -m workers CONFIG.yaml [key=value ...]`` — the worker entry for torchrun and srun."""
 
-import sys
+from workers.entry import exit_now, main
 
-from workers.entry import main
-
-sys.exit(main())
+exit_now(main())

@@ -172,10 +172,11 @@ def check_precision(precision: str, device_type: str) -> None:
         raise ConfigError("config key 'train.precision' = 'fp16': fp16 needs CUDA. HINT: use bf16 or fp32 on CPU")
 
 
-def cpu_threads_per_worker(local_world_size: int) -> int:
+def cpu_threads_per_worker(local_world_size: int, slurm: bool = False) -> int:
     """Intra-op threads per worker so that N workers don't oversubscribe this machine's cores."""
-    # The user (or torchrun) chose, or SLURM allotted CPUs to each task: respect it.
-    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+    # The user (or torchrun) chose, or SLURM allotted CPUs to each task of this job: respect it. (Only as a task
+    # of a SLURM job: a launch inside an allocation shares its CPUs among --nproc workers.)
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK") if slurm else ("OMP_NUM_THREADS",):
         try:
             return max(1, int(os.environ[name]))
         except (KeyError, ValueError):

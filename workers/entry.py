@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 import traceback
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ def write_error_file(rank: int, exc: BaseException, kind: str) -> None:
         "message": f"{type(exc).__name__}: {exc}",
         "traceback": "".join(traceback.format_exception(exc)),
         "time": time.time(),
+        "job_id": os.environ.get("SLURM_JOB_ID"),  # tells this job's failure from an older job's
     }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(path), json.dumps(record))
 
 
@@ -143,13 +146,15 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> int:
 
     stop = stop or StopFlag().install()
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:  # a task of a SLURM job: no launcher names it
+        _slurm_error_file(cfg, rank)
     ctx, heartbeat, lock = None, NoHeartbeat(), None
     try:
         ctx = DistContext.from_env(cfg.launch.device)
         rank = ctx.rank
         plan_batches(cfg, ctx.world_size)  # a bad combination fails before anything is written
         check_precision(cfg.train.precision, ctx.device.type)
-        torch.set_num_threads(cpu_threads_per_worker(ctx.local_world_size))
+        torch.set_num_threads(cpu_threads_per_worker(ctx.local_world_size, slurm=ctx.source == "slurm"))
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS initialises
             torch.use_deterministic_algorithms(True)
@@ -157,8 +162,6 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> int:
         if ctx.is_main and ctx.source != "launcher":  # our launcher already did both
             lock = lock_run_dir(cfg)
             save_resolved_config(cfg)
-        if ctx.source == "slurm":
-            _slurm_error_file(cfg, rank)
         setup_logging(cfg.run_dir, rank)
         if ctx.source == "slurm" and ctx.is_main:
             slurm.on_start(cfg, ctx.world_size)
@@ -221,10 +224,17 @@ def spawned_worker(
         ERROR_FILE_ENV: str(Path(logs_dir) / f"error-rank-{rank}.json"),
         HEARTBEAT_DIR_ENV: logs_dir,
     })  # fmt: skip
-    code = run_worker(config_from_dict(cfg_dict), stop)
+    exit_now(run_worker(config_from_dict(cfg_dict), stop))
+
+
+def exit_now(code: int) -> typing.NoReturn:
+    """Flush logs and output, then leave without interpreter teardown: after the process group is gone, the
+    destructors of torch's communication threads can abort the process ("terminate called without an active
+    exception") and turn a clean finish into a crash. Every worker entry ends here."""
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # skip interpreter teardown: no lingering atexit work after the group is gone
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,12 +16,12 @@ timeout-cap, ...), written by rank 0 and read by ``orchestrator status`` / ``sub
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
 import subprocess
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -70,23 +70,34 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _job_end_time(job: str) -> float | None:
-    """The job's scheduled end (epoch seconds) from squeue, or None when SLURM does not say."""
+def parse_time_left(text: str) -> float | None:
+    """squeue's ``%L`` (``[D-]HH:MM:SS``, ``MM:SS``, ``UNLIMITED``, ...) in seconds; None when not a duration."""
+    days, _, clock = text.strip().rpartition("-")
+    try:
+        parts = [int(x) for x in clock.split(":")]
+        seconds = sum(v * 60**i for i, v in enumerate(reversed(parts)))
+        return seconds + (int(days) * 86400 if days else 0)
+    except ValueError:
+        return None
+
+
+def _time_left(job: str) -> float | None:
+    """Seconds until the job's time limit, from squeue (%L does not depend on SLURM_TIME_FORMAT)."""
     try:
         out = subprocess.run(
-            ["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, timeout=30, check=True
+            ["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=30, check=True
         ).stdout.strip()
-        return datetime.datetime.strptime(out.splitlines()[0], "%Y-%m-%dT%H:%M:%S").timestamp()
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+    except (OSError, subprocess.SubprocessError):
         return None
+    return parse_time_left(out.splitlines()[0]) if out else None
 
 
 def classify_notice(job: str, signal_delay_s: int, signal_time: float | None) -> str:
     """``timeout`` when the notice came because the time limit is near, else ``preemption``."""
-    end = _job_end_time(job)
-    if end is None:
+    left = _time_left(job)
+    if left is None:
         return "preemption"
-    left = end - (signal_time or time.time())
+    left += time.time() - (signal_time or time.time())  # as it was when the signal came
     return "timeout" if left <= signal_delay_s + _TIMEOUT_SLACK_S else "preemption"
 
 
@@ -103,7 +114,7 @@ def on_finish(cfg: Config, stop: StopFlag, step: int, stop_reason: str | None) -
 
     Returns the worker's exit code: 0, or 1 when the job cannot be requeued (time-limit cap, scontrol failure).
     """
-    if stop_reason is None:
+    if stop_reason is None or step >= cfg.train.max_steps:  # a notice during the last step changes nothing
         record_event(cfg.run_dir, "completed", step=step)
         return 0
     if stop_reason != "preempt":
@@ -111,8 +122,8 @@ def on_finish(cfg: Config, stop: StopFlag, step: int, stop_reason: str | None) -
         return 0
     job = job_id() or "?"
     kind = classify_notice(job, cfg.slurm.signal_delay_s, stop.signal_time)
-    events = read_events(cfg.run_dir)
-    timeouts = sum(1 for e in events if e.get("event") == "requeue" and e.get("kind") == "timeout")
+    mine = [e for e in read_events(cfg.run_dir) if e.get("job_id") == job]  # this job's requeues, not the run's
+    timeouts = sum(1 for e in mine if e.get("event") == "requeue" and e.get("kind") == "timeout")
     fields = {"kind": kind, "saved_step": step, "signal_step": stop.signal_step}
     if kind == "timeout" and timeouts >= cfg.slurm.max_timeouts:
         record_event(cfg.run_dir, "timeout-cap", **fields)
@@ -122,18 +133,21 @@ def on_finish(cfg: Config, stop: StopFlag, step: int, stop_reason: str | None) -
             job, timeouts + 1, cfg.slurm.max_timeouts, step,
         )  # fmt: skip
         return 1
-    record_event(cfg.run_dir, "requeue", **fields)
-    log.info(
-        "%s notice for job %s (%s): saved step %d, 0 steps lost; requeueing, the job resumes at step %d",
-        kind, job, stop.describe(), step, step,
-    )  # fmt: skip
     try:
         subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60, check=True)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        record_event(cfg.run_dir, "requeue-failed", error=str(detail).strip())
+        record_event(cfg.run_dir, "requeue-failed", error=str(detail).strip(), **fields)
         log.error("could not requeue job %s: %s. Submit the run again to continue from step %d", job, detail, step)
         return 1
+    # SLURM now ends this incarnation (SIGTERM, which only sets the flag again): a line is written well within
+    # KillWait. Every step completed so far is in the checkpoint: the requeued job starts at step + 1.
+    record_event(cfg.run_dir, "requeue", **fields)
+    log.info(
+        "%s notice for job %s (%s): saved step %d, the last completed step: 0 steps lost; requeued, the job "
+        "resumes at step %d",
+        kind, job, stop.describe(), step, step + 1,
+    )  # fmt: skip
     return 0
 
 
@@ -144,14 +158,13 @@ class SlurmJob:
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
         self.cfg_dict = cfg_dict
 
-    def __call__(self) -> int:
+    def __call__(self) -> typing.NoReturn:
         from workers.config import config_from_dict  # noqa: PLC0415
-        from workers.entry import run_worker  # noqa: PLC0415
+        from workers.entry import exit_now, run_worker  # noqa: PLC0415
 
         # Replaces submitit's handlers: its USR2 handler would checkpoint on rank 0 alone, inside the handler,
         # and its SIGTERM handler ignores the signal. Ours only set the flag that all ranks agree on.
         stop = StopFlag().install()
-        code = run_worker(config_from_dict(self.cfg_dict), stop)
-        if code:
-            raise SystemExit(code)  # the task (and, with --kill-on-bad-exit, the job step) fails
-        return code
+        # Leave at once, without returning to submitit: the job's outcome is in run.dir (events, error files),
+        # not in submitit's result pickle, and interpreter teardown after the process group can abort.
+        exit_now(run_worker(config_from_dict(self.cfg_dict), stop))

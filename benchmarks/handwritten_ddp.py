@@ -1,0 +1,68 @@
+"""The DDP loop a user writes by hand: the baseline our loop and launcher are measured against.
+
+Same model and data as ``configs/quickstart.yaml`` (workers.tasks.quickstart), same global batch, AdamW with a
+warmup + cosine LR schedule, gradient clipping, a loss print every 10 steps (a host sync, as hand-written loops
+do); no checkpoints, no resume, no fault handling. Run it with torchrun:
+
+    torchrun --nproc-per-node 2 benchmarks/handwritten_ddp.py --steps 1000 --out times.json
+
+Rank 0 writes wall-clock times (``time.time()``) of the first, the ``--warm``-th and the last step to ``--out``.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+from workers.tasks.quickstart import build
+
+p = argparse.ArgumentParser()
+p.add_argument("--steps", type=int, default=1000)
+p.add_argument("--warm", type=int, default=10)
+p.add_argument("--hidden", type=int, default=64)
+p.add_argument("--gbs", type=int, default=64)
+p.add_argument("--out", required=True)
+args = p.parse_args()
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+torch.manual_seed(0)
+task = build(hidden=args.hidden)
+model = DDP(task.model)
+opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+warmup = 20
+sched = torch.optim.lr_scheduler.LambdaLR(
+    opt, lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps))
+)
+sampler = DistributedSampler(task.dataset, seed=0, drop_last=True)
+loader = DataLoader(task.dataset, batch_size=args.gbs // world, sampler=sampler, drop_last=True)
+
+times, step, epoch = {}, 0, 0
+while step < args.steps:
+    sampler.set_epoch(epoch)
+    for x, y in loader:
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % 10 == 0 and rank == 0:
+            print(f"step {step} loss {loss.item():.4f}", flush=True)
+        if step in (1, args.warm, args.steps):
+            times[step] = time.time()
+        if step == args.steps:
+            break
+    epoch += 1
+if rank == 0:
+    with open(args.out, "w") as f:
+        json.dump({"first": times[1], "warm": times[args.warm], "end": times[args.steps], "steps": args.steps}, f)
+dist.destroy_process_group()

@@ -1,0 +1,132 @@
+"""Our loop and launcher against the hand-written DDP loop under torchrun (benchmarks/handwritten_ddp.py).
+
+- step overhead: throughput of ``orchestrator launch`` vs the hand-written loop, world size 2, gloo, same model,
+  data, global batch, optimizer, schedule and clipping; the two interleaved, ratio per pair (goal ≥ 0.99);
+- launch latency: from the command's start to the first completed step, and to the process's exit, of
+  ``orchestrator launch`` vs ``torchrun`` running the hand-written loop (goal ≤ torchrun);
+- scaling: our samples/s at world sizes 1 and 2 on this machine.
+
+    python benchmarks/loop_bench.py [--repeats 5] [--steps 1000] [--out benchmarks/results/loop.json]
+
+Throughput is measured the same way for both: wall-clock time between the end of step ``warm`` (10) and the end
+of the last step, as each run records it itself (our metrics.jsonl rows carry ``time``; the hand-written loop
+writes its own). Ours runs with its defaults except ``tracking.mode=disabled`` (the hand-written loop has no
+tracker; tracking has its own benchmark) and no periodic checkpoint (the final one comes after the last step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GBS, WARM = 64, 10
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.pop("OMP_NUM_THREADS", None)  # both pick threads per worker themselves (cores // workers)
+    return env
+
+
+def ours(base: Path, nproc: int, steps: int, hidden: int, extra: list[str]) -> dict:
+    run = base / f"ours-{time.monotonic_ns()}"
+    cmd = [sys.executable, "-m", "orchestrator", "launch", "configs/quickstart.yaml", "--nproc", str(nproc),
+           f"run.dir={run}", f"train.max_steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=10",
+           f"task.args.hidden={hidden}", "tracking.mode=disabled", *extra]  # fmt: skip
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, capture_output=True)
+    t_exit = time.time()
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    return _times(t0, rows[1]["time"], rows[WARM]["time"], rows[steps]["time"], t_exit, steps)
+
+
+def handwritten(base: Path, nproc: int, steps: int, hidden: int) -> dict:
+    out = base / f"hand-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+           "benchmarks/handwritten_ddp.py", "--steps", str(steps), "--warm", str(WARM), "--hidden", str(hidden),
+           "--gbs", str(GBS), "--out", str(out)]  # fmt: skip
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, capture_output=True)
+    t_exit = time.time()
+    t = json.loads(out.read_text())
+    return _times(t0, t["first"], t["warm"], t["end"], t_exit, steps)
+
+
+def _times(t0: float, first: float, warm: float, end: float, t_exit: float, steps: int) -> dict:
+    return {
+        "samples_per_s": (steps - WARM) * GBS / (end - warm),
+        "to_first_step_s": first - t0,
+        "to_exit_s": t_exit - t0,
+    }
+
+
+def summarize(values: list[float], digits: int = 3) -> dict:
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--launch-steps", type=int, default=20, help="steps of the launch-latency runs")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loop.json")
+    args = parser.parse_args()
+    result: dict = {
+        "benchmark": "loop",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "setup": f"quickstart task, global batch {GBS}, gloo/CPU, {args.repeats} interleaved repeats",
+        "step_overhead": [],
+        "scaling": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="loop-bench-") as tmp:
+        base = Path(tmp)
+        for hidden in args.hidden:
+            pairs = [(ours(base, 2, args.steps, hidden, []), handwritten(base, 2, args.steps, hidden))
+                     for _ in range(args.repeats)]  # fmt: skip
+            ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in pairs]
+            result["step_overhead"].append({
+                "hidden": hidden, "steps": args.steps,
+                "ours_samples_per_s": summarize([a["samples_per_s"] for a, _ in pairs], 1),
+                "handwritten_samples_per_s": summarize([b["samples_per_s"] for _, b in pairs], 1),
+                "ratio": summarize(ratios), "goal": ">= 0.99", "met": statistics.median(ratios) >= 0.99,
+            })  # fmt: skip
+            print(json.dumps(result["step_overhead"][-1]), flush=True)
+        launches = [(ours(base, 2, args.launch_steps, 64, []), handwritten(base, 2, args.launch_steps, 64))
+                    for _ in range(args.repeats)]  # fmt: skip
+        result["launch"] = {
+            "steps": args.launch_steps,
+            **{f"ours_{k}": summarize([a[k] for a, _ in launches]) for k in ("to_first_step_s", "to_exit_s")},
+            **{f"torchrun_{k}": summarize([b[k] for _, b in launches]) for k in ("to_first_step_s", "to_exit_s")},
+        }
+        first = statistics.median([a["to_first_step_s"] - b["to_first_step_s"] for a, b in launches])
+        result["launch"]["met"] = first <= 0
+        print(json.dumps(result["launch"]), flush=True)
+        for hidden in args.hidden:
+            runs = {ws: [ours(base, ws, args.steps, hidden, [])["samples_per_s"] for _ in range(args.repeats)]
+                    for ws in (1, 2)}  # fmt: skip
+            result["scaling"].append({
+                "hidden": hidden,
+                **{f"ws{ws}_samples_per_s": summarize(v, 1) for ws, v in runs.items()},
+                "speedup": round(statistics.median(runs[2]) / statistics.median(runs[1]), 3),
+            })  # fmt: skip
+            print(json.dumps(result["scaling"][-1]), flush=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
