@@ -117,8 +117,10 @@ def main() -> None:
         result["launch"]["met"] = first <= 0
         print(json.dumps(result["launch"]), flush=True)
         for hidden in args.hidden:
-            runs = {ws: [ours(base, ws, args.steps, hidden, [])["samples_per_s"] for _ in range(args.repeats)]
-                    for ws in (1, 2)}  # fmt: skip
+            runs: dict[int, list[float]] = {1: [], 2: []}
+            for _ in range(args.repeats):  # interleaved
+                for ws, rates in runs.items():
+                    rates.append(ours(base, ws, args.steps, hidden, [])["samples_per_s"])
             result["scaling"].append({
                 "hidden": hidden,
                 **{f"ws{ws}_samples_per_s": summarize(v, 1) for ws, v in runs.items()},

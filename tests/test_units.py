@@ -111,3 +111,27 @@ def test_unwrap_peels_compile_and_dataparallel_in_any_nesting():
     model = nn.Linear(2, 2)
     assert unwrap(torch.compile(nn.DataParallel(model))) is model
     assert unwrap(nn.DataParallel(torch.compile(model))) is model
+
+
+class _RandomSamples:
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(3)  # augmentation drawn from the global RNG, as user code does
+
+
+def test_samples_are_seeded_by_stream_position_unless_the_task_opts_out():
+    from workers.data import IndexedDataset
+    from workers.slurm import parse_time_left
+
+    seeded = IndexedDataset(_RandomSamples(), seed=7)
+    a, b = seeded[(42, 3)][1], seeded[(42, 3)][1]
+    assert torch.equal(a, b) and not torch.equal(a, seeded[(43, 3)][1])  # a function of the stream position
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    plain = IndexedDataset(_RandomSamples(), seed=7, seed_samples=False)
+    assert torch.equal(plain[(42, 3)][1], expected)  # opted out: the RNG is left alone
+    # squeue's time-left format (used to tell a time limit from a preemption)
+    assert [parse_time_left(t) for t in ("0:45", "1:02:03", "2-00:00:10", "UNLIMITED")] == [45, 3723, 172810, None]

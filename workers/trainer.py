@@ -168,6 +168,8 @@ class Trainer:
             self.cfg.data.num_workers,
             getattr(self.task, "collate_fn", None),
             self.ctx.device.type == "cuda",
+            # A task whose samples involve no randomness says so (``random_samples = False``): no per-sample seeding.
+            seed_samples=bool(getattr(self.task, "random_samples", True)),
         )
         return iter(loader)
 

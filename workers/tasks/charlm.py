@@ -72,6 +72,7 @@ class TinyGPT(nn.Module):
 class CharLMTask:
     model: TinyGPT
     dataset: CharDataset
+    random_samples = False  # __getitem__ is deterministic: no per-sample RNG seeding needed
 
     def loss(self, model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
         x, y = batch

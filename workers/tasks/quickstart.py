@@ -39,6 +39,7 @@ def make_dataset(n: int = 4096, d_in: int = 16, d_out: int = 4, data_seed: int =
 class QuickstartTask:
     model: nn.Module
     dataset: TensorDataset
+    random_samples = False  # __getitem__ is deterministic: no per-sample RNG seeding needed
 
     def loss(self, model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
         x, y = batch

@@ -1,0 +1,212 @@
+"""Render BENCHMARKS.md from ``benchmarks/results/*.json`` (written by the benchmarks; see run_all.py).
+
+    python benchmarks/report.py [--results benchmarks/results] [--out BENCHMARKS.md]
+
+Every number in BENCHMARKS.md comes from a result file; a benchmark not run yet shows as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _mm(d: dict, fmt: str = "{:.3f}", unit: str = "") -> str:
+    """median (min–max)"""
+    return f"{fmt.format(d['median'])}{unit} ({fmt.format(d['min'])}–{fmt.format(d['max'])})"
+
+
+def _missing(title: str, command: str) -> str:
+    return f"## {title}\n\nNot run yet: `{command}`.\n"
+
+
+def loop_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = (
+        "Step overhead, launch latency, scaling: vs a hand-written DDP loop and torchrun",
+        ("python benchmarks/loop_bench.py --repeats 5 --steps 1000"),
+    )
+    if r is None:
+        return _missing(title, cmd), []
+    lines = [f"## {title}", "", f"`{cmd}`", "",
+             "Method: the hand-written loop is `benchmarks/handwritten_ddp.py` under `torchrun` — the same model and",
+             "data (the quickstart task), global batch 64, world size 2, gloo, AdamW with warmup + cosine, gradient",
+             "clipping, a `loss.item()` print every 10 steps; no checkpoints, no resume, no supervision. Ours is",
+             "`orchestrator launch configs/quickstart.yaml --nproc 2` with its defaults (tracking disabled: it has its",
+             "own benchmark below). Both measure their own wall clock from the end of step 10 to the end of the last",
+             "step; the two runs alternate, and the ratio is taken per pair. Median (min–max).", "",
+             "| model | ours samples/s | hand-written samples/s | ratio (goal ≥ 0.99) |",
+             "|---|---:|---:|---:|"]  # fmt: skip
+    summary = []
+    for row in r["step_overhead"]:
+        ok = "met" if row["met"] else "**not met**"
+        lines.append(
+            f"| hidden {row['hidden']} | {_mm(row['ours_samples_per_s'], '{:.0f}')} | "
+            f"{_mm(row['handwritten_samples_per_s'], '{:.0f}')} | {_mm(row['ratio'])} ({ok}) |"
+        )
+        summary.append(f"| step throughput vs hand-written DDP, hidden {row['hidden']} | ≥ 0.99 | "
+                       f"{row['ratio']['median']:.3f} | {ok} |")  # fmt: skip
+    la = r["launch"]
+    ok = "met" if la["met"] else "**not met**"
+    lines += ["", f"Launch latency ({la['steps']} steps, world size 2), seconds from the command's start:", "",
+              "| | to the first completed step | to exit |", "|---|---:|---:|",
+              f"| `orchestrator launch` | {_mm(la['ours_to_first_step_s'])} | {_mm(la['ours_to_exit_s'])} |",
+              f"| `torchrun` + hand-written loop | {_mm(la['torchrun_to_first_step_s'])} | "
+              f"{_mm(la['torchrun_to_exit_s'])} |", ""]  # fmt: skip
+    summary.append(f"| launch → first step vs torchrun | ≤ torchrun | {la['ours_to_first_step_s']['median']:.2f} s "
+                   f"vs {la['torchrun_to_first_step_s']['median']:.2f} s | {ok} |")  # fmt: skip
+    lines += ["Scaling (ours, samples/s):", "", "| model | world size 1 | world size 2 | speed-up |",
+              "|---|---:|---:|---:|"]  # fmt: skip
+    for row in r["scaling"]:
+        lines.append(f"| hidden {row['hidden']} | {_mm(row['ws1_samples_per_s'], '{:.0f}')} | "
+                     f"{_mm(row['ws2_samples_per_s'], '{:.0f}')} | {row['speedup']:.2f}× |")  # fmt: skip
+    lines += ["", (NOTES / "loop.md").read_text().strip() if (NOTES / "loop.md").exists() else "", ""]
+    return "\n".join(lines), summary
+
+
+def checkpoint_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = (
+        "Checkpoints: training-blocked time vs `torch.save`",
+        ("python benchmarks/checkpoint_bench.py --repeats 3 --out benchmarks/results/checkpoint.json"),
+    )
+    if r is None:
+        return _missing(title, cmd), []
+    lines = [f"## {title}", "", f"`{cmd}`", "", (NOTES / "checkpoint.md").read_text().strip(), "",
+             "| state | raw write | `torch.save` blocked | `sync` blocked | `async` blocked | `async` until committed "
+             "| sync write speed | load |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    summary = []
+    for row in r["results"]:
+        lines.append(
+            f"| {row['state_mb']:.0f} MB | {row['raw_write_mb_s']['median']:.0f} MB/s | "
+            f"{_mm(row['torch.save']['blocked_s'])} s | {_mm(row['sync']['blocked_s'])} s | "
+            f"**{_mm(row['async']['blocked_s'])} s** | {row['async']['total_s']['median']:.3f} s | "
+            f"{row['sync']['write_mb_s']:.0f} MB/s | {row['load_s']['median']:.3f} s |"
+        )
+        factor = row["torch.save"]["blocked_s"]["median"] / row["async"]["blocked_s"]["median"]
+        ok = "met" if factor > 1 else "**not met**"
+        summary.append(f"| async save blocks training, {row['state_mb']:.0f} MB | < `torch.save` | "
+                       f"{factor:.1f}× less than `torch.save` | {ok} |")  # fmt: skip
+    return "\n".join(lines) + "\n", summary
+
+
+def recovery_section(local: dict | None, slurm: dict | None) -> tuple[str, list[str]]:
+    lines, summary = ["## Recovery", ""], []
+    if local is None:
+        lines.append("Local: not run yet: `python benchmarks/recovery_bench.py --trials 5`.")
+    else:
+        k = local["kill_to_first_step_s"]
+        lines += ["`python benchmarks/recovery_bench.py --trials 5`", "",
+                  f"Local restarts ({local['setup']}): SIGKILL of the rank → the restarted group's first completed "
+                  f"step: **{_mm(k, '{:.2f}')} s**; steps redone per trial (since the last checkpoint): "
+                  f"{local['steps_redone']}.", ""]  # fmt: skip
+        summary.append(f"| recovery: SIGKILL of a rank → next step (local) | – | {k['median']:.2f} s | – |")
+    if slurm is None:
+        lines.append("SLURM: not run yet: `python benchmarks/slurm_requeue_bench.py --trials 3`.")
+    else:
+        s = slurm["summary"]
+        lines += ["`python benchmarks/slurm_requeue_bench.py --trials 3`", "",
+                  f"SLURM ({slurm['setup']}; {slurm['cluster']}), median (min–max):", "",
+                  "| notice → all saved, requeue asked | → requeued job started (SLURM + imports) "
+                  "| → first completed step | total | steps lost |", "|---:|---:|---:|---:|---:|",
+                  f"| {_mm(s['notice_to_saved_s'])} s | {_mm(s['saved_to_restarted_s'], '{:.2f}')} s | "
+                  f"{_mm(s['restarted_to_first_step_s'], '{:.2f}')} s | **{_mm(s['notice_to_first_step_s'], '{:.1f}')}"
+                  f" s** | {', '.join(map(str, slurm['steps_lost']))} |", ""]  # fmt: skip
+        summary.append(
+            f"| recovery: USR2 → requeued job's first step (SLURM) | – | "
+            f"{s['notice_to_first_step_s']['median']:.1f} s, steps lost {max(slurm['steps_lost'])} | – |"
+        )
+    lines += [(NOTES / "recovery.md").read_text().strip(), ""]
+    return "\n".join(lines), summary
+
+
+def tracking_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = (
+        "Tracking: what logging costs per step",
+        ("python benchmarks/tracking_bench.py --repeats 3 --steps 1500 --out benchmarks/results/tracking.json"),
+    )
+    if r is None:
+        return _missing(title, cmd), []
+    lines = [f"## {title}", "", f"`{cmd}`", "", (NOTES / "tracking_method.md").read_text().strip(), "",
+             "| model | mode | steps/s | end to end vs no logging | sinks + console | all-gather |",
+             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    summary = []
+    for row in r["results"]:
+        lines.append(
+            f"| hidden {row['hidden']} ({row['step_ms']:.1f} ms/step) | {row['mode']} | "
+            f"{_mm(row['steps_per_s'], '{:.1f}')} | {row['end_to_end_overhead_pct']:+.1f} % | "
+            f"{100 * row['sinks_and_console_pct_of_time']:.2f} % | "
+            f"{100 * row['log_step_all_gather_pct_of_time']:.2f} % |"
+        )
+        if row["mode"] == "jsonl + wandb offline":
+            ok = "met" if row["end_to_end_overhead_pct"] <= 1 else "**not met**"
+            summary.append(f"| tracking cost, hidden {row['hidden']} | ≤ 1 % | "
+                           f"{row['end_to_end_overhead_pct']:+.1f} % | {ok} |")  # fmt: skip
+    lines += ["", (NOTES / "tracking.md").read_text().strip(), ""]
+    return "\n".join(lines), summary
+
+
+def chaos_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = (
+        "Chaos: random SIGKILLs with restarts",
+        ("python scripts/chaos.py --trials 50 --seed 0 --out benchmarks/results/chaos.json"),
+    )
+    if r is None:
+        return _missing(title, cmd), []
+    modes: dict[str, int] = {}
+    for t in r["trials"]:
+        key = f"{t['mode']} {'async' if t['async'] else 'sync'}"
+        modes[key] = modes.get(key, 0) + 1
+    secs = sorted(t["seconds"] for t in r["trials"])
+    lines = [f"## {title}", "", f"`{cmd}`", "", (NOTES / "chaos.md").read_text().strip(), "",
+             f"**{r['survived']}/{r['total']} survived** (seed {r['seed']}; a rank was really killed in "
+             f"{r['killed']}/{r['total']}). Trials: " + ", ".join(f"{n} × {k}" for k, n in sorted(modes.items()))
+             + f". Each took {secs[0]:.1f}–{secs[-1]:.1f} s (median {secs[len(secs) // 2]:.1f} s), restart included.",
+             ""]  # fmt: skip
+    ok = "met" if r["survived"] == r["total"] else "**not met**"
+    return "\n".join(lines), [f"| chaos: random SIGKILLs, bitwise-equal finish | all | {r['survived']}/{r['total']} "
+                              f"| {ok} |"]  # fmt: skip
+
+
+NOTES = ROOT / "benchmarks" / "notes"
+
+
+def render(results: Path) -> str:
+    parts, summary = [], []
+    sections = [
+        loop_section(_load(results, "loop")),
+        checkpoint_section(_load(results, "checkpoint")),
+        recovery_section(_load(results, "recovery"), _load(results, "slurm_requeue")),
+        tracking_section(_load(results, "tracking")),
+        chaos_section(_load(results, "chaos")),
+    ]
+    for text, rows in sections:
+        parts.append(text)
+        summary += rows
+    head = [
+        "# Benchmarks", "",
+        "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; `python benchmarks/run_all.py`",
+        "runs every benchmark and then this. Benchmarks are not part of the test suite's pass/fail.", "",
+        (NOTES / "machine.md").read_text().strip(), "",
+        "| what | goal | measured (median) | |", "|---|---|---|---|", *summary, "",
+    ]  # fmt: skip
+    return "\n".join(head) + "\n" + "\n".join(parts).rstrip() + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    args.out.write_text(render(args.results))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
