@@ -52,7 +52,7 @@ def ours(base: Path, nproc: int, steps: int, hidden: int, extra: list[str]) -> d
 
 def handwritten(base: Path, nproc: int, steps: int, hidden: int) -> dict:
     out = base / f"hand-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
            "benchmarks/handwritten_ddp.py", "--steps", str(steps), "--warm", str(WARM), "--hidden", str(hidden),
            "--gbs", str(GBS), "--out", str(out)]  # fmt: skip
     t0 = time.time()

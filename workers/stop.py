@@ -1,7 +1,8 @@
 """The stop flag: signals only set it (no collective, no I/O in a handler). Torch-free, so a worker installs it
 first thing, before the slow imports.
 
-Two kinds of request, agreed across ranks as the larger of the two codes (see Trainer._agree_on_stop):
+Two kinds of request, agreed across ranks as the larger of the two codes (see trainer.StopAgreement; "the next
+step boundary" below means the first or second boundary after the signal, the same step on every rank):
 
 - ``STOP`` (SIGTERM, SIGINT): save at the next step boundary and exit 0;
 - ``PREEMPT`` (SIGUSR1, SIGUSR2: SLURM's notice before a preemption or the time limit): save at the next step

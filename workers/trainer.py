@@ -203,6 +203,7 @@ class Trainer:
         self.tracker = Tracker(self.cfg, self.ctx.is_main)
         self.reporter = Reporter(self.cfg, self.ctx, self.tracker, self.step)
         recorder = IndexRecorder(self.run_dir, self.ctx, self.step) if self.cfg.data.record_indices else None
+        agreement = StopAgreement(self.ctx, self.stop)
         batches = self._batches()
         log.info(
             "training steps %d..%d on %s (%s, %s): world size %d, %d samples/rank/step in %d micro-batch(es) of %d",
@@ -225,7 +226,7 @@ class Trainer:
             self.step += 1
             lr = self.scheduler.get_last_lr()[0]
             self.reporter.step(self.step, StepStats(loss, grad_norm, lr, time.perf_counter() - t0, data_wait))
-            stopped = self._agree_on_stop()
+            stopped = agreement.poll()
             last = stopped or self.step == self.cfg.train.max_steps
             if last or self.step % self.cfg.train.checkpoint_every == 0:
                 self.heartbeat.update(self.step, "checkpoint")
@@ -238,6 +239,7 @@ class Trainer:
                     self.step,
                 )
                 break
+        agreement.close()
         self.heartbeat.update(self.step, "done")
         return FitResult(self.step, stopped_early=bool(stopped), stop_reason=REASONS[stopped])
 
@@ -280,14 +282,6 @@ class Trainer:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
 
-    def _agree_on_stop(self) -> int:
-        """All ranks learn the strongest stop request of any rank: NONE, STOP or PREEMPT (one tiny all-reduce
-        per step). Must be called on all ranks."""
-        flag = torch.tensor([float(self.stop.code)], device=self.ctx.device)
-        if self.ctx.world_size > 1 and self.ctx.distributed:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())
-
     def save(self, blocking: bool = True) -> Path:
         """Collective checkpoint of the current step. Must be called on all ranks.
 
@@ -317,6 +311,40 @@ class Trainer:
         log.info("checkpoint %s %s; training blocked %.3f s", folder.name, done, blocked)
         self.reporter.note(ckpt_blocked_s=round(blocked, 6), ckpt_save_s=round(self.ckpt.last_commit_s, 6))
         return folder
+
+
+class StopAgreement:
+    """All ranks learn the strongest stop request of any rank (NONE, STOP or PREEMPT) at the same step, without
+    stalling the loop: each step starts a one-element MAX all-reduce of this rank's request and acts on the one
+    started a step earlier, which has finished in the background meanwhile. A signal is thus acted on at the first
+    or second step boundary after it arrives — identically on every rank, and always after a completed step, so
+    nothing is lost. On GPUs the flag travels over a gloo side group on the CPU: no device sync per step.
+
+    ``poll`` must be called on all ranks once per step, ``close`` on all ranks after the loop.
+    """
+
+    def __init__(self, ctx: DistContext, stop: StopFlag) -> None:
+        self.ctx, self.stop = ctx, stop
+        self.active = ctx.distributed and ctx.world_size > 1
+        # new_group is itself collective: every rank builds its StopAgreement at the same point of the loop setup.
+        self.group = torch.distributed.new_group(backend="gloo") if self.active and ctx.backend != "gloo" else None
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def poll(self) -> int:
+        if not self.active:
+            return self.stop.code
+        flag = torch.tensor([float(self.stop.code)])
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
+        previous, self.pending = self.pending, (work, flag)
+        if previous is None:
+            return NONE
+        previous[0].wait()
+        return int(previous[1].item())
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
 
 
 class IndexRecorder:
