@@ -31,6 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 GBS, WARM = 64, 10
 
 
+def _run(cmd: list[str]) -> None:
+    """Run to the end; one retry (torchrun's standalone rendezvous now and then fails to start on a busy box)."""
+    for attempt in (1, 2):
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            return
+        print(f"failed (attempt {attempt}): {' '.join(cmd[1:4])}: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+    raise RuntimeError(f"{cmd} failed twice")
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -44,7 +54,7 @@ def ours(base: Path, nproc: int, steps: int, hidden: int, extra: list[str]) -> d
            f"run.dir={run}", f"train.max_steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=10",
            f"task.args.hidden={hidden}", "tracking.mode=disabled", *extra]  # fmt: skip
     t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, capture_output=True)
+    _run(cmd)
     t_exit = time.time()
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     return _times(t0, rows[1]["time"], rows[WARM]["time"], rows[steps]["time"], t_exit, steps)
@@ -56,7 +66,7 @@ def handwritten(base: Path, nproc: int, steps: int, hidden: int) -> dict:
            "benchmarks/handwritten_ddp.py", "--steps", str(steps), "--warm", str(WARM), "--hidden", str(hidden),
            "--gbs", str(GBS), "--out", str(out)]  # fmt: skip
     t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, capture_output=True)
+    _run(cmd)
     t_exit = time.time()
     t = json.loads(out.read_text())
     return _times(t0, t["first"], t["warm"], t["end"], t_exit, steps)

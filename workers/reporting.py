@@ -18,7 +18,7 @@ from workers.dist import DistContext
 from workers.tracking import Tracker
 
 log = logging.getLogger("workers.trainer")
-_PER_RANK = ("cpu_percent", "rss_mb", "cuda_max_mem_mb")
+_PER_RANK = ("cpu_percent", "rss_mb", "cuda_max_mem_mb", "step_time_ms")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Reporter:
         self.progress = Progress(self.max_steps, start_step) if ctx.is_main and sys.stderr.isatty() else None
         self.last_loss = float("nan")
         self.logging_s = self.gather_s = 0.0  # cumulative time in log steps: sinks + console / the all-gather
+        self.slowest_step_s = 0.0  # the slowest rank's mean step time in the last log window (same on all ranks)
 
     def note(self, **values: float) -> None:
         """Values to put in the next logged row (e.g. checkpoint times)."""
@@ -71,10 +72,10 @@ class Reporter:
         if step % self.every and step not in (1, self.max_steps):
             return
         t_log = time.perf_counter()
-        loss, per_rank = self._gather(stats.loss)
+        steps = max(1, step - self.window_step)
+        loss, per_rank = self._gather(stats.loss, self.step_time / steps)
         t_gathered = time.perf_counter()
         now = time.perf_counter()
-        steps = max(1, step - self.window_step)
         row = {
             "loss": loss, "lr": stats.lr, "samples_per_s": round(self._rate(step, now), 2),
             "step_time_s": round(self.step_time / steps, 6), "data_wait_s": round(self.data_wait / steps, 6),
@@ -108,11 +109,14 @@ class Reporter:
         elapsed = (now or time.perf_counter()) - self.window_start
         return (step - self.window_step) * self.gbs / max(elapsed, 1e-9)
 
-    def _gather(self, loss: torch.Tensor) -> tuple[float, dict[str, float]]:
-        """One all-gather of [loss, cpu %, RSS MB, CUDA peak MB] from every rank. Collective."""
+    def _gather(self, loss: torch.Tensor, step_time_s: float) -> tuple[float, dict[str, float]]:
+        """One all-gather of [loss, cpu %, RSS MB, CUDA peak MB, step ms] from every rank. Collective.
+
+        Also sets ``slowest_step_s``, the same on every rank (it paces the stop agreement)."""
         mine = torch.tensor(
             [float(loss), self.proc.cpu_percent(None), self.proc.memory_info().rss / 2**20,
-             torch.cuda.max_memory_allocated(self.ctx.device) / 2**20 if self.ctx.device.type == "cuda" else 0.0],
+             torch.cuda.max_memory_allocated(self.ctx.device) / 2**20 if self.ctx.device.type == "cuda" else 0.0,
+             1000 * step_time_s],
             dtype=torch.float64, device=self.ctx.device,
         )  # fmt: skip
         rows = [mine]
@@ -120,6 +124,7 @@ class Reporter:
             rows = [torch.empty_like(mine) for _ in range(self.ctx.world_size)]
             torch.distributed.all_gather(rows, mine)
         table = torch.stack(rows).cpu()
+        self.slowest_step_s = float(table[:, 4].max()) / 1000
         per_rank = {}
         for rank, values in enumerate(table.tolist()):
             for name, value in zip(_PER_RANK, values[1:], strict=True):
