@@ -6,7 +6,7 @@
   ``orchestrator launch`` vs ``torchrun`` running the hand-written loop (goal ≤ torchrun);
 - scaling: our samples/s at world sizes 1 and 2 on this machine.
 
-    python benchmarks/loop_bench.py [--repeats 5] [--steps 1000] [--out benchmarks/results/loop.json]
+    python benchmarks/loop_bench.py [--repeats 3] [--steps 3000] [--out benchmarks/results/loop.json]
 
 Throughput is measured the same way for both: wall-clock time between the end of step ``warm`` (10) and the end
 of the last step, as each run records it itself (our metrics.jsonl rows carry ``time``; the hand-written loop
@@ -90,8 +90,8 @@ def summarize(values: list[float], digits: int = 3) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--launch-steps", type=int, default=20, help="steps of the launch-latency runs")
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loop.json")

@@ -2,10 +2,9 @@
 
 Each trial launches the quickstart on 2 gloo workers with ``launch.max_restarts=1`` and a metrics row every step,
 waits until step 50, SIGKILLs rank 1 (its pid from its heartbeat file) and reads back from the run's own files:
-- kill → failure seen and group torn down + restarted: the launcher's detection, SIGTERM/SIGKILL of the other
-  rank, and the spawn of the new group (up to the restarted rank 0's first metrics row, split by its log);
-- the total, kill → first completed step of the restarted group;
-- the steps redone: the last step the first group logged minus the checkpoint step it resumed from.
+- kill → the restarted group's first step beyond those already logged (the launcher's detection, teardown of the
+  other rank, spawn of the new group, checkpoint load, and the steps redone since that checkpoint);
+- the steps redone: the last step the first group logged minus the checkpoint step the restart resumed from.
 
     python benchmarks/recovery_bench.py [--trials 5] [--out benchmarks/results/recovery.json]
 """
@@ -16,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -61,6 +61,9 @@ def trial(base: Path, i: int, every: int) -> dict:
         first = _wait(lambda: next((r for r in _rows(run / "metrics.jsonl") if r.get("restarts") == 1), None),
                       120, "the restarted group's first step")  # fmt: skip
         last_before = max(r["step"] for r in _rows(run / "metrics.jsonl") if r.get("restarts") == 0)
+        # metrics.jsonl does not repeat steps it already has: where the restart resumed is in rank 0's log
+        resumed = [ln for ln in (run / "logs" / "rank-0.log").read_text().splitlines() if "resumed from" in ln]
+        resumed_at = int(re.search(r"step-(\d{8})", resumed[-1]).group(1))
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # graceful stop of the restarted group, then make sure
         try:
@@ -71,8 +74,8 @@ def trial(base: Path, i: int, every: int) -> dict:
     return {
         "kill_to_first_step_s": first["time"] - t_kill,
         "last_step_before": last_before,
-        "resumed_at": first["step"] - 1,
-        "steps_redone": last_before - (first["step"] - 1),
+        "resumed_at": resumed_at,
+        "steps_redone": last_before - resumed_at,
     }
 
 

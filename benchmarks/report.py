@@ -31,7 +31,7 @@ def _missing(title: str, command: str) -> str:
 def loop_section(r: dict | None) -> tuple[str, list[str]]:
     title, cmd = (
         "Step overhead, launch latency, scaling: vs a hand-written DDP loop and torchrun",
-        ("python benchmarks/loop_bench.py --repeats 5 --steps 1000"),
+        ("python benchmarks/loop_bench.py --repeats 3 --steps 3000"),
     )
     if r is None:
         return _missing(title, cmd), []

@@ -1,6 +1,6 @@
 """Run every benchmark on this machine, write ``benchmarks/results/*.json``, then render BENCHMARKS.md.
 
-    python benchmarks/run_all.py            # everything (about 40 minutes on 2 cores, chaos included)
+    python benchmarks/run_all.py            # everything (about 30 minutes on 2 cores, chaos included)
     python benchmarks/run_all.py --only loop checkpoint    # some of them, then the report
     python benchmarks/run_all.py --quick    # fewer repeats and trials, for a first look
 
@@ -24,7 +24,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def commands(quick: bool) -> dict[str, list[str]]:
     py = sys.executable
     return {
-        "loop": [py, "benchmarks/loop_bench.py", "--repeats", "2" if quick else "5",
+        "loop": [py, "benchmarks/loop_bench.py", "--repeats", "2" if quick else "3",
                  "--out", str(RESULTS / "loop.json")],
         "checkpoint": [py, "benchmarks/checkpoint_bench.py", "--repeats", "1" if quick else "3",
                        "--out", str(RESULTS / "checkpoint.json")],
