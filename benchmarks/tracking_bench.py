@@ -1,7 +1,8 @@
 """What tracking costs per step: no logging vs metrics.jsonl only vs metrics.jsonl + wandb (offline), at the
 default log interval (train.log_every=10), 2 gloo workers, interleaved repeats.
 
-    python benchmarks/tracking_bench.py [--repeats 3] [--steps 1500] [--out benchmarks/results/tracking.json]
+    python benchmarks/tracking_bench.py [--repeats 3] [--steps 1500] [--hidden 64 512 2048] [--large-steps 300]
+        [--out benchmarks/results/tracking.json]
 
 Throughput is taken from the run's own clock: (steps between two log points) / (time between them), which
 includes everything the loop does, logging included; the first window (start-up) is dropped. "No logging" runs
@@ -62,7 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 512, 2048])
+    parser.add_argument(
+        "--large-steps", type=int, default=300, help="steps for models wider than 512 (~60 ms steps at 2048)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     results = []
@@ -73,7 +77,8 @@ def main() -> None:
             gathers: dict[str, list[float]] = {m: [] for m in MODES}
             for _ in range(args.repeats):  # interleaved
                 for name, overrides in MODES.items():
-                    rate, share, gather = run_once(Path(tmp), name, overrides, args.steps, hidden)
+                    steps = args.steps if hidden <= 512 else args.large_steps
+                    rate, share, gather = run_once(Path(tmp), name, overrides, steps, hidden)
                     rates[name].append(rate)
                     direct[name].append(share)
                     gathers[name].append(gather)
