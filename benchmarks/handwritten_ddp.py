@@ -7,6 +7,7 @@ do); no checkpoints, no resume, no fault handling. Run it with torchrun:
     torchrun --nproc-per-node 2 benchmarks/handwritten_ddp.py --steps 1000 --out times.json
 
 Rank 0 writes wall-clock times (``time.time()``) of the first, the ``--warm``-th and the last step to ``--out``.
+``--device cuda --bf16`` runs it on GPUs (NCCL, bf16 autocast) for scripts/gpu_check.py's benchmark.
 """
 
 import argparse
@@ -27,28 +28,38 @@ p.add_argument("--steps", type=int, default=1000)
 p.add_argument("--warm", type=int, default=10)
 p.add_argument("--hidden", type=int, default=64)
 p.add_argument("--gbs", type=int, default=64)
+p.add_argument("--samples", type=int, default=4096, help="dataset size (the quickstart's task.args.n)")
 p.add_argument("--out", required=True)
+p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+p.add_argument("--bf16", action="store_true", help="forward under bf16 autocast")
 args = p.parse_args()
 
-dist.init_process_group("gloo")
+dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
+device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if args.device == "cuda" else torch.device("cpu")
+if device.type == "cuda":
+    torch.cuda.set_device(device)
 torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
 torch.manual_seed(0)
-task = build(hidden=args.hidden)
-model = DDP(task.model)
+task = build(n=args.samples, hidden=args.hidden)
+model = DDP(task.model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 warmup = 20
 sched = torch.optim.lr_scheduler.LambdaLR(
     opt, lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps))
 )
 sampler = DistributedSampler(task.dataset, seed=0, drop_last=True)
-loader = DataLoader(task.dataset, batch_size=args.gbs // world, sampler=sampler, drop_last=True)
+loader = DataLoader(
+    task.dataset, batch_size=args.gbs // world, sampler=sampler, drop_last=True, pin_memory=device.type == "cuda"
+)
 
 times, step, epoch = {}, 0, 0
 while step < args.steps:
     sampler.set_epoch(epoch)
-    for x, y in loader:
-        loss = torch.nn.functional.mse_loss(model(x), y)
+    for xb, yb in loader:
+        x, y = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = torch.nn.functional.mse_loss(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,11 +1,15 @@
 """GPU paths that the CPU test suite cannot reach: NCCL at world size 1, CUDA placement, bf16 and fp16 (GradScaler)
-steps, checkpoint save and a bitwise resume on the GPU. Prints a table; exit code 1 if any check fails.
+steps, checkpoint save and a bitwise resume on the GPU; then a GPU benchmark (our loop vs the hand-written DDP loop
+in bf16 on one GPU, and checkpoint blocked time sync vs async with pinned memory). Prints a table; exit code 1 if any
+check fails.
 
 Run with scripts/gpu_check.sh on a machine with at least one CUDA GPU.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -108,8 +112,62 @@ def main() -> int:
             proc = launch(async_run, f"train.precision={precision}", "train.async_checkpoint=true")
             same = proc.returncode == 0 and equal(load(async_run, 10, "model.pt"), load(run, 10, "model.pt"))
             check("bf16: async (pinned) checkpoint = sync", same, f"exit {proc.returncode}")
+    benchmark(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     return report()
+
+
+# A GPU-sized step for the benchmark: the quickstart MLP at width 8192 (~67 M parameters) in bf16, batch 4096.
+BENCH = ["task.args.hidden=8192", "task.args.n=65536", "data.global_batch_size=4096", "train.precision=bf16",
+         "train.max_steps=300", "train.log_every=10", "train.deterministic=false"]  # fmt: skip
+
+
+def _ours(run: Path, *extra: str) -> tuple[float, subprocess.CompletedProcess]:
+    proc = launch(run, *BENCH, *extra)
+    if proc.returncode:
+        return 0.0, proc
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    return (300 - 10) * 4096 / (rows[300]["time"] - rows[10]["time"]), proc
+
+
+def _handwritten(out: Path) -> float:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone",
+           "benchmarks/handwritten_ddp.py", "--device", "cuda", "--bf16", "--hidden", "8192", "--samples", "65536",
+           "--gbs", "4096", "--steps", "300", "--warm", "10", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    if proc.returncode:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return 0.0
+    t = json.loads(out.read_text())
+    return (300 - 10) * 4096 / (t["end"] - t["warm"])
+
+
+def _blocked(stderr: str) -> list[float]:
+    return [float(m) for m in re.findall(r"checkpoint step-\d+ [a-z, ]+; training blocked ([0-9.]+) s", stderr)]
+
+
+def benchmark(tmp: Path) -> None:
+    """Our loop vs the hand-written DDP loop on one GPU (bf16), 2 interleaved pairs; then checkpoint blocked time,
+    sync vs async (pinned host copy), for the same ~67 M-parameter model (+ AdamW state: ~800 MB)."""
+    ratios = []
+    for i in range(2):
+        ours, proc = _ours(tmp / f"bench-ours-{i}", "train.checkpoint_every=1000")
+        hand = _handwritten(tmp / f"bench-hand-{i}.json")
+        if ours and hand:
+            ratios.append((ours, hand))
+        elif proc.returncode:
+            print(proc.stderr[-2000:], file=sys.stderr)
+    detail = "; ".join(f"{o:.0f} vs {h:.0f} samples/s = {o / h:.3f}" for o, h in ratios) or "did not run"
+    check("bench: bf16 throughput, ours / hand-written", bool(ratios), detail)
+    blocked = {}
+    for mode in ("false", "true"):
+        _, proc = _ours(tmp / f"bench-ckpt-{mode}", "train.checkpoint_every=100", f"train.async_checkpoint={mode}")
+        blocked[mode] = _blocked(proc.stderr)[:2]  # the periodic saves at steps 100 and 200 (the final is sync)
+    check(
+        "bench: checkpoint blocked s, sync vs async",
+        all(blocked.values()),
+        f"sync {blocked['false']} vs async (pinned) {blocked['true']}",
+    )
 
 
 def report() -> int:
