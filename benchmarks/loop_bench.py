@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--launch-steps", type=int, default=20, help="steps of the launch-latency runs")
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loop.json")
+    parser.add_argument(
+        "--sections", nargs="+", default=["overhead", "launch", "scaling"], help="rerun some; others kept from --out"
+    )
     args = parser.parse_args()
     result: dict = {
         "benchmark": "loop",
@@ -103,9 +106,14 @@ def main() -> None:
         "step_overhead": [],
         "scaling": [],
     }
+    if args.out.exists() and set(args.sections) != {"overhead", "launch", "scaling"}:
+        kept = json.loads(args.out.read_text())
+        result.update({k: kept[k] for k in ("step_overhead", "launch", "scaling") if k in kept})
     with tempfile.TemporaryDirectory(prefix="loop-bench-") as tmp:
         base = Path(tmp)
-        for hidden in args.hidden:
+        for hidden in args.hidden if "overhead" in args.sections else []:
+            if hidden == args.hidden[0]:
+                result["step_overhead"] = []
             pairs = [(ours(base, 2, args.steps, hidden, []), handwritten(base, 2, args.steps, hidden))
                      for _ in range(args.repeats)]  # fmt: skip
             ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in pairs]
@@ -117,16 +125,19 @@ def main() -> None:
             })  # fmt: skip
             print(json.dumps(result["step_overhead"][-1]), flush=True)
         launches = [(ours(base, 2, args.launch_steps, 64, []), handwritten(base, 2, args.launch_steps, 64))
-                    for _ in range(args.repeats)]  # fmt: skip
-        result["launch"] = {
-            "steps": args.launch_steps,
-            **{f"ours_{k}": summarize([a[k] for a, _ in launches]) for k in ("to_first_step_s", "to_exit_s")},
-            **{f"torchrun_{k}": summarize([b[k] for _, b in launches]) for k in ("to_first_step_s", "to_exit_s")},
-        }
-        first = statistics.median([a["to_first_step_s"] - b["to_first_step_s"] for a, b in launches])
-        result["launch"]["met"] = first <= 0
-        print(json.dumps(result["launch"]), flush=True)
-        for hidden in args.hidden:
+                    for _ in range(args.repeats if "launch" in args.sections else 0)]  # fmt: skip
+        if launches:
+            first = statistics.median([a["to_first_step_s"] - b["to_first_step_s"] for a, b in launches])
+            result["launch"] = {
+                "steps": args.launch_steps,
+                **{f"ours_{k}": summarize([a[k] for a, _ in launches]) for k in ("to_first_step_s", "to_exit_s")},
+                **{f"torchrun_{k}": summarize([b[k] for _, b in launches]) for k in ("to_first_step_s", "to_exit_s")},
+                "met": first <= 0,
+            }
+            print(json.dumps(result["launch"]), flush=True)
+        if "scaling" in args.sections:
+            result["scaling"] = []
+        for hidden in args.hidden if "scaling" in args.sections else []:
             runs: dict[int, list[float]] = {1: [], 2: []}
             for _ in range(args.repeats):  # interleaved
                 for ws, rates in runs.items():

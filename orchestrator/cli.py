@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from workers.config import Config, ConfigError, load_config
 from workers.entry import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from orchestrator.launcher import PrestartedGroup
 
 log = logging.getLogger("orchestrator")
 
@@ -81,17 +85,25 @@ def _setup_console_logging() -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    from orchestrator.launcher import PrestartedGroup  # noqa: PLC0415
     from workers.entry import lock_run_dir, preflight, save_resolved_config  # noqa: PLC0415
 
     overrides = list(args.overrides) + ([f"launch.nproc={args.nproc}"] if args.nproc is not None else [])
     cfg = load_config(args.config, overrides)  # config errors surface here, before torch is imported
-    preflight(cfg, cfg.launch.nproc)
-    _check_devices(cfg)
-    lock = lock_run_dir(cfg)  # held until the launch (restarts included) is over
+    # The workers start now and import torch while the checks below run (they wait at a gate, writing nothing):
+    # the two slow imports overlap instead of following each other.
+    group = PrestartedGroup(cfg)
+    try:
+        preflight(cfg, cfg.launch.nproc)
+        _check_devices(cfg)
+        lock = lock_run_dir(cfg)  # held until the launch (restarts included) is over
+    except BaseException:
+        group.abort()
+        raise
     try:
         save_resolved_config(cfg)
         _setup_console_logging()
-        return _launch_with_restarts(cfg)
+        return _launch_with_restarts(cfg, group)
     finally:
         lock.release()
 
@@ -162,10 +174,10 @@ def _check_devices(cfg: Config) -> None:
     check_precision(cfg.train.precision, "cuda" if cuda else "cpu")
 
 
-def _launch_with_restarts(cfg: Config) -> int:
+def _launch_with_restarts(cfg: Config, group: PrestartedGroup) -> int:
     from orchestrator.launcher import LocalLauncher, SignalRelay  # noqa: PLC0415
 
-    restarts = 0
+    restarts, prestarted = 0, group
     # One signal relay for all attempts: a Ctrl-C during a teardown or between attempts still means "stop".
     with SignalRelay() as relay:
         while True:
@@ -175,7 +187,8 @@ def _launch_with_restarts(cfg: Config) -> int:
                 cfg.run.dir,
                 f" (restart {restarts}/{cfg.launch.max_restarts})" if restarts else "",
             )
-            result = LocalLauncher(cfg, cfg.launch.nproc, attempt=restarts).run(relay)
+            result = LocalLauncher(cfg, cfg.launch.nproc, attempt=restarts).run(relay, prestarted)
+            prestarted = None  # restarts spawn afresh
             if result.ok:
                 log.info("run finished: %s", cfg.run.dir)
                 return EXIT_OK

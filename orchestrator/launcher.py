@@ -1,4 +1,4 @@
-"""Local launcher: spawn N workers with torch.multiprocessing, supervise them, report per-rank outcomes.
+"""Local launcher: spawn N workers (multiprocessing, spawn), supervise them, report per-rank outcomes.
 
 Failures are data: every rank ends as a :class:`RankOutcome` (exit code, signal, error record); the first rank
 to fail is the root cause. If one worker fails, the others are torn down (SIGTERM, grace period, SIGKILL of each
@@ -205,6 +205,50 @@ class HangWatch:
         )
 
 
+def _spawn(cfg: Config, nproc: int, attempt: int, gate: Any = None) -> list:
+    """Start ``nproc`` worker processes (spawn: a fresh interpreter each; no torch needed here to do it)."""
+    from workers.entry import spawned_worker  # noqa: PLC0415
+
+    ctx = multiprocessing.get_context("spawn")
+    port, logs, procs = free_port(), str(cfg.run_dir / "logs"), []
+    try:
+        for rank in range(nproc):
+            args = (cfg.to_dict(), rank, nproc, port, logs, os.getpid(), attempt, gate)
+            proc = ctx.Process(target=spawned_worker, name=f"worker-{rank}", args=args)
+            proc.start()
+            procs.append(proc)
+    except BaseException:
+        kill_tree([p.pid for p in procs if p.is_alive()], 0.0)
+        raise
+    return procs
+
+
+class PrestartedGroup:
+    """The first group of a launch, started before the launcher's own checks (config, task import, resume,
+    devices) are done: the workers import torch and the trainer meanwhile — the slow part of a start — then wait
+    at a gate, having written nothing. ``go`` lets them train; ``abort`` (the checks failed) ends them."""
+
+    def __init__(self, cfg: Config) -> None:
+        from workers.entry import GATE_WAIT  # noqa: PLC0415
+
+        self.gate = multiprocessing.get_context("spawn").Value("i", GATE_WAIT)
+        self.procs = _spawn(cfg, cfg.launch.nproc, 0, self.gate)
+
+    def go(self) -> list:
+        from workers.entry import GATE_GO  # noqa: PLC0415
+
+        self.gate.value = GATE_GO
+        return self.procs
+
+    def abort(self) -> None:
+        from workers.entry import GATE_ABORT  # noqa: PLC0415
+
+        self.gate.value = GATE_ABORT
+        kill_tree([p.pid for p in self.procs if p.is_alive()], 0.0)  # mid-import: no need to wait for them
+        for proc in self.procs:
+            proc.join(timeout=5)
+
+
 class LocalLauncher:
     """Spawns and supervises one group of ``nproc`` workers on this machine.
 
@@ -215,28 +259,19 @@ class LocalLauncher:
         self.cfg, self.nproc, self.attempt = cfg, nproc, attempt
         self.logs = cfg.run_dir / "logs"
 
-    def run(self, relay: SignalRelay | None = None) -> RunResult:
-        """Start the group and supervise it to the end. Always tears the group down before returning.
+    def run(self, relay: SignalRelay | None = None, prestarted: PrestartedGroup | None = None) -> RunResult:
+        """Start the group (or let a prestarted one through its gate) and supervise it to the end. Always tears
+        the group down before returning.
 
         ``relay``: the launcher's signal handling, when the caller holds it across several attempts.
         """
-        import torch.multiprocessing as mp  # noqa: PLC0415 - torch loads only once a launch is certain
-
-        from workers.entry import spawned_worker  # noqa: PLC0415
-
         self.logs.mkdir(parents=True, exist_ok=True)
         for stale in [*self.logs.glob("error-rank-*.json"), *self.logs.glob("heartbeat-rank-*.json")]:
             stale.unlink(missing_ok=True)
-        ctx = mp.get_context("spawn")
-        port = free_port()
-        procs = []
+        procs: list = []
         with contextlib.nullcontext(relay) if relay else SignalRelay() as active:
             try:
-                for rank in range(self.nproc):
-                    args = (self.cfg.to_dict(), rank, self.nproc, port, str(self.logs), os.getpid(), self.attempt)
-                    proc = ctx.Process(target=spawned_worker, name=f"worker-{rank}", args=args)
-                    proc.start()
-                    procs.append(proc)
+                procs = prestarted.go() if prestarted else _spawn(self.cfg, self.nproc, self.attempt)
                 return self._supervise(procs, active)
             finally:
                 kill_tree([p.pid for p in procs if p.is_alive()], self.cfg.launch.grace_period_s)

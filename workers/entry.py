@@ -209,14 +209,31 @@ def _die_with_parent() -> None:
         pass
 
 
+GATE_WAIT, GATE_GO, GATE_ABORT = 0, 1, 2
+
+
 def spawned_worker(
-    cfg_dict: dict[str, Any], rank: int, world_size: int, port: int, logs_dir: str, launcher_pid: int, attempt: int
+    cfg_dict: dict[str, Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    logs_dir: str,
+    launcher_pid: int,
+    attempt: int,
+    gate: Any = None,
 ) -> None:
-    """Entry of a worker started by the local launcher (picklable: module-level)."""
+    """Entry of a worker started by the local launcher (picklable: module-level).
+
+    ``gate`` (a shared int, for the first group of a launch): the worker does its slow imports while the launcher
+    is still checking the run, then waits for GATE_GO before touching anything; GATE_ABORT (the checks failed) or
+    a dead launcher end it without a trace.
+    """
     stop = StopFlag().install()  # first: a stop request during start-up is then a graceful one
     _die_with_parent()
     if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
         os._exit(EXIT_FAILED)
+    if gate is not None and not _pass_gate(gate, launcher_pid):
+        os._exit(EXIT_OK)
     os.environ.update({
         "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -225,6 +242,19 @@ def spawned_worker(
         HEARTBEAT_DIR_ENV: logs_dir,
     })  # fmt: skip
     exit_now(run_worker(config_from_dict(cfg_dict), stop))
+
+
+def _pass_gate(gate: Any, launcher_pid: int) -> bool:
+    """Import what training needs (the slow part of a start), then wait for the launcher's verdict."""
+    import torch  # noqa: F401, PLC0415 - warm the imports while the launcher checks the run
+
+    import workers.trainer  # noqa: F401, PLC0415
+
+    while gate.value == GATE_WAIT:
+        if os.getppid() != launcher_pid:
+            return False
+        time.sleep(0.005)
+    return gate.value == GATE_GO
 
 
 def exit_now(code: int) -> typing.NoReturn:
