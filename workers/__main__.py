@@ -2,4 +2,5 @@
 
 from workers.entry import exit_now, main
 
-exit_now(main())
+if __name__ == "__main__":  # not when a spawned helper re-imports the main module
+    exit_now(main())

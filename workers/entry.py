@@ -10,12 +10,10 @@ the file named by ``ORCH_ERROR_FILE`` (when set) and exits 1 (2 for a config err
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import re
-import signal
 import sys
 import time
 import traceback
@@ -35,7 +33,7 @@ from workers.config import (
 )
 from workers.fsutil import RunDirLock, atomic_write
 from workers.heartbeat import HEARTBEAT_DIR_ENV
-from workers.stop import StopFlag
+from workers.stop import StopFlag, die_with_parent
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ERROR_FILE_ENV = "ORCH_ERROR_FILE"
@@ -199,16 +197,6 @@ def _slurm_error_file(cfg: Config, rank: int) -> None:
     path.unlink(missing_ok=True)
 
 
-def _die_with_parent() -> None:
-    """Linux: ask the kernel to SIGKILL this worker when the launcher dies (even by SIGKILL)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except OSError:
-        pass
-
-
 GATE_WAIT, GATE_GO, GATE_ABORT = 0, 1, 2
 
 
@@ -229,7 +217,7 @@ def spawned_worker(
     a dead launcher end it without a trace.
     """
     stop = StopFlag().install()  # first: a stop request during start-up is then a graceful one
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
         os._exit(EXIT_FAILED)
     if gate is not None and not _pass_gate(gate, launcher_pid):

@@ -1,5 +1,6 @@
-"""Per-step reporting: metrics at log steps (one small all-gather, no per-step collective or host sync), a
-progress bar on rank 0's terminal, plain log lines when the output is not a terminal."""
+"""Per-step reporting: metrics at log steps (gathered in the background with the stop check, workers.stepsync;
+no per-step collective or host sync), a progress bar on rank 0's terminal, plain log lines when the output is not
+a terminal."""
 
 from __future__ import annotations
 
@@ -44,7 +45,13 @@ def _restart_counts(cfg: Config, ctx: DistContext) -> dict[str, float]:
 
 
 class Reporter:
-    """Called every step on every rank; does real work only at log steps (a collective then, on all ranks)."""
+    """Called every step on every rank; does real work only at log steps.
+
+    At a log step each rank reads its values (loss, CPU %, RSS, CUDA peak, step time) and hands them to the
+    step sync, which gathers them with the stop check in one background collective (workers.stepsync); the row
+    is completed when that exchange has finished — a step or a few later, never waited for — and rank 0 writes
+    it. No host sync and no collective of its own: on GPUs reading the loss is the one host sync, at log steps.
+    """
 
     def __init__(self, cfg: Config, ctx: DistContext, tracker: Tracker, start_step: int) -> None:
         self.cfg, self.ctx, self.tracker = cfg, ctx, tracker
@@ -57,80 +64,79 @@ class Reporter:
         self.extra: dict[str, float] = _restart_counts(cfg, ctx)
         self.progress = Progress(self.max_steps, start_step) if ctx.is_main and sys.stderr.isatty() else None
         self.last_loss = float("nan")
-        self.logging_s = self.gather_s = 0.0  # cumulative time in log steps: sinks + console / the all-gather
-        self.slowest_step_s = 0.0  # the slowest rank's mean step time in the last log window (same on all ranks)
+        self.partial: dict[int, tuple[dict[str, float], torch.Tensor | None]] = {}  # log rows awaiting their table
+        self.logging_s = 0.0  # cumulative time this rank spent on logging (values, rows, sinks, console)
+
+    def is_log_step(self, step: int) -> bool:
+        """The same on every rank: every ``log_every`` steps, and the first and last step."""
+        return step % self.every == 0 or step in (1, self.max_steps)
 
     def note(self, **values: float) -> None:
         """Values to put in the next logged row (e.g. checkpoint times)."""
         self.extra.update(values)
 
-    def step(self, step: int, stats: StepStats) -> None:
+    def step(self, step: int, stats: StepStats) -> torch.Tensor | None:
+        """Account one step; at a log step return this rank's log values for the step sync to gather."""
         self.data_wait += stats.data_wait_s
         self.step_time += stats.step_time_s
         if self.progress:
             self.progress.update(step, self._rate(step), self.last_loss)
-        if step % self.every and step not in (1, self.max_steps):
-            return
-        t_log = time.perf_counter()
+        if not self.is_log_step(step):
+            return None
+        t0 = time.perf_counter()
         steps = max(1, step - self.window_step)
-        loss, per_rank = self._gather(stats.loss, self.step_time / steps)
-        t_gathered = time.perf_counter()
-        now = time.perf_counter()
         row = {
-            "loss": loss, "lr": stats.lr, "samples_per_s": round(self._rate(step, now), 2),
+            "lr": stats.lr, "samples_per_s": round(self._rate(step, t0), 2),
             "step_time_s": round(self.step_time / steps, 6), "data_wait_s": round(self.data_wait / steps, 6),
             "world_size": self.ctx.world_size, "logging_s_total": round(self.logging_s, 6),
-            "gather_s_total": round(self.gather_s, 6), "time": round(time.time(), 3), **self.extra,
-            **per_rank,
+            "time": round(time.time(), 3), **self.extra,
         }  # fmt: skip
-        if stats.grad_norm is not None:
-            row["grad_norm"] = float(stats.grad_norm)
-        self.window_start, self.window_step, self.data_wait, self.step_time = now, step, 0.0, 0.0
-        self.last_loss = loss
+        self.partial[step] = (row, stats.grad_norm)
+        values = torch.tensor(
+            [float(stats.loss), self.proc.cpu_percent(None), self.proc.memory_info().rss / 2**20,
+             torch.cuda.max_memory_allocated(self.ctx.device) / 2**20 if self.ctx.device.type == "cuda" else 0.0,
+             1000 * self.step_time / steps],
+            dtype=torch.float64,
+        )  # fmt: skip
+        self.window_start, self.window_step, self.data_wait, self.step_time = t0, step, 0.0, 0.0
+        self.logging_s += time.perf_counter() - t0
+        return values
+
+    def complete(self, step: int, table: torch.Tensor) -> None:
+        """The gathered values of log step ``step`` (world_size × 5) arrived: finish its row; rank 0 writes it."""
+        t0 = time.perf_counter()
+        row, grad_norm = self.partial.pop(step)
+        row = {"loss": float(table[:, 0].mean()), **row, **self._per_rank(table)}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        self.last_loss = row["loss"]
         if self.ctx.is_main:
-            self.tracker.log(step, row)
-            if not self.progress:
-                log.info(
-                    "step %d/%d loss %.5f lr %.2e %.0f samples/s",
-                    step,
-                    self.max_steps,
-                    loss,
-                    stats.lr,
-                    row["samples_per_s"],
-                )
-        # What logging cost rank 0, reported in the next row: the all-gather (mostly waiting for the slowest
-        # rank, a wait the next gradient all-reduce would have had anyway) and the rest (sinks, console).
-        self.gather_s += t_gathered - t_log
-        self.logging_s += time.perf_counter() - t_gathered
-        if self.progress and step == self.max_steps:
-            self.progress.close()
+            self._emit(step, row)
+        self.logging_s += time.perf_counter() - t0
+
+    def _emit(self, step: int, row: dict[str, float]) -> None:
+        self.tracker.log(step, row)
+        if self.progress:
+            if step == self.max_steps:
+                self.progress.update(step, row["samples_per_s"], row["loss"])
+                self.progress.close()
+            return
+        log.info(
+            "step %d/%d loss %.5f lr %.2e %.0f samples/s", step, self.max_steps, row["loss"], row["lr"],
+            row["samples_per_s"],
+        )  # fmt: skip
 
     def _rate(self, step: int, now: float | None = None) -> float:
         elapsed = (now or time.perf_counter()) - self.window_start
         return (step - self.window_step) * self.gbs / max(elapsed, 1e-9)
 
-    def _gather(self, loss: torch.Tensor, step_time_s: float) -> tuple[float, dict[str, float]]:
-        """One all-gather of [loss, cpu %, RSS MB, CUDA peak MB, step ms] from every rank. Collective.
-
-        Also sets ``slowest_step_s``, the same on every rank (it paces the stop agreement)."""
-        mine = torch.tensor(
-            [float(loss), self.proc.cpu_percent(None), self.proc.memory_info().rss / 2**20,
-             torch.cuda.max_memory_allocated(self.ctx.device) / 2**20 if self.ctx.device.type == "cuda" else 0.0,
-             1000 * step_time_s],
-            dtype=torch.float64, device=self.ctx.device,
-        )  # fmt: skip
-        rows = [mine]
-        if self.ctx.distributed and self.ctx.world_size > 1:
-            rows = [torch.empty_like(mine) for _ in range(self.ctx.world_size)]
-            torch.distributed.all_gather(rows, mine)
-        table = torch.stack(rows).cpu()
-        self.slowest_step_s = float(table[:, 4].max()) / 1000
+    def _per_rank(self, table: torch.Tensor) -> dict[str, float]:
         per_rank = {}
         for rank, values in enumerate(table.tolist()):
             for name, value in zip(_PER_RANK, values[1:], strict=True):
                 if name != "cuda_max_mem_mb" or self.ctx.device.type == "cuda":
                     per_rank[f"rank{rank}/{name}"] = round(value, 2)
-        return float(table[:, 0].mean()), per_rank
+        return per_rank
 
 
 class Progress:

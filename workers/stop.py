@@ -1,8 +1,9 @@
 """The stop flag: signals only set it (no collective, no I/O in a handler). Torch-free, so a worker installs it
 first thing, before the slow imports.
 
-Two kinds of request, agreed across ranks as the larger of the two codes (see trainer.StopAgreement; "the next
-step boundary" below means the first or second boundary after the signal, the same step on every rank):
+Two kinds of request, agreed across ranks as the larger of the two codes (see workers.stepsync; "the next step
+boundary" below means a step boundary shortly after the signal — within about 0.1 s — the same step on every
+rank):
 
 - ``STOP`` (SIGTERM, SIGINT): save at the next step boundary and exit 0;
 - ``PREEMPT`` (SIGUSR1, SIGUSR2: SLURM's notice before a preemption or the time limit): save at the next step
@@ -11,6 +12,7 @@ step boundary" below means the first or second boundary after the signal, the sa
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import time
 from typing import Any
@@ -50,3 +52,20 @@ class StopFlag:
         if self.signum is None:
             return "a stop request from another rank"
         return f"{signal.Signals(self.signum).name} during step {self.signal_step}"
+
+
+def die_with_parent() -> None:
+    """Linux: ask the kernel to SIGKILL this process when its parent dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def ignore_stop_signals() -> None:
+    """For a helper process of a worker: the signals that stop a run reach the whole process group (Ctrl-C, SLURM's
+    notice) — the helper must outlive them until its worker, which saves first, tells it to end."""
+    for sig in _CODES:
+        signal.signal(sig, signal.SIG_IGN)

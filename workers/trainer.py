@@ -27,6 +27,7 @@ from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all
 from workers.dist import DistContext, maybe_no_sync
 from workers.heartbeat import Heartbeat, NoHeartbeat
 from workers.reporting import Reporter, StepStats
+from workers.stepsync import StepSync
 from workers.stop import NONE, PREEMPT, REASONS, StopFlag
 from workers.tasks import build_task
 from workers.tracking import Tracker
@@ -203,7 +204,7 @@ class Trainer:
         self.tracker = Tracker(self.cfg, self.ctx.is_main)
         self.reporter = Reporter(self.cfg, self.ctx, self.tracker, self.step)
         recorder = IndexRecorder(self.run_dir, self.ctx, self.step) if self.cfg.data.record_indices else None
-        agreement = StopAgreement(self.ctx, self.stop)
+        sync = self.sync = StepSync(self.ctx, self.stop, self.cfg.train.log_every, self.reporter.complete)
         batches = self._batches()
         log.info(
             "training steps %d..%d on %s (%s, %s): world size %d, %d samples/rank/step in %d micro-batch(es) of %d",
@@ -225,9 +226,9 @@ class Trainer:
             loss, grad_norm, data_wait = self._train_step(model, batches, recorder)
             self.step += 1
             lr = self.scheduler.get_last_lr()[0]
-            self.reporter.step(self.step, StepStats(loss, grad_norm, lr, time.perf_counter() - t0, data_wait))
-            agreement.pace(self.reporter.slowest_step_s)
-            stopped = agreement.poll(self.step)
+            step_time = time.perf_counter() - t0
+            log_values = self.reporter.step(self.step, StepStats(loss, grad_norm, lr, step_time, data_wait))
+            stopped = sync.step(self.step, step_time, log_values)
             last = stopped or self.step == self.cfg.train.max_steps
             if last or self.step % self.cfg.train.checkpoint_every == 0:
                 self.heartbeat.update(self.step, "checkpoint")
@@ -240,7 +241,7 @@ class Trainer:
                     self.step,
                 )
                 break
-        agreement.close()
+        sync.close()
         self.heartbeat.update(self.step, "done")
         return FitResult(self.step, stopped_early=bool(stopped), stop_reason=REASONS[stopped])
 
@@ -289,6 +290,7 @@ class Trainer:
         ``blocking=False`` lets an async checkpointer commit in the background (see Checkpointer.save).
         """
         t0 = time.perf_counter()
+        self.sync.flush()  # the rows up to this step are written before the checkpoint that ends them exists
         state = {
             "step": self.step,
             "samples_seen": self.step * self.plan.global_batch_size,
@@ -312,57 +314,6 @@ class Trainer:
         log.info("checkpoint %s %s; training blocked %.3f s", folder.name, done, blocked)
         self.reporter.note(ckpt_blocked_s=round(blocked, 6), ckpt_save_s=round(self.ckpt.last_commit_s, 6))
         return folder
-
-
-class StopAgreement:
-    """All ranks learn the strongest stop request of any rank (NONE, STOP or PREEMPT) at the same step, without
-    stalling the loop: each step starts a one-element MAX all-reduce of this rank's request and acts on the one
-    started a step earlier, which has finished in the background meanwhile. A signal is thus acted on at the first
-    or second step boundary after it arrives — identically on every rank, and always after a completed step, so
-    nothing is lost. On GPUs the flag travels over a gloo side group on the CPU: no device sync per step.
-
-    With very short steps even a background collective per step costs (on 2 CPU cores, ~0.3 ms of a 2.3 ms step):
-    the check then runs every ``every`` steps, paced so that it runs about every ``POLL_INTERVAL_S`` — from the
-    slowest rank's step time, which the log-step all-gather gives every rank identically, so all ranks poll at the
-    same steps. A stop then waits at most about twice that interval (0.1 s).
-
-    ``pace`` and ``poll`` must be called on all ranks once per step, ``close`` on all ranks after the loop.
-    """
-
-    POLL_INTERVAL_S = 0.05
-    MAX_EVERY = 50
-
-    def __init__(self, ctx: DistContext, stop: StopFlag) -> None:
-        self.ctx, self.stop = ctx, stop
-        self.every = 1
-        self.active = ctx.distributed and ctx.world_size > 1
-        # new_group is itself collective: every rank builds its StopAgreement at the same point of the loop setup.
-        self.group = torch.distributed.new_group(backend="gloo") if self.active and ctx.backend != "gloo" else None
-        self.pending: tuple[Any, torch.Tensor] | None = None
-
-    def pace(self, step_time_s: float) -> None:
-        """Poll every k steps so that polls come about every POLL_INTERVAL_S (k = 1 for steps of 50 ms or more).
-        ``step_time_s`` must be the same on every rank."""
-        if step_time_s > 0:
-            self.every = max(1, min(self.MAX_EVERY, int(self.POLL_INTERVAL_S / step_time_s)))
-
-    def poll(self, step: int) -> int:
-        if not self.active:
-            return self.stop.code
-        if step % self.every:
-            return NONE
-        flag = torch.tensor([float(self.stop.code)])
-        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
-        previous, self.pending = self.pending, (work, flag)
-        if previous is None:
-            return NONE
-        previous[0].wait()
-        return int(previous[1].item())
-
-    def close(self) -> None:
-        if self.pending is not None:
-            self.pending[0].wait()
-            self.pending = None
 
 
 class IndexRecorder:
