@@ -32,7 +32,7 @@ def commands(quick: bool) -> dict[str, list[str]]:
                      "--out", str(RESULTS / "recovery.json")],
         "slurm_requeue": [py, "benchmarks/slurm_requeue_bench.py", "--trials", "1" if quick else "3",
                           "--out", str(RESULTS / "slurm_requeue.json")],
-        "tracking": [py, "benchmarks/tracking_bench.py", "--repeats", "1" if quick else "3", "--steps", "1500",
+        "tracking": [py, "benchmarks/tracking_bench.py", "--repeats", "1" if quick else "5",
                      "--out", str(RESULTS / "tracking.json")],
         "chaos": [py, "scripts/chaos.py", "--trials", "5" if quick else "50", "--seed", "0",
                   "--out", str(RESULTS / "chaos.json")],

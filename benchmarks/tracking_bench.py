@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,17 @@ def pin_workers(proc: subprocess.Popen, nproc: int) -> None:
                 os.sched_setaffinity(thread.id, {cores[i % len(cores)]})
 
 
+def settle(timeout_s: float = 30.0) -> None:
+    """Wait until nothing of the previous run is left (wandb's service can outlive its run by a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        left = [p for p in psutil.process_iter(["cmdline"]) if any("wandb-core" in a for a in p.info["cmdline"] or [])]
+        if not left:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)
+
+
 def run_once(base: Path, name: str, overrides: list[str], steps: int, hidden: int, pin: bool) -> tuple:
     run = base / f"{name.replace(' ', '_')}-{time.monotonic_ns()}"
     cmd = [
@@ -81,7 +93,10 @@ def run_once(base: Path, name: str, overrides: list[str], steps: int, hidden: in
     # direct cost on rank 0's training thread: reading the values, building the row, the sinks (metrics.jsonl,
     # the queue put to wandb's thread) and the console line. The gather travels with the stop check.
     direct = (rows[-1]["logging_s_total"] - rows[0]["logging_s_total"]) / seconds
-    return (rows[-1]["step"] - rows[0]["step"]) / seconds, direct
+    # off the training thread: the orch-wandb process and wandb's service report their CPU time per row
+    found = re.findall(r"([\d.]+) ms of CPU a row", (run / "logs" / "rank-0.log").read_text())
+    wandb_cpu_ms = float(found[-1]) if found else None
+    return (rows[-1]["step"] - rows[0]["step"]) / seconds, direct, wandb_cpu_ms
 
 
 def main() -> None:
@@ -99,11 +114,16 @@ def main() -> None:
         for hidden, steps in zip(args.hidden, args.steps, strict=True):
             rates: dict[str, list[float]] = {m: [] for m in MODES}
             direct: dict[str, list[float]] = {m: [] for m in MODES}
-            for _ in range(args.repeats):  # interleaved: each repeat runs every mode once, back to back
-                for name, overrides in MODES.items():
-                    rate, share = run_once(Path(tmp), name, overrides, steps, hidden, pin=not args.no_pin)
+            wandb_cpu: list[float] = []
+            for repeat in range(args.repeats):  # interleaved: each repeat runs every mode once, in a rotated order
+                names = list(MODES)
+                for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+                    settle()
+                    rate, share, cpu_ms = run_once(Path(tmp), name, MODES[name], steps, hidden, pin=not args.no_pin)
                     rates[name].append(rate)
                     direct[name].append(share)
+                    if cpu_ms is not None:
+                        wandb_cpu.append(cpu_ms)
             base = statistics.median(rates["no logging"])
             for name, vals in rates.items():
                 med = statistics.median(vals)
@@ -124,11 +144,21 @@ def main() -> None:
                         "rank0_logging_work_pct_of_time": share,
                     }
                 )  # fmt: skip
+                if name == "jsonl + wandb offline" and wandb_cpu:
+                    # CPU the wandb side used per row, as a share of the CPU time one log interval gives one core
+                    ms = statistics.median(wandb_cpu)
+                    results[-1]["wandb_cpu_ms_per_row"] = ms
+                    results[-1]["wandb_cpu_pct_of_one_core"] = 100 * ms / (10 * 1000 / med)
                 print(
                     f"hidden {hidden:4d}  {name:22s} {med:8.1f} steps/s ({min(vals):.1f}-{max(vals):.1f})  "
                     f"{1000 / med:6.3f} ms/step  vs no logging {100 * (base / med - 1):+6.2f} % "
                     f"(paired {statistics.median(paired):+.2f} %, {min(paired):+.2f}..{max(paired):+.2f})  "
-                    f"rank-0 logging work {share:5.2f} % of the time",
+                    f"rank-0 logging work {share:5.2f} % of the time"
+                    + (
+                        f"  wandb CPU {results[-1]['wandb_cpu_ms_per_row']:.2f} ms/row"
+                        if wandb_cpu and "wandb" in name
+                        else ""
+                    ),
                     flush=True,
                 )
     if args.out:

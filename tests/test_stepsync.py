@@ -31,7 +31,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ctx = DistContext(rank, rank, 2, 2, "127.0.0.1", port, torch.device("cpu"), "gloo", "launcher")
     stop, tables, paces, exchanges = StopFlag(), {}, {}, []
-    sync = StepSync(ctx, stop, LOG_EVERY, lambda step, table: tables.setdefault(step, table.tolist()))
+    sync = StepSync(ctx, stop, LOG_EVERY, tables.setdefault)
     stopped_at = None
     for step in range(1, 61):
         if rank == 1 and step == STOP_AT:
@@ -39,7 +39,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         # the first 12 steps "take" 1 ms (exchange only at log steps), later ones 20 ms (every 2 steps)
         step_time = 0.001 if step <= 12 else 0.020
         logging = step % LOG_EVERY == 0 or step == 1
-        code = sync.step(step, step_time, torch.tensor(_values(rank, step), dtype=torch.float64) if logging else None)
+        code = sync.step(step, step_time, _values(rank, step) if logging else None)
         paces[step] = sync.every
         if sync.pending is not None and sync.pending.step == step:
             exchanges.append(step)

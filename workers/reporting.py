@@ -58,8 +58,7 @@ class Reporter:
         self.every, self.max_steps = cfg.train.log_every, cfg.train.max_steps
         self.gbs = cfg.data.global_batch_size
         self.proc = psutil.Process()
-        self.proc.cpu_percent(None)  # start the CPU-time window
-        self.window_start, self.window_step = time.perf_counter(), start_step
+        self.window_start, self.window_step, self.window_cpu_s = time.perf_counter(), start_step, time.process_time()
         self.data_wait = self.step_time = 0.0
         self.extra: dict[str, float] = _restart_counts(cfg, ctx)
         self.progress = Progress(self.max_steps, start_step) if ctx.is_main and sys.stderr.isatty() else None
@@ -75,7 +74,7 @@ class Reporter:
         """Values to put in the next logged row (e.g. checkpoint times)."""
         self.extra.update(values)
 
-    def step(self, step: int, stats: StepStats) -> torch.Tensor | None:
+    def step(self, step: int, stats: StepStats) -> list[float] | None:
         """Account one step; at a log step return this rank's log values for the step sync to gather."""
         self.data_wait += stats.data_wait_s
         self.step_time += stats.step_time_s
@@ -92,21 +91,23 @@ class Reporter:
             "time": round(time.time(), 3), **self.extra,
         }  # fmt: skip
         self.partial[step] = (row, stats.grad_norm)
-        values = torch.tensor(
-            [float(stats.loss), self.proc.cpu_percent(None), self.proc.memory_info().rss / 2**20,
-             torch.cuda.max_memory_allocated(self.ctx.device) / 2**20 if self.ctx.device.type == "cuda" else 0.0,
-             1000 * self.step_time / steps],
-            dtype=torch.float64,
-        )  # fmt: skip
+        cpu_s = time.process_time()  # the process's user + system time, what psutil's cpu_percent reads too
+        values = [
+            float(stats.loss), 100 * (cpu_s - self.window_cpu_s) / max(t0 - self.window_start, 1e-9),
+            self.proc.memory_info().rss / 2**20,
+            torch.cuda.max_memory_allocated(self.ctx.device) / 2**20 if self.ctx.device.type == "cuda" else 0.0,
+            1000 * self.step_time / steps,
+        ]  # fmt: skip
+        self.window_cpu_s = cpu_s
         self.window_start, self.window_step, self.data_wait, self.step_time = t0, step, 0.0, 0.0
         self.logging_s += time.perf_counter() - t0
         return values
 
-    def complete(self, step: int, table: torch.Tensor) -> None:
-        """The gathered values of log step ``step`` (world_size × 5) arrived: finish its row; rank 0 writes it."""
+    def complete(self, step: int, table: list[list[float]]) -> None:
+        """The gathered values of log step ``step`` (5 per rank) arrived: finish its row; rank 0 writes it."""
         t0 = time.perf_counter()
         row, grad_norm = self.partial.pop(step)
-        row = {"loss": float(table[:, 0].mean()), **row, **self._per_rank(table)}
+        row = {"loss": sum(r[0] for r in table) / len(table), **row, **self._per_rank(table)}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
         self.last_loss = row["loss"]
@@ -130,9 +131,9 @@ class Reporter:
         elapsed = (now or time.perf_counter()) - self.window_start
         return (step - self.window_step) * self.gbs / max(elapsed, 1e-9)
 
-    def _per_rank(self, table: torch.Tensor) -> dict[str, float]:
+    def _per_rank(self, table: list[list[float]]) -> dict[str, float]:
         per_rank = {}
-        for rank, values in enumerate(table.tolist()):
+        for rank, values in enumerate(table):
             for name, value in zip(_PER_RANK, values[1:], strict=True):
                 if name != "cuda_max_mem_mb" or self.ctx.device.type == "cuda":
                     per_rank[f"rank{rank}/{name}"] = round(value, 2)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from workers.dist import DistContext
 from workers.stop import NONE, StopFlag
 
-TableHandler = Callable[[int, torch.Tensor], None]  # (log step, world_size × k table of the ranks' log values)
+TableHandler = Callable[[int, list[list[float]]], None]  # (log step, every rank's log values, by rank)
 
 
 @dataclass
@@ -66,13 +66,13 @@ class StepSync:
         self.carried = NONE  # a stop code read early by flush(), returned by the next step()
         self.window_s, self.window_steps = 0.0, 0  # this rank's step time since its last exchange
 
-    def step(self, step: int, step_time_s: float, log_values: torch.Tensor | None) -> int:
+    def step(self, step: int, step_time_s: float, log_values: list[float] | None) -> int:
         """Called after each completed step; returns the stop code all ranks agreed (NONE on most steps).
 
-        ``log_values`` (1-D float64, the same length on every rank) must be given exactly at log steps."""
+        ``log_values`` (the same length on every rank) must be given exactly at log steps."""
         if not self.active:
             if log_values is not None:
-                self.on_table(step, log_values.reshape(1, -1))
+                self.on_table(step, [log_values])
             return self.stop.code
         self.window_s, self.window_steps = self.window_s + step_time_s, self.window_steps + 1
         if log_values is None and (step % self.log_every) % self.every:
@@ -82,12 +82,9 @@ class StepSync:
         if log_values is None:
             buffer, op = torch.tensor(mine, dtype=torch.float64), dist.ReduceOp.MAX
         else:
-            buffer, op = (
-                torch.zeros(self.ctx.world_size, 2 + log_values.numel(), dtype=torch.float64),
-                dist.ReduceOp.SUM,
-            )
-            buffer[self.ctx.rank, :2] = torch.tensor(mine, dtype=torch.float64)
-            buffer[self.ctx.rank, 2:] = log_values
+            rows = [[0.0] * (2 + len(log_values)) for _ in range(self.ctx.world_size)]
+            rows[self.ctx.rank] = mine + log_values
+            buffer, op = torch.tensor(rows, dtype=torch.float64), dist.ReduceOp.SUM
         work = dist.all_reduce(buffer, op=op, group=self.group, async_op=True)
         previous, self.pending = self.pending, _Exchange(step, work, buffer, log_values is not None)
         code, self.carried = self.carried, NONE
@@ -108,8 +105,9 @@ class StepSync:
     def _finish(self, exchange: _Exchange) -> int:
         exchange.work.wait()
         if exchange.table:
-            code, slowest = exchange.buffer[:, 0].max().item(), exchange.buffer[:, 1].max().item()
-            self.on_table(exchange.step, exchange.buffer[:, 2:])
+            rows = exchange.buffer.tolist()
+            code, slowest = max(r[0] for r in rows), max(r[1] for r in rows)
+            self.on_table(exchange.step, [r[2:] for r in rows])
         else:
             code, slowest = exchange.buffer.tolist()
         self._pace(slowest)

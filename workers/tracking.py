@@ -243,15 +243,42 @@ def wandb_process_main(cfg_dict: dict[str, Any], rid: str, mode: str | None, con
         for _ in _rows(conn):  # keep the pipe flowing
             pass
         return
+    meter, logged = _CpuMeter(), 0
     for step, row in _rows(conn):
         if step <= sink.skip_through:
             continue
         try:
             sink.log(step, row)
-            sink.skip_through = step
+            sink.skip_through, logged = step, logged + 1
         except Exception as exc:
             log.warning("wandb: could not log step %d: %s", step, exc)
+    cpu_s = meter.used_s()
     sink.finish()
+    log.info(
+        "wandb: %d rows logged live; %.3f ms of CPU a row (this process and wandb's service, start-up excluded)",
+        logged, 1000 * cpu_s / max(logged, 1),
+    )  # fmt: skip
+
+
+class _CpuMeter:
+    """CPU time (user + system) of this process and its children (wandb's service) since creation."""
+
+    def __init__(self) -> None:
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> float:
+        import psutil  # noqa: PLC0415 - the child's own import
+
+        total = time.process_time()
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                times = child.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def used_s(self) -> float:
+        return self._now() - self.start
 
 
 class Tracker:
