@@ -134,8 +134,9 @@ def tracking_section(r: dict | None) -> tuple[str, list[str]]:
     if r is None:
         return _missing(title, cmd), []
     lines = [f"## {title}", "", f"`{cmd}`", "", (NOTES / "tracking_method.md").read_text().strip(), "",
-             "| model | mode | steps/s | vs no logging (medians) | paired, median (min–max) | rank-0 logging work |",
-             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+             "| model | mode | steps/s | vs no logging (medians) | paired, median (min–max) | rank-0 logging work "
+             "| wandb CPU a row (of one core) |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     summary = []
     for row in r["results"]:
         paired = row["paired_overhead_pct"]
@@ -143,8 +144,10 @@ def tracking_section(r: dict | None) -> tuple[str, list[str]]:
             f"| hidden {row['hidden']} ({row['step_ms']:.1f} ms/step) | {row['mode']} | "
             f"{_mm(row['steps_per_s'], '{:.1f}')} | {row['end_to_end_overhead_pct']:+.1f} % | "
             f"{paired['median']:+.1f} % ({paired['min']:+.1f}…{paired['max']:+.1f}) | "
-            f"{row['rank0_logging_work_pct_of_time']:.2f} % |"
-        )
+            f"{row['rank0_logging_work_pct_of_time']:.2f} % | "
+            + (f"{row['wandb_cpu_ms_per_row']:.2f} ms ({row['wandb_cpu_pct_of_one_core']:.1f} %) |"
+               if "wandb_cpu_ms_per_row" in row else "– |")
+        )  # fmt: skip
         if row["mode"] == "jsonl + wandb offline":
             ok = "met" if paired["median"] <= 1 else "**not met**"
             summary.append(f"| tracking cost (paired median), hidden {row['hidden']} | ≤ 1 % | "
