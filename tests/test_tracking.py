@@ -44,6 +44,22 @@ def test_tracking_disabled_writes_no_wandb_files_and_never_imports_wandb(refs, t
     assert not (refs[2] / "wandb").exists()
 
 
+def test_wandb_that_cannot_start_does_not_stop_training(tmp_path):
+    """wandb runs in its own process (orch-wandb): online with no API key it fails to start, says so on rank 0's
+    console and log, and training ends normally with every row in metrics.jsonl."""
+    run, home = tmp_path / "run", tmp_path / "home"
+    home.mkdir()
+    e = {k: v for k, v in env().items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    cmd = [sys.executable, "-m", "orchestrator", "launch", "configs/quickstart.yaml", "--nproc", "1",
+           f"run.dir={run}", *QUICK, "tracking.mode=online", "train.log_every=2"]  # fmt: skip
+    proc = subprocess.run(cmd, env={**e, "HOME": str(home)}, cwd=ROOT, text=True, capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "wandb: could not start run" in proc.stderr and "No API key" in proc.stderr
+    assert "wandb: could not start run" in (run / "logs" / "rank-0.log").read_text()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == EXPECTED_STEPS
+    assert load(run)
+
+
 def test_progress_bar_on_a_terminal_and_plain_lines_on_a_pipe(refs, tmp_path):
     primary, secondary = pty.openpty()
     cmd = [
