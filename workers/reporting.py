@@ -49,8 +49,9 @@ class Reporter:
 
     At a log step each rank reads its values (loss, CPU %, RSS, CUDA peak, step time) and hands them to the
     step sync, which gathers them with the stop check in one background collective (workers.stepsync); the row
-    is completed when that exchange has finished — a step or a few later, never waited for — and rank 0 writes
-    it. No host sync and no collective of its own: on GPUs reading the loss is the one host sync, at log steps.
+    is completed when that exchange has finished — at the next exchange, or when a checkpoint flushes it — and
+    rank 0 writes it. No collective of its own; on GPUs reading the loss (and grad norm) is the one host sync, at
+    log steps only.
     """
 
     def __init__(self, cfg: Config, ctx: DistContext, tracker: Tracker, start_step: int) -> None:
@@ -63,7 +64,7 @@ class Reporter:
         self.extra: dict[str, float] = _restart_counts(cfg, ctx)
         self.progress = Progress(self.max_steps, start_step) if ctx.is_main and sys.stderr.isatty() else None
         self.last_loss = float("nan")
-        self.partial: dict[int, tuple[dict[str, float], torch.Tensor | None]] = {}  # log rows awaiting their table
+        self.partial: dict[int, tuple[dict[str, float], float | None]] = {}  # log rows awaiting their table
         self.logging_s = 0.0  # cumulative time this rank spent on logging (values, rows, sinks, console)
 
     def is_log_step(self, step: int) -> bool:
@@ -90,7 +91,8 @@ class Reporter:
             "world_size": self.ctx.world_size, "logging_s_total": round(self.logging_s, 6),
             "time": round(time.time(), 3), **self.extra,
         }  # fmt: skip
-        self.partial[step] = (row, stats.grad_norm)
+        # read now, beside the loss: later it would wait for the next step's queued GPU work
+        self.partial[step] = (row, None if stats.grad_norm is None else float(stats.grad_norm))
         cpu_s = time.process_time()  # the process's user + system time, what psutil's cpu_percent reads too
         values = [
             float(stats.loss), 100 * (cpu_s - self.window_cpu_s) / max(t0 - self.window_start, 1e-9),
@@ -109,7 +111,7 @@ class Reporter:
         row, grad_norm = self.partial.pop(step)
         row = {"loss": sum(r[0] for r in table) / len(table), **row, **self._per_rank(table)}
         if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
+            row["grad_norm"] = grad_norm
         self.last_loss = row["loss"]
         if self.ctx.is_main:
             self._emit(step, row)

@@ -10,7 +10,8 @@ exchange (or at :meth:`StepSync.flush`) — by then it has finished beside the t
 Exchange steps are every log step plus enough others that an exchange comes about every ``POLL_INTERVAL_S``.
 The others are placed inside each log interval (the interval split into equal parts), so logging adds no
 collective at all whenever steps are long enough to need several exchanges per log interval anyway (on the CI
-machine: steps over ~5 ms at ``log_every: 10``), and with shorter steps exactly one per log interval.
+machine: steps over ~5 ms at ``log_every: 10``), and with shorter steps one per log interval (several when
+``log_every`` exceeds ``MAX_EVERY``).
 
 Non-log exchanges all-reduce ``[stop code, step time]`` with MAX. Log exchanges gather a world_size × k table
 with SUM, each rank filling its own row and zeros elsewhere — exact (x + 0 = x; NaN and inf pass through, which a
@@ -19,7 +20,7 @@ exchange a step gets depends only on the step number and values every rank has i
 the same collectives in the same order.
 
 On GPUs the exchange runs over a gloo side group on the CPU: no device sync for the stop check. Log values are
-host numbers (the loss is read with one host sync at each log step — the only one logging makes).
+host numbers (the loss and grad norm are read with one host sync at each log step — the only one logging makes).
 """
 
 from __future__ import annotations
@@ -80,11 +81,11 @@ class StepSync:
         mine = [float(self.stop.code), self.window_s / self.window_steps]
         self.window_s, self.window_steps = 0.0, 0
         if log_values is None:
-            buffer, op = torch.tensor(mine, dtype=torch.float64), dist.ReduceOp.MAX
+            buffer, op = torch.tensor(mine, dtype=torch.float64, device="cpu"), dist.ReduceOp.MAX
         else:
             rows = [[0.0] * (2 + len(log_values)) for _ in range(self.ctx.world_size)]
             rows[self.ctx.rank] = mine + log_values
-            buffer, op = torch.tensor(rows, dtype=torch.float64), dist.ReduceOp.SUM
+            buffer, op = torch.tensor(rows, dtype=torch.float64, device="cpu"), dist.ReduceOp.SUM
         work = dist.all_reduce(buffer, op=op, group=self.group, async_op=True)
         previous, self.pending = self.pending, _Exchange(step, work, buffer, log_values is not None)
         code, self.carried = self.carried, NONE

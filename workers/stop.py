@@ -2,8 +2,8 @@
 first thing, before the slow imports.
 
 Two kinds of request, agreed across ranks as the larger of the two codes (see workers.stepsync; "the next step
-boundary" below means a step boundary shortly after the signal — within about 0.1 s — the same step on every
-rank):
+boundary" below means the boundary of the second exchange after the signal — exchanges come about every 50 ms, or
+every step when steps are longer — the same step on every rank):
 
 - ``STOP`` (SIGTERM, SIGINT): save at the next step boundary and exit 0;
 - ``PREEMPT`` (SIGUSR1, SIGUSR2: SLURM's notice before a preemption or the time limit): save at the next step
@@ -20,6 +20,7 @@ from typing import Any
 NONE, STOP, PREEMPT = 0, 1, 2
 REASONS = {NONE: None, STOP: "stop", PREEMPT: "preempt"}
 _CODES = {signal.SIGTERM: STOP, signal.SIGINT: STOP, signal.SIGUSR1: PREEMPT, signal.SIGUSR2: PREEMPT}
+STOP_SIGNALS = frozenset(_CODES)
 
 
 class StopFlag:

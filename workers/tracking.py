@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import queue
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 
 from workers.config import Config
 from workers.fsutil import atomic_write
+from workers.stop import STOP_SIGNALS, die_with_parent, ignore_stop_signals
 from workers.wandb_records import last_persisted_step
 
 log = logging.getLogger("workers.tracking")
@@ -37,7 +39,7 @@ class Sink(Protocol):
     skip_through: int  # steps <= this are already in this sink (logged before a stop): not logged again
 
     def log(self, step: int, row: dict[str, Any]) -> None: ...
-    def finish(self) -> None: ...
+    def finish(self, quick: bool = False) -> None: ...
 
 
 def run_id(run_dir: Path) -> str:
@@ -94,7 +96,7 @@ class JsonlSink:
             self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - kept open; line-buffered: a kill keeps rows
         self._file.write(json.dumps({"step": step, **row}) + "\n")
 
-    def finish(self) -> None:
+    def finish(self, quick: bool = False) -> None:
         if self._file is not None:
             self._file.close()
 
@@ -166,18 +168,28 @@ class WandbProcess:
     """
 
     skip_through = 0  # the child filters
-    FINISH_TIMEOUT_S = 120.0
+    FINISH_TIMEOUT_S = 120.0  # after a normal end: wandb may need a while to flush (online)
+    QUICK_FINISH_TIMEOUT_S = 10.0  # after a stop or an error: leave promptly (a requeue may be waiting); the rows
+    # are in metrics.jsonl and the next start back-fills whatever wandb missed
 
     def __init__(self, cfg: Config, rid: str, mode: str | None) -> None:
         ctx = multiprocessing.get_context("spawn")  # fork would copy a process with torch and gloo threads
         reader, self.writer = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(
-            target=wandb_process_main, args=(cfg.to_dict(), rid, mode, reader), name="orch-wandb", daemon=True
-        )
-        self.proc.start()
-        reader.close()  # the child holds the only read end: it sees end-of-file when this side closes or dies
+            target=wandb_process_main, args=(cfg.to_dict(), rid, mode, reader, os.getpid()), name="orch-wandb",
+            daemon=True,
+        )  # fmt: skip
+        # A stop signal sent to the process group while the child starts would kill it before it ignores them:
+        # block them across the start (the child inherits the mask, ignores them, then unblocks); ours stay pending.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        reader.close()  # the child holds the only read end: end-of-file there if this process dies
         # A plain queue and a feeder thread: the training thread never blocks on the pipe, even if the child lags.
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.closed = False  # the child is gone: rows are dropped here (metrics.jsonl has them)
         self.feeder = threading.Thread(target=self._feed, name="orch-wandb-feeder", daemon=True)
         self.feeder.start()
 
@@ -185,24 +197,30 @@ class WandbProcess:
         try:
             while (item := self.queue.get()) is not None:
                 self.writer.send(item)
-        except OSError:  # the child is gone; rows still reach metrics.jsonl
-            pass
+            self.writer.send(None)  # the end, explicitly: a forked process may hold a copy of our pipe end
+        except Exception as exc:
+            self.closed = True
+            log.warning("wandb: the tracking process stopped taking rows (%s); metrics.jsonl keeps them", exc)
         finally:
             self.writer.close()
 
     def log(self, step: int, row: dict[str, Any]) -> None:
-        self.queue.put((step, row))
+        if not self.closed:
+            self.queue.put((step, row))
 
-    def finish(self) -> None:
-        """Send what is queued, then wait for wandb to flush and end (at most FINISH_TIMEOUT_S)."""
+    def finish(self, quick: bool = False) -> None:
+        """Send what is queued, then wait for wandb to flush and end; ``quick`` after a stop or an error."""
+        timeout = self.QUICK_FINISH_TIMEOUT_S if quick else self.FINISH_TIMEOUT_S
         self.queue.put(None)
-        deadline = time.monotonic() + self.FINISH_TIMEOUT_S
-        self.feeder.join(self.FINISH_TIMEOUT_S)
+        deadline = time.monotonic() + timeout
+        self.feeder.join(timeout)
         self.proc.join(max(0.0, deadline - time.monotonic()))
         if self.proc.exitcode is None:
-            log.warning("wandb: the tracking process did not finish in %.0f s; killing it", self.FINISH_TIMEOUT_S)
+            log.warning("wandb: the tracking process did not finish in %.0f s; ending it", timeout)
             self.proc.kill()
             self.proc.join()
+        elif self.proc.exitcode:
+            log.warning("wandb: the tracking process exited with code %s", self.proc.exitcode)
 
 
 def _background_priority() -> None:
@@ -217,22 +235,27 @@ def _background_priority() -> None:
 
 
 def _rows(conn: Any) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The rows sent by the worker, until it closes its end (or dies)."""
+    """The rows sent by the worker, until its end message (or end-of-file: it died)."""
     while True:
         try:
-            yield conn.recv()
+            item = conn.recv()
         except EOFError:
             return
+        if item is None:
+            return
+        yield item
 
 
-def wandb_process_main(cfg_dict: dict[str, Any], rid: str, mode: str | None, conn: Any) -> None:
+def wandb_process_main(cfg_dict: dict[str, Any], rid: str, mode: str | None, conn: Any, parent: int) -> None:
     """Entry of the ``orch-wandb`` process: start (or continue) the wandb run, log rows until the worker ends."""
     from workers.config import config_from_dict  # noqa: PLC0415 - the child's own imports
     from workers.entry import setup_logging  # noqa: PLC0415
-    from workers.stop import die_with_parent, ignore_stop_signals  # noqa: PLC0415
 
-    ignore_stop_signals()
+    ignore_stop_signals()  # they arrive blocked (see WandbProcess): ignore first, then let them through
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     die_with_parent()
+    if os.getppid() != parent:  # the worker died before the kernel could be asked to kill us with it
+        return
     _background_priority()
     cfg = config_from_dict(cfg_dict)
     setup_logging(cfg.run_dir, 0)
@@ -254,10 +277,11 @@ def wandb_process_main(cfg_dict: dict[str, Any], rid: str, mode: str | None, con
             log.warning("wandb: could not log step %d: %s", step, exc)
     cpu_s = meter.used_s()
     sink.finish()
-    log.info(
-        "wandb: %d rows logged live; %.3f ms of CPU a row (this process and wandb's service, start-up excluded)",
-        logged, 1000 * cpu_s / max(logged, 1),
-    )  # fmt: skip
+    if logged:
+        log.info(
+            "wandb: %d rows logged live; %.3f ms of CPU a row (this process and wandb's service, start-up excluded)",
+            logged, 1000 * cpu_s / logged,
+        )  # fmt: skip
 
 
 class _CpuMeter:
@@ -299,6 +323,7 @@ class Tracker:
             if step > sink.skip_through:
                 sink.log(step, row)
 
-    def finish(self) -> None:
+    def finish(self, quick: bool = False) -> None:
+        """End every sink; ``quick`` (after a stop or an error) bounds the wait for wandb to a few seconds."""
         for sink in self.sinks:
-            sink.finish()
+            sink.finish(quick)

@@ -100,6 +100,7 @@ class Trainer:
         self.step = 0
         self.wrapped: nn.Module | None = None  # the DDP / compiled module once training starts
         self.tracker: Tracker | None = None
+        self.sync: StepSync | None = None  # built with the loop; save() needs it
 
     # ------------------------------------------------------------ setup
 
@@ -178,8 +179,10 @@ class Trainer:
 
     def fit(self) -> FitResult:
         """Train to ``train.max_steps`` (or until a stop is agreed). Must be called on all ranks."""
+        quick = True  # after a stop or an error, wandb gets a short time to finish: a requeue may be waiting
         try:
             result = self._fit()
+            quick = result.stopped_early
         except BaseException:
             # A background save in flight still commits; its own failure must not mask the training error.
             try:
@@ -192,7 +195,7 @@ class Trainer:
             return result
         finally:
             if self.tracker is not None:
-                self.tracker.finish()
+                self.tracker.finish(quick)
 
     def _fit(self) -> FitResult:
         self._build()
@@ -290,7 +293,8 @@ class Trainer:
         ``blocking=False`` lets an async checkpointer commit in the background (see Checkpointer.save).
         """
         t0 = time.perf_counter()
-        self.sync.flush()  # the rows up to this step are written before the checkpoint that ends them exists
+        if self.sync is not None:  # the rows up to this step are written before the checkpoint that ends them exists
+            self.sync.flush()
         state = {
             "step": self.step,
             "samples_seen": self.step * self.plan.global_batch_size,
