@@ -109,12 +109,13 @@ class Reporter:
         """The gathered values of log step ``step`` (5 per rank) arrived: finish its row; rank 0 writes it."""
         t0 = time.perf_counter()
         row, grad_norm = self.partial.pop(step)
+        if not self.ctx.is_main:  # only rank 0 writes rows; work here would only delay the next all-reduce
+            return
         row = {"loss": sum(r[0] for r in table) / len(table), **row, **self._per_rank(table)}
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         self.last_loss = row["loss"]
-        if self.ctx.is_main:
-            self._emit(step, row)
+        self._emit(step, row)
         self.logging_s += time.perf_counter() - t0
 
     def _emit(self, step: int, row: dict[str, float]) -> None:
