@@ -48,7 +48,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             assert 40 in tables
         if code != NONE and stopped_at is None:
             stopped_at = (step, code)
-    sync.close()
+    sync.flush()
     with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
         json.dump({"stopped_at": stopped_at, "tables": tables, "paces": paces, "exchanges": exchanges}, f)
     dist.destroy_process_group()

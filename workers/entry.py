@@ -217,8 +217,7 @@ def spawned_worker(
     a dead launcher end it without a trace.
     """
     stop = StopFlag().install()  # first: a stop request during start-up is then a graceful one
-    die_with_parent()
-    if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+    if not die_with_parent(launcher_pid):  # the launcher died before prctl took effect
         os._exit(EXIT_FAILED)
     if gate is not None and not _pass_gate(gate, launcher_pid):
         os._exit(EXIT_OK)

@@ -85,14 +85,8 @@ class Reporter:
             return None
         t0 = time.perf_counter()
         steps = max(1, step - self.window_step)
-        row = {
-            "lr": stats.lr, "samples_per_s": round(self._rate(step, t0), 2),
-            "step_time_s": round(self.step_time / steps, 6), "data_wait_s": round(self.data_wait / steps, 6),
-            "world_size": self.ctx.world_size, "logging_s_total": round(self.logging_s, 6),
-            "time": round(time.time(), 3), **self.extra,
-        }  # fmt: skip
-        # read now, beside the loss: later it would wait for the next step's queued GPU work
-        self.partial[step] = (row, None if stats.grad_norm is None else float(stats.grad_norm))
+        if self.ctx.is_main:  # only rank 0 writes rows: the others just contribute their values
+            self.partial[step] = self._partial_row(step, stats, steps, t0)
         cpu_s = time.process_time()  # the process's user + system time, what psutil's cpu_percent reads too
         values = [
             float(stats.loss), 100 * (cpu_s - self.window_cpu_s) / max(t0 - self.window_start, 1e-9),
@@ -107,16 +101,29 @@ class Reporter:
 
     def complete(self, step: int, table: list[list[float]]) -> None:
         """The gathered values of log step ``step`` (5 per rank) arrived: finish its row; rank 0 writes it."""
+        if not self.ctx.is_main:
+            return
         t0 = time.perf_counter()
         row, grad_norm = self.partial.pop(step)
-        if not self.ctx.is_main:  # only rank 0 writes rows; work here would only delay the next all-reduce
-            return
         row = {"loss": sum(r[0] for r in table) / len(table), **row, **self._per_rank(table)}
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         self.last_loss = row["loss"]
         self._emit(step, row)
         self.logging_s += time.perf_counter() - t0
+
+    def _partial_row(
+        self, step: int, stats: StepStats, steps: int, now: float
+    ) -> tuple[dict[str, float], float | None]:
+        """Rank 0's row of a log step without the gathered values, and the grad norm — read now, beside the loss:
+        later it would wait for the next step's queued GPU work."""
+        row = {
+            "lr": stats.lr, "samples_per_s": round(self._rate(step, now), 2),
+            "step_time_s": round(self.step_time / steps, 6), "data_wait_s": round(self.data_wait / steps, 6),
+            "world_size": self.ctx.world_size, "logging_s_total": round(self.logging_s, 6),
+            "time": round(time.time(), 3), **self.extra,
+        }  # fmt: skip
+        return row, None if stats.grad_norm is None else float(stats.grad_norm)
 
     def _emit(self, step: int, row: dict[str, float]) -> None:
         self.tracker.log(step, row)

@@ -50,8 +50,7 @@ class StepSync:
     """Stop agreement, pacing and log-value gathering for one worker. See the module docstring.
 
     ``step`` must be called on all ranks once per step; ``flush`` (local: it only waits) on all ranks at the same
-    step — before each checkpoint, so a checkpoint never exists before the log rows it ends — and ``close`` on all
-    ranks after the loop.
+    step — before each checkpoint, so a checkpoint never exists before the log rows it ends — and after the loop.
     """
 
     POLL_INTERVAL_S = 0.05
@@ -99,9 +98,6 @@ class StepSync:
         if self.pending is not None:
             self.carried = max(self.carried, self._finish(self.pending))
             self.pending = None
-
-    def close(self) -> None:
-        self.flush()
 
     def _finish(self, exchange: _Exchange) -> int:
         exchange.work.wait()

@@ -13,6 +13,7 @@ every step when steps are longer — the same step on every rank):
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import time
 from typing import Any
@@ -55,14 +56,16 @@ class StopFlag:
         return f"{signal.Signals(self.signum).name} during step {self.signal_step}"
 
 
-def die_with_parent() -> None:
-    """Linux: ask the kernel to SIGKILL this process when its parent dies (even by SIGKILL)."""
+def die_with_parent(parent_pid: int) -> bool:
+    """Linux: ask the kernel to SIGKILL this process when its parent dies (even by SIGKILL). False if the parent
+    ``parent_pid`` is already gone — it died before the request took effect, and no signal will come."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
     except OSError:
         pass
+    return os.getppid() == parent_pid
 
 
 def ignore_stop_signals() -> None:

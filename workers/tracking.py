@@ -253,8 +253,7 @@ def wandb_process_main(cfg_dict: dict[str, Any], rid: str, mode: str | None, con
 
     ignore_stop_signals()  # they arrive blocked (see WandbProcess): ignore first, then let them through
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    die_with_parent()
-    if os.getppid() != parent:  # the worker died before the kernel could be asked to kill us with it
+    if not die_with_parent(parent):  # the worker is already gone
         return
     _background_priority()
     cfg = config_from_dict(cfg_dict)

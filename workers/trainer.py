@@ -244,7 +244,7 @@ class Trainer:
                     self.step,
                 )
                 break
-        sync.close()
+        sync.flush()
         self.heartbeat.update(self.step, "done")
         return FitResult(self.step, stopped_early=bool(stopped), stop_reason=REASONS[stopped])
 
