@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from workers.checkpoint import Checkpointer
+from workers.contract import TrainState
 from workers.dist import DistContext
+from workers.rundir import RunDir
 
 
 def build_state(total_mb: float) -> tuple[nn.Module, torch.optim.Optimizer, object, object]:
@@ -72,7 +74,7 @@ def bench_size(total_mb: float, repeats: int, base: Path) -> dict:
     model, opt, sched, scaler = build_state(total_mb)
     nbytes = state_bytes(model, opt)
     ctx = DistContext.from_env("cpu", env={})
-    train_state = {"step": 1, "samples_seen": 1, "world_size": 1}
+    train_state = TrainState(step=1, samples_seen=1, world_size=1, global_batch_size=1, seed=0)
     rows: dict[str, dict[str, list[float]]] = {
         k: {"blocked_s": [], "total_s": []} for k in ("torch.save", "sync", "async")
     }
@@ -88,8 +90,7 @@ def bench_size(total_mb: float, repeats: int, base: Path) -> dict:
         rows["torch.save"]["total_s"].append(dt)
         path.unlink()
         for mode in ("sync", "async"):
-            ckpt_dir = base / f"{mode}-{r}"
-            ckpt = Checkpointer(ckpt_dir, ctx, keep=1, async_save=mode == "async")
+            ckpt = Checkpointer(RunDir(base / f"{mode}-{r}"), ctx, keep=1, async_save=mode == "async")
             t0 = time.perf_counter()
             folder = ckpt.save(r + 1, model, opt, sched, scaler, train_state, blocking=mode == "sync")
             blocked = time.perf_counter() - t0
@@ -102,7 +103,7 @@ def bench_size(total_mb: float, repeats: int, base: Path) -> dict:
                 t0 = time.perf_counter()
                 ckpt.load(folder, model, opt, sched, scaler)
                 load_s.append(time.perf_counter() - t0)
-            shutil.rmtree(ckpt_dir)
+            shutil.rmtree(ckpt.paths.root)
     out = {
         "state_mb": round(nbytes / 1e6, 1),
         "raw_write_mb_s": summary([b / 1e6 for b in raw]),

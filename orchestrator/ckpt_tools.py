@@ -11,17 +11,10 @@ from typing import Any
 
 import torch
 
-from workers.checkpoint import (
-    MODEL_FILE,
-    CheckpointError,
-    find_latest_valid,
-    load_weights,
-    read_train_state,
-    step_folders,
-    verify,
-)
-from workers.entry import EXIT_OK, EXIT_USAGE
+from workers.checkpoint import CheckpointError, find_latest_valid, load_weights, read_train_state, verify
+from workers.contract import EXIT_OK, EXIT_USAGE
 from workers.fsutil import atomic_write
+from workers.rundir import MODEL_FILE, RunDir
 
 
 def _weights_summary(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -42,10 +35,10 @@ def _describe_folder(folder: Path) -> dict[str, Any]:
     try:
         state = read_train_state(folder)
         info.update(
-            step=state.get("step"),
-            samples_seen=state.get("samples_seen"),
-            world_size=state.get("world_size"),
-            global_batch_size=state.get("global_batch_size"),
+            step=state.step,
+            samples_seen=state.samples_seen,
+            world_size=state.world_size,
+            global_batch_size=state.global_batch_size,
         )
     except CheckpointError:
         pass
@@ -59,10 +52,11 @@ def _describe_folder(folder: Path) -> dict[str, Any]:
 
 def inspect(path: Path) -> dict[str, Any]:
     """Describe a run dir (its newest valid checkpoint, plus all of them), a checkpoint folder or a .pt file."""
-    if (path / "checkpoints").is_dir():
-        folders = [_describe_folder(f) for _, f in step_folders(path / "checkpoints")]
-        latest = find_latest_valid(path / "checkpoints", warn=False)
-        return {"run_dir": str(path), "latest_valid": str(latest) if latest else None, "checkpoints": folders}
+    run = RunDir(path)
+    if run.checkpoints.is_dir():
+        folders = [_describe_folder(f) for _, f in run.step_folders()]
+        latest = find_latest_valid(run.checkpoints, warn=False)
+        return dict(run_dir=str(path), latest_valid=str(latest) if latest else None, checkpoints=folders)
     if path.is_dir():
         return _describe_folder(path)
     if path.is_file():
@@ -89,12 +83,16 @@ def _print_folder(info: dict[str, Any], indent: str = "") -> None:
         print(f"{indent}  parameters: {info['parameters']:,} in {info['tensors']} tensors ({info['bytes']:,} bytes)")
 
 
+def _print_run(run_dir: str, latest_valid: str | None, checkpoints: list[dict[str, Any]]) -> None:
+    print(f"run dir: {run_dir}")
+    print(f"latest valid: {latest_valid or 'none'}")
+    for folder in checkpoints:
+        _print_folder(folder, "  ")
+
+
 def _print_inspect(info: dict[str, Any]) -> None:
     if "run_dir" in info:
-        print(f"run dir: {info['run_dir']}")
-        print(f"latest valid: {info['latest_valid'] or 'none'}")
-        for folder in info["checkpoints"]:
-            _print_folder(folder, "  ")
+        _print_run(**info)
     elif info.get("kind") == "weights file":
         print(f"weights file: {info['path']}")
         print(f"  parameters: {info['parameters']:,} in {info['tensors']} tensors ({info['bytes']:,} bytes)")

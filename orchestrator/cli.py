@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import TYPE_CHECKING
 
-from workers.config import Config, ConfigError, load_config
-from workers.entry import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-
-if TYPE_CHECKING:
-    from orchestrator.launcher import PrestartedGroup
+from workers.config import load_config
+from workers.contract import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from workers.errors import ClusterRefusedError, ConfigError, UsageError
+from workers.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
 
@@ -59,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     stat = sub.add_parser("status", help="a run's state, step, loss, throughput, restarts, wandb run id")
     stat.add_argument("run_dir")
     stat.add_argument("--json", action="store_true", help="print one JSON object")
-    plot = sub.add_parser("plot", help="draw loss, learning rate and throughput from metrics.jsonl to a PNG")
+    plot = sub.add_parser("plot", help="draw loss, learning rate and throughput from the run's metrics to a PNG")
     plot.add_argument("run_dir")
-    plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    plot.add_argument("--out", default=None, help=f"PNG path (default: RUN_DIR/{RunDir('.').metrics_png.name})")
 
     ckpt = sub.add_parser("ckpt", help="inspect or export checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=_Parser)
@@ -85,32 +83,34 @@ def _setup_console_logging() -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from orchestrator.launcher import PrestartedGroup  # noqa: PLC0415
-    from workers.entry import lock_run_dir, preflight, save_resolved_config  # noqa: PLC0415
+    from orchestrator.launcher import PrestartedGroup  # noqa: PLC0415 - the launch side, only for launch
+    from orchestrator.supervisor import run_with_restarts  # noqa: PLC0415
+    from workers.preflight import check_devices, lock_run_dir, preflight, save_resolved_config  # noqa: PLC0415
 
     overrides = list(args.overrides) + ([f"launch.nproc={args.nproc}"] if args.nproc is not None else [])
     cfg = load_config(args.config, overrides)  # config errors surface here, before torch is imported
+    paths = RunDir(cfg.run.dir)
     # The workers start now and import torch while the checks below run (they wait at a gate, writing nothing):
     # the two slow imports overlap instead of following each other.
     group = PrestartedGroup(cfg)
     try:
-        preflight(cfg, cfg.launch.nproc)
-        _check_devices(cfg)
-        lock = lock_run_dir(cfg)  # held until the launch (restarts included) is over
+        preflight(cfg, paths, cfg.launch.nproc)
+        check_devices(cfg)
+        lock = lock_run_dir(paths)  # held until the launch (restarts included) is over
     except BaseException:
         group.abort()
         raise
     try:
-        save_resolved_config(cfg)
+        save_resolved_config(cfg, paths)
         _setup_console_logging()
-        return _launch_with_restarts(cfg, group)
+        return run_with_restarts(cfg, paths, group)
     finally:
         lock.release()
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator import slurm  # noqa: PLC0415
-    from workers.entry import preflight, save_resolved_config  # noqa: PLC0415
+    from workers.preflight import preflight, save_resolved_config  # noqa: PLC0415
 
     flags = {
         "nodes": args.nodes, "tasks_per_node": args.tasks_per_node, "gpus_per_node": args.gpus_per_node,
@@ -120,87 +120,40 @@ def cmd_submit(args: argparse.Namespace) -> int:
         flags["tasks_per_node"] = args.gpus_per_node  # one task per GPU
     overrides = list(args.overrides) + [f"slurm.{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(args.config, overrides)
+    paths = RunDir(cfg.run.dir)
     slurm.require_slurm()
-    preflight(cfg, cfg.slurm.world_size)
-    active = slurm.active_jobs(cfg.run_dir)
+    preflight(cfg, paths, cfg.slurm.world_size)
+    active = slurm.active_jobs(paths)
     if active:
         job_id, state = active[0]
-        raise ConfigError(
-            f"run dir '{cfg.run_dir}' already has job {job_id} ({state.describe()}). "
-            f"HINT: orchestrator cancel {cfg.run_dir}, or wait for it to end"
+        raise ClusterRefusedError(
+            f"run dir '{paths.root}' already has job {job_id} ({state.describe()}). "
+            f"HINT: orchestrator cancel {paths.root}, or wait for it to end"
         )  # (UNKNOWN included: two jobs on one run dir would fight over it)
-    offset = slurm.log_offset(cfg.run_dir)
-    job_id = slurm.submit(cfg)
-    save_resolved_config(cfg)  # after SLURM accepted it: a refused submission leaves the run dir as it was
+    offset = slurm.log_offset(paths)
+    job_id = slurm.submit(cfg, paths)
+    save_resolved_config(cfg, paths)  # after SLURM accepted it: a refused submission leaves the run dir as it was
     s = cfg.slurm
     print(job_id)
     print(
-        f"submitted job {job_id}: {s.nodes} node(s) x {s.tasks_per_node} task(s), run dir {cfg.run_dir}\n"
-        f"  follow: orchestrator status {cfg.run_dir}    stop: orchestrator cancel {cfg.run_dir}",
+        f"submitted job {job_id}: {s.nodes} node(s) x {s.tasks_per_node} task(s), run dir {paths.root}\n"
+        f"  follow: orchestrator status {paths.root}    stop: orchestrator cancel {paths.root}",
         file=sys.stderr,
     )
-    return slurm.follow(cfg.run_dir, job_id, offset) if args.wait else EXIT_OK
+    return slurm.follow(paths, job_id, offset) if args.wait else EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from pathlib import Path  # noqa: PLC0415
-
     from orchestrator import slurm  # noqa: PLC0415
 
-    run_dir = Path(args.run_dir)
-    if not slurm.load_jobs(run_dir):
-        raise ConfigError(f"'{run_dir}' has no SLURM jobs (no {slurm.JOBS_FILE}). HINT: is it the right run dir?")
-    cancelled, problems = slurm.cancel(run_dir)
-    print(f"cancelled job(s) {', '.join(cancelled)}" if cancelled else f"no active job for {run_dir}")
+    paths = RunDir(args.run_dir)
+    if not slurm.load_jobs(paths):
+        raise ConfigError(f"'{paths.root}' has no SLURM jobs (no {paths.slurm_jobs}). HINT: is it the right run dir?")
+    cancelled, problems = slurm.cancel(paths)
+    print(f"cancelled job(s) {', '.join(cancelled)}" if cancelled else f"no active job for {paths.root}")
     for problem in problems:
         print(f"orchestrator: error: could not cancel {problem}", file=sys.stderr)
     return EXIT_FAILED if problems else EXIT_OK
-
-
-def _check_devices(cfg: Config) -> None:
-    """Pre-flight against the hardware: enough GPUs for --nproc, fp16 only on CUDA."""
-    import torch  # noqa: PLC0415
-
-    from workers.dist import check_precision  # noqa: PLC0415
-
-    cuda = torch.cuda.is_available() and cfg.launch.device != "cpu"
-    if cfg.launch.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'launch.device' = 'cuda': no CUDA device is visible. HINT: use auto or cpu")
-    if cuda and cfg.launch.nproc > torch.cuda.device_count():
-        raise ConfigError(
-            f"config key 'launch.nproc' = {cfg.launch.nproc}: only {torch.cuda.device_count()} "
-            "GPU(s) visible (one worker per GPU). HINT: lower --nproc or set launch.device=cpu"
-        )
-    check_precision(cfg.train.precision, "cuda" if cuda else "cpu")
-
-
-def _launch_with_restarts(cfg: Config, group: PrestartedGroup) -> int:
-    from orchestrator.launcher import LocalLauncher, SignalRelay  # noqa: PLC0415
-
-    restarts, prestarted = 0, group
-    # One signal relay for all attempts: a Ctrl-C during a teardown or between attempts still means "stop".
-    with SignalRelay() as relay:
-        while True:
-            log.info(
-                "launching %d worker(s), run dir %s%s",
-                cfg.launch.nproc,
-                cfg.run.dir,
-                f" (restart {restarts}/{cfg.launch.max_restarts})" if restarts else "",
-            )
-            result = LocalLauncher(cfg, cfg.launch.nproc, attempt=restarts).run(relay, prestarted)
-            prestarted = None  # restarts spawn afresh
-            if result.ok:
-                log.info("run finished: %s", cfg.run.dir)
-                return EXIT_OK
-            if result.usage_error:
-                print(f"orchestrator: error: {result.root_cause.error['message'].partition(': ')[2]}", file=sys.stderr)
-                return EXIT_USAGE
-            print(result.report(), file=sys.stderr)
-            stopped = result.stopped_by_signal or relay.count > 0
-            if stopped or not result.retryable or restarts >= cfg.launch.max_restarts:
-                return EXIT_FAILED
-            restarts += 1
-            log.warning("restarting the group from the latest checkpoint (%d/%d)", restarts, cfg.launch.max_restarts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator import ckpt_tools  # noqa: PLC0415
 
         return ckpt_tools.run(args)
-    except ConfigError as exc:
+    except UsageError as exc:
         print(f"orchestrator: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

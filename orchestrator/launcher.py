@@ -9,7 +9,6 @@ workers as a graceful stop (they save at the next step and exit 0); a second one
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing.connection
 import os
@@ -17,13 +16,15 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psutil
 
 from workers.config import Config
-from workers.heartbeat import heartbeat_path, read_heartbeat
+from workers.contract import ErrorRecord, FailureKind, Gate
+from workers.entry import spawned_worker
+from workers.heartbeat import read_heartbeat
+from workers.rundir import RunDir
 
 log = logging.getLogger("orchestrator.launcher")
 
@@ -35,7 +36,7 @@ class RankOutcome:
     rank: int
     exitcode: int | None  # None: still running when torn down (then killed)
     signal_name: str | None = None
-    error: dict[str, Any] | None = None  # the worker's error record (message, traceback), when it wrote one
+    error: ErrorRecord | None = None  # the worker's error record (message, traceback), when it wrote one
     ended_at: float = 0.0  # when the launcher saw the process end
     hung: str | None = None  # why the launcher judged the rank hung (then it was killed)
 
@@ -50,7 +51,7 @@ class RankOutcome:
             how = f"killed by {self.signal_name}"
         else:
             how = f"exit code {self.exitcode}"
-        return f"rank {self.rank}: {how}" + (f" — {self.error['message']}" if self.error else "")
+        return f"rank {self.rank}: {how}" + (f" — {self.error.message}" if self.error else "")
 
 
 @dataclass
@@ -60,20 +61,25 @@ class RunResult:
     outcomes: dict[int, RankOutcome] = field(default_factory=dict)
     root_cause: RankOutcome | None = None
     stopped_by_signal: bool = False
+    logs_hint: str = "the run's logs folder"  # where the per-rank error records are
 
     @property
     def ok(self) -> bool:
         return self.root_cause is None and all(not o.failed for o in self.outcomes.values())
 
     @property
+    def failure_kind(self) -> FailureKind | None:
+        """What the root cause reported; None when it wrote no record (a signal, a hard crash, a hang)."""
+        return self.root_cause.error.kind if self.root_cause and self.root_cause.error else None
+
+    @property
     def usage_error(self) -> bool:
-        return bool(self.root_cause and self.root_cause.error and self.root_cause.error.get("kind") == "config")
+        return self.failure_kind is FailureKind.CONFIG
 
     @property
     def retryable(self) -> bool:
-        """A restart can help (not a config error, not a run dir without a usable checkpoint)."""
-        kind = (self.root_cause.error or {}).get("kind") if self.root_cause else None
-        return kind not in ("config", "checkpoint")
+        """A restart can help (not a usage error, not a run dir without a usable checkpoint)."""
+        return self.failure_kind is None or self.failure_kind.retryable
 
     def report(self) -> str:
         """A human report: the root cause with its traceback, then every rank's outcome."""
@@ -81,14 +87,14 @@ class RunResult:
             return "all ranks finished"
         rc = self.root_cause
         lines = [f"training failed: rank {rc.rank} failed first ({rc.describe()})"]
-        if rc.error and rc.error.get("traceback"):
-            lines += ["", f"traceback of rank {rc.rank}:", rc.error["traceback"].rstrip()]
-        lines += ["", "all ranks (full tracebacks in run.dir/logs/error-rank-<r>.json):"]
+        if rc.error and rc.error.traceback:
+            lines += ["", f"traceback of rank {rc.rank}:", rc.error.traceback.rstrip()]
+        lines += ["", f"all ranks (full tracebacks in {self.logs_hint}):"]
         for rank in sorted(self.outcomes):
             outcome = self.outcomes[rank]
             lines.append(f"  {outcome.describe()}")
-            if outcome is not rc and outcome.error and outcome.error.get("traceback"):
-                where = [ln.strip() for ln in outcome.error["traceback"].splitlines() if ln.strip().startswith("File")]
+            if outcome is not rc and outcome.error and outcome.error.traceback:
+                where = [ln.strip() for ln in outcome.error.traceback.splitlines() if ln.strip().startswith("File")]
                 lines += [f"      at {where[-1]}"] if where else []
         return "\n".join(lines)
 
@@ -168,8 +174,8 @@ class HangWatch:
       and checkpoint phases are exempt: they may be slow without being stuck.
     """
 
-    def __init__(self, directory: Path, nproc: int, timeout_s: float) -> None:
-        self.paths = [heartbeat_path(directory, r) for r in range(nproc)]
+    def __init__(self, paths: RunDir, nproc: int, timeout_s: float) -> None:
+        self.paths = [paths.heartbeat_file(r) for r in range(nproc)]
         self.timeout_s = timeout_s
         self._progress: dict[int, tuple[tuple[int, str], float]] = {}  # rank -> ((step, phase), since when)
         self._first_step: dict[int, int] = {}  # rank -> the first step it reported in phase train
@@ -207,13 +213,11 @@ class HangWatch:
 
 def _spawn(cfg: Config, nproc: int, attempt: int, gate: Any = None) -> list:
     """Start ``nproc`` worker processes (spawn: a fresh interpreter each; no torch needed here to do it)."""
-    from workers.entry import spawned_worker  # noqa: PLC0415
-
     ctx = multiprocessing.get_context("spawn")
-    port, logs, procs = free_port(), str(cfg.run_dir / "logs"), []
+    port, procs = free_port(), []
     try:
         for rank in range(nproc):
-            args = (cfg.to_dict(), rank, nproc, port, logs, os.getpid(), attempt, gate)
+            args = (cfg.to_dict(), rank, nproc, port, os.getpid(), attempt, gate)
             proc = ctx.Process(target=spawned_worker, name=f"worker-{rank}", args=args)
             proc.start()
             procs.append(proc)
@@ -229,21 +233,15 @@ class PrestartedGroup:
     at a gate, having written nothing. ``go`` lets them train; ``abort`` (the checks failed) ends them."""
 
     def __init__(self, cfg: Config) -> None:
-        from workers.entry import GATE_WAIT  # noqa: PLC0415
-
-        self.gate = multiprocessing.get_context("spawn").Value("i", GATE_WAIT)
+        self.gate = multiprocessing.get_context("spawn").Value("i", Gate.WAIT)
         self.procs = _spawn(cfg, cfg.launch.nproc, 0, self.gate)
 
     def go(self) -> list:
-        from workers.entry import GATE_GO  # noqa: PLC0415
-
-        self.gate.value = GATE_GO
+        self.gate.value = Gate.GO
         return self.procs
 
     def abort(self) -> None:
-        from workers.entry import GATE_ABORT  # noqa: PLC0415
-
-        self.gate.value = GATE_ABORT
+        self.gate.value = Gate.ABORT
         kill_tree([p.pid for p in self.procs if p.is_alive()], 0.0)  # mid-import: no need to wait for them
         for proc in self.procs:
             proc.join(timeout=5)
@@ -252,12 +250,11 @@ class PrestartedGroup:
 class LocalLauncher:
     """Spawns and supervises one group of ``nproc`` workers on this machine.
 
-    Per-rank error records and heartbeats live in ``run.dir/logs/`` (cleared at the start of each attempt).
+    Per-rank error records and heartbeats live in the run's logs folder (cleared at the start of each attempt).
     """
 
-    def __init__(self, cfg: Config, nproc: int, attempt: int = 0) -> None:
-        self.cfg, self.nproc, self.attempt = cfg, nproc, attempt
-        self.logs = cfg.run_dir / "logs"
+    def __init__(self, cfg: Config, paths: RunDir, nproc: int, attempt: int = 0) -> None:
+        self.cfg, self.paths, self.nproc, self.attempt = cfg, paths, nproc, attempt
 
     def run(self, relay: SignalRelay | None = None, prestarted: PrestartedGroup | None = None) -> RunResult:
         """Start the group (or let a prestarted one through its gate) and supervise it to the end. Always tears
@@ -265,8 +262,8 @@ class LocalLauncher:
 
         ``relay``: the launcher's signal handling, when the caller holds it across several attempts.
         """
-        self.logs.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.logs.glob("error-rank-*.json"), *self.logs.glob("heartbeat-rank-*.json")]:
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.paths.error_files(), *self.paths.heartbeat_files()]:
             stale.unlink(missing_ok=True)
         procs: list = []
         with contextlib.nullcontext(relay) if relay else SignalRelay() as active:
@@ -277,8 +274,8 @@ class LocalLauncher:
                 kill_tree([p.pid for p in procs if p.is_alive()], self.cfg.launch.grace_period_s)
 
     def _supervise(self, procs: list, relay: SignalRelay) -> RunResult:
-        result = RunResult()
-        hangs = HangWatch(self.logs, len(procs), self.cfg.launch.hang_timeout_s)
+        result = RunResult(logs_hint=str(self.paths.logs))
+        hangs = HangWatch(self.paths, len(procs), self.cfg.launch.hang_timeout_s)
         forwarded = 0
         while len(result.outcomes) < len(procs):
             multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=0.2)
@@ -288,7 +285,7 @@ class LocalLauncher:
             exits_seen = len(result.outcomes)
             for rank, proc in enumerate(procs):
                 if proc.exitcode is not None and rank not in result.outcomes:
-                    result.outcomes[rank] = _outcome(rank, proc.exitcode, self.logs, seen_at)
+                    result.outcomes[rank] = _outcome(rank, proc.exitcode, self.paths, seen_at)
             # An exit is evidence; a hang is a judgement: in a poll that saw new exits, they speak first.
             if result.root_cause is None and len(result.outcomes) == exits_seen:
                 alive = [r for r, p in enumerate(procs) if p.exitcode is None]
@@ -319,23 +316,17 @@ class LocalLauncher:
         for rank, proc in enumerate(procs):
             proc.join(timeout=5)
             if rank not in result.outcomes:
-                result.outcomes[rank] = _outcome(rank, proc.exitcode, self.logs, time.time())
+                result.outcomes[rank] = _outcome(rank, proc.exitcode, self.paths, time.time())
 
 
 def _failure_order(outcome: RankOutcome) -> tuple[float, float]:
     """Who failed first: the launcher sees exits as they happen (``ended_at``); within one observation, a
     rank that died without an error record (a signal, a hard crash) comes before ranks that merely reported
     the lost peer, then by the time each rank wrote its error record."""
-    return outcome.ended_at, (outcome.error or {}).get("time", float("-inf"))
+    return outcome.ended_at, outcome.error.time if outcome.error else float("-inf")
 
 
-def _outcome(rank: int, exitcode: int | None, logs: Path, seen_at: float) -> RankOutcome:
-    error = None
-    path = logs / f"error-rank-{rank}.json"
-    if path.exists():
-        try:
-            error = json.loads(path.read_text())
-        except ValueError:
-            error = None
+def _outcome(rank: int, exitcode: int | None, paths: RunDir, seen_at: float) -> RankOutcome:
+    error = ErrorRecord.read(paths.error_file(rank))
     sig = signal.Signals(-exitcode).name if exitcode is not None and exitcode < 0 else None
     return RankOutcome(rank, exitcode, sig, error, seen_at)

@@ -1,9 +1,9 @@
 """The launch side of SLURM: ``orchestrator submit`` (through submitit), ``--wait``, ``cancel``, and the SLURM part
 of ``orchestrator status``.
 
-The job side (what each task runs, preemption → save → requeue) is workers/slurm.py. Job ids are kept in
-``run.dir/slurm/jobs.json``; the job side appends its events to ``run.dir/slurm/events.jsonl``; submitit keeps its
-scripts and per-task stdout/stderr under ``run.dir/slurm/submitit/<job id>/``. Live state comes from squeue,
+The job side (what each task runs, preemption → save → requeue) is workers/slurm.py and workers.entry.SlurmJob.
+Job ids are kept in ``RunDir.slurm_jobs``; the job side appends its events to ``RunDir.slurm_events``; submitit
+keeps its scripts and per-task stdout/stderr under ``RunDir.submitit_job(<job id>)``. Live state comes from squeue,
 then scontrol (finished jobs, for a while), then sacct (clusters with accounting).
 """
 
@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.config import Config, ConfigError
-from workers.entry import EXIT_FAILED, EXIT_OK
+from workers.config import Config
+from workers.contract import EXIT_FAILED, EXIT_OK, ErrorRecord
+from workers.entry import SlurmJob
+from workers.errors import ClusterRefusedError
 from workers.fsutil import atomic_write
-from workers.slurm import SlurmJob, read_events, record_event
+from workers.rundir import RunDir
+from workers.slurm import read_events, record_event
 
-JOBS_FILE = Path("slurm") / "jobs.json"
-SUBMITIT_DIR = Path("slurm") / "submitit"
 # States after which a job never runs again. REQUEUED, PENDING, RUNNING, COMPLETING, ... are not in it. GONE: the
 # controller has forgotten the job (it ended long ago) and no accounting remembers it. UNKNOWN (SLURM did not
 # answer) is not final: the job may well be running.
@@ -79,10 +80,10 @@ class JobState:
 
 
 def require_slurm() -> None:
-    """ConfigError (exit 2) when the SLURM client commands are missing."""
+    """ClusterRefusedError (exit 2) when the SLURM client commands are missing."""
     missing = [cmd for cmd in ("sbatch", "squeue", "scontrol", "scancel") if shutil.which(cmd) is None]
     if missing:
-        raise ConfigError(
+        raise ClusterRefusedError(
             f"SLURM not found: {', '.join(missing)} not on PATH. HINT: run this on a SLURM login node; for a local "
             'dev cluster: slurm/dev-cluster.sh up && eval "$(slurm/dev-cluster.sh env)"'
         )
@@ -123,35 +124,41 @@ def job_state(job_id: str) -> JobState:
     return JobState("GONE") if answered else JobState("UNKNOWN", "SLURM did not answer")
 
 
-def load_jobs(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / JOBS_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+def load_jobs(paths: RunDir) -> list[dict[str, Any]]:
+    """The run's submitted jobs, oldest first; entries without a string ``job_id`` (a damaged file) are skipped."""
+    try:
+        jobs = json.loads(paths.slurm_jobs.read_text()) if paths.slurm_jobs.is_file() else []
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    if not isinstance(jobs, list):
+        return []
+    return [j for j in jobs if isinstance(j, dict) and isinstance(j.get("job_id"), str)]
 
 
-def _add_job(run_dir: Path, job: dict[str, Any]) -> None:
-    jobs = load_jobs(run_dir)
+def _add_job(paths: RunDir, job: dict[str, Any]) -> None:
+    jobs = load_jobs(paths)
     jobs.append(job)
-    (run_dir / JOBS_FILE).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / JOBS_FILE, json.dumps(jobs, indent=1))
+    paths.slurm_jobs.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(paths.slurm_jobs, json.dumps(jobs, indent=1))
 
 
-def active_jobs(run_dir: Path) -> list[tuple[str, JobState]]:
+def active_jobs(paths: RunDir) -> list[tuple[str, JobState]]:
     """Recorded jobs of this run dir that may still run (pending, running, requeued, held, or SLURM can't say)."""
     found = []
-    for job in load_jobs(run_dir):
+    for job in load_jobs(paths):
         state = job_state(job["job_id"])
         if not state.terminal:
             found.append((job["job_id"], state))
     return found
 
 
-def _executor(cfg: Config) -> Any:
+def _executor(cfg: Config, paths: RunDir) -> Any:
     import submitit  # noqa: PLC0415 - only submit needs it
 
     s = cfg.slurm
-    executor = submitit.SlurmExecutor(folder=cfg.run_dir / SUBMITIT_DIR / "%j", max_num_timeout=s.max_timeouts)
+    executor = submitit.SlurmExecutor(folder=paths.submitit_job("%j"), max_num_timeout=s.max_timeouts)
     params: dict[str, Any] = {
-        "job_name": s.job_name or cfg.run_dir.resolve().name,
+        "job_name": s.job_name or paths.root.resolve().name,
         "nodes": s.nodes,
         "ntasks_per_node": s.tasks_per_node,
         "cpus_per_task": s.cpus_per_task,
@@ -173,31 +180,31 @@ def _executor(cfg: Config) -> Any:
     return executor
 
 
-def submit(cfg: Config) -> str:
+def submit(cfg: Config, paths: RunDir) -> str:
     """Submit the validated run; record and return the job id.
 
-    Raises ConfigError when SLURM refuses the job (bad partition, account, ...), after removing what the attempt
+    Raises ClusterRefusedError when SLURM refuses the job (bad partition, account, ...), after removing what the attempt
     left in the run dir (and the run dir itself when this submission created it).
     """
     from submitit.core.utils import FailedJobError  # noqa: PLC0415 - only submit needs submitit
 
-    existed = cfg.run_dir.exists()
-    executor = _executor(cfg)
+    existed = paths.root.exists()
+    executor = _executor(cfg, paths)
     try:
         with _captured_stderr() as captured:  # sbatch writes its refusal to our stderr: fold it into one message
             job = executor.submit(SlurmJob(cfg.to_dict()))
     except FailedJobError as exc:  # sbatch said no (nothing was queued)
-        _clean_refused(cfg.run_dir, existed)
+        _clean_refused(paths, existed)
         said = [ln for ln in captured.read().splitlines() if ln.strip()] or str(exc).strip().splitlines()
-        raise ConfigError(
+        raise ClusterRefusedError(
             f"SLURM refused the job: {said[-1] if said else type(exc).__name__}. "
             "HINT: check slurm.partition / account / qos, --nodes/--tasks-per-node against sinfo, slurm.additional"
         ) from None
     s = cfg.slurm
-    _add_job(cfg.run_dir, {
+    _add_job(paths, {
         "job_id": str(job.job_id), "submitted": time.time(), "nodes": s.nodes, "tasks_per_node": s.tasks_per_node,
         "gpus_per_node": s.gpus_per_node, "world_size": s.world_size,
-        "submitit_dir": str(cfg.run_dir / SUBMITIT_DIR / str(job.job_id)),
+        "submitit_dir": str(paths.submitit_job(str(job.job_id))),
     })  # fmt: skip
     return str(job.job_id)
 
@@ -232,12 +239,12 @@ def _captured_stderr() -> Iterator[_Captured]:
         captured.file.close()
 
 
-def _clean_refused(run_dir: Path, existed: bool) -> None:
+def _clean_refused(paths: RunDir, existed: bool) -> None:
     """Remove what a refused submission wrote: submitit's staging files, or the run dir it created."""
     if not existed:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(paths.root, ignore_errors=True)
         return
-    staging = run_dir / SUBMITIT_DIR
+    staging = paths.submitit
     for path in staging.glob("*") if staging.is_dir() else []:
         if path.is_file():  # job folders (<job id>/) belong to earlier, accepted submissions
             path.unlink(missing_ok=True)
@@ -246,15 +253,15 @@ def _clean_refused(run_dir: Path, existed: bool) -> None:
             folder.rmdir()  # only when empty
 
 
-def cancel(run_dir: Path) -> tuple[list[str], list[str]]:
+def cancel(paths: RunDir) -> tuple[list[str], list[str]]:
     """scancel every active job of the run dir (SLURM sends SIGTERM first: ranks save at the next step if they
     can within the cluster's KillWait). Returns (job ids cancelled, problems)."""
     require_slurm()
     cancelled, problems = [], []
-    for job_id, state in active_jobs(run_dir):
+    for job_id, state in active_jobs(paths):
         rc, _out, err = _run(["scancel", job_id])
         if rc == 0:
-            record_event(run_dir, "cancelled", job_id=job_id)
+            record_event(paths, "cancelled", job_id=job_id)
             cancelled.append(job_id)
         else:
             problems.append(f"job {job_id} ({state.describe()}): scancel said {err.strip() or f'exit {rc}'}")
@@ -264,32 +271,25 @@ def cancel(run_dir: Path) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------- failures and following
 
 
-def first_failure(run_dir: Path, job_id: str | None = None) -> dict[str, Any] | None:
-    """The error record of the rank that failed first (``logs/error-rank-<r>.json``, earliest time), of job
-    ``job_id`` when given."""
-    errors = []
-    for path in (run_dir / "logs").glob("error-rank-*.json"):
-        try:
-            error = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if job_id is None or error.get("job_id") == job_id:
-            errors.append(error)
-    return min(errors, key=lambda e: e.get("time", 0.0)) if errors else None
+def first_failure(paths: RunDir, job_id: str | None = None) -> ErrorRecord | None:
+    """The error record of the rank that failed first (earliest time), of job ``job_id`` when given."""
+    errors = [e for p in paths.error_files() if (e := ErrorRecord.read(p)) is not None]
+    errors = [e for e in errors if job_id is None or e.job_id == job_id]
+    return min(errors, key=lambda e: e.time) if errors else None
 
 
-def failure_report(run_dir: Path, job: dict[str, Any], state: JobState) -> str:
+def failure_report(paths: RunDir, job: dict[str, Any], state: JobState) -> str:
     """What a user needs when a job did not complete: its state, the first failing rank's traceback, log paths."""
     lines = [f"job {job['job_id']} ended {state.describe()}"]
-    error = first_failure(run_dir, job["job_id"])
+    error = first_failure(paths, job["job_id"])
     if error:
-        lines += [f"rank {error['rank']} failed first: {error['message']}", "", error.get("traceback", "").rstrip()]
-    events = [e for e in read_events(run_dir) if e.get("job_id") == job["job_id"]]
+        lines += [f"rank {error.rank} failed first: {error.message}", "", error.traceback.rstrip()]
+    events = [e for e in read_events(paths) if e.get("job_id") == job["job_id"]]
     if events and events[-1]["event"] == "timeout-cap":
         saved = events[-1]["saved_step"]
         lines.append(f"the job reached its time limit too often (slurm.max_timeouts); last saved step {saved}")
     submitit_logs = f"  {job.get('submitit_dir')}/<job>_<task>_log.err|out"
-    lines += ["", "logs:", f"  {run_dir / 'logs'}/rank-<r>.log", submitit_logs]
+    lines += ["", "logs:", f"  {paths.logs}/rank-<r>.log", submitit_logs]
     if not error:  # nothing of ours ran far enough to write an error file: show the task's own stderr
         tail = _tail(Path(job.get("submitit_dir", "")) / f"{job['job_id']}_0_log.err", 20)
         if tail:
@@ -323,16 +323,16 @@ class LogFollower:
             sys.stdout.flush()
 
 
-def log_offset(run_dir: Path) -> int:
-    path = run_dir / "logs" / "rank-0.log"
+def log_offset(paths: RunDir) -> int:
+    path = paths.rank_log(0)
     return path.stat().st_size if path.exists() else 0
 
 
-def follow(run_dir: Path, job_id: str, offset: int = 0, poll_s: float = 1.0) -> int:
+def follow(paths: RunDir, job_id: str, offset: int = 0, poll_s: float = 1.0) -> int:
     """Follow a job to its end (requeues included), streaming rank 0's log. Exit code 0 when it completed, 1 when
     it ended otherwise, will never start, or SLURM stopped answering."""
-    follower = LogFollower(run_dir / "logs" / "rank-0.log", offset)
-    job = next((j for j in load_jobs(run_dir) if j["job_id"] == job_id), {"job_id": job_id})
+    follower = LogFollower(paths.rank_log(0), offset)
+    job = next((j for j in load_jobs(paths) if j["job_id"] == job_id), {"job_id": job_id})
     last, noted, answered = None, 0.0, time.monotonic()
     while True:
         state = job_state(job_id)
@@ -346,31 +346,31 @@ def follow(run_dir: Path, job_id: str, offset: int = 0, poll_s: float = 1.0) -> 
             answered = now
         elif now - answered > LOST_CONTACT_S:
             print(f"[submit] SLURM has not answered for {LOST_CONTACT_S:.0f} s; the job may still run. "
-                  f"HINT: orchestrator status {run_dir}", file=sys.stderr)  # fmt: skip
+                  f"HINT: orchestrator status {paths.root}", file=sys.stderr)  # fmt: skip
             return EXIT_FAILED
         if state.hopeless:
-            print(f"[submit] job {job_id} is still queued. HINT: orchestrator cancel {run_dir}", file=sys.stderr)
+            print(f"[submit] job {job_id} is still queued. HINT: orchestrator cancel {paths.root}", file=sys.stderr)
             return EXIT_FAILED
         if state.terminal:
             break
         time.sleep(poll_s)
     time.sleep(poll_s)  # the last lines may land just after the state changes
     follower.pump()
-    events = [e for e in read_events(run_dir) if e.get("job_id") == job_id]
+    events = [e for e in read_events(paths) if e.get("job_id") == job_id]
     if state.state == "COMPLETED" and events and events[-1]["event"] == "completed":
-        print(f"[submit] job {job_id} completed at step {events[-1]['step']}: {run_dir}", file=sys.stderr)
+        print(f"[submit] job {job_id} completed at step {events[-1].get('step')}: {paths.root}", file=sys.stderr)
         return EXIT_OK
-    print(failure_report(run_dir, job, state), file=sys.stderr)
+    print(failure_report(paths, job, state), file=sys.stderr)
     return EXIT_FAILED
 
 
-def status_info(run_dir: Path) -> dict[str, Any]:
+def status_info(paths: RunDir) -> dict[str, Any]:
     """The SLURM part of ``orchestrator status`` (empty when the run was never submitted)."""
-    jobs = load_jobs(run_dir)
-    events = read_events(run_dir)
+    jobs = load_jobs(paths)
+    events = read_events(paths)
     known = {j["job_id"] for j in jobs}
     for event in events:  # jobs started by plain sbatch (slurm/train.sbatch) only appear in the events
-        if event.get("job_id") and event["job_id"] not in known:
+        if isinstance(event.get("job_id"), str) and event["job_id"] not in known:
             known.add(event["job_id"])
             jobs.append({"job_id": event["job_id"]})
     if not jobs:
@@ -391,5 +391,5 @@ def status_info(run_dir: Path) -> dict[str, Any]:
     elif state.state == "CANCELLED":
         info["note"] = "cancelled; submit the run again to resume from its latest checkpoint"
     elif state.terminal and not (mine and mine[-1]["event"] == "completed"):
-        info["failure"] = failure_report(run_dir, latest, state)
+        info["failure"] = failure_report(paths, latest, state)
     return info

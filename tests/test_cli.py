@@ -72,6 +72,22 @@ def test_a_failing_rank_stops_the_others_and_is_named_with_its_traceback(tmp_pat
     assert time.monotonic() - start < 120  # no hang (the collective timeout alone would take 600 s)
 
 
+def test_under_torchrun_a_failing_rank_is_named_in_torchruns_own_report(tmp_path):
+    # torchrun reads TORCHELASTIC_ERROR_FILE of a failed rank: its summary then shows our message and traceback
+    # instead of "error_file: <N/A>" and a bare exit code.
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        "-m", "workers", "configs/quickstart.yaml", f"run.dir={tmp_path / 'run'}", *QUICK,
+        "task.args.fail_rank=1", "task.args.fail_call=3", "launch.collective_timeout_s=30",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    report = proc.stderr[proc.stderr.rfind("Root Cause") :]
+    assert "rank      : 1" in report, proc.stderr[-3000:]
+    assert "RuntimeError: injected failure on call 3" in report, proc.stderr[-3000:]
+    assert 'orch_test_tasks.py", line' in report  # the traceback, from our record
+
+
 def test_torchrun_trains_the_same_weights_as_launch(refs, tmp_path):
     run = tmp_path / "torchrun"
     cmd = [

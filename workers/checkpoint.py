@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -30,25 +29,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.config import ConfigError
+from workers.contract import TrainState
 from workers.dist import DistContext
+from workers.errors import CheckpointError, IncompatibleCheckpointError
 from workers.fsutil import HashingWriter, atomic_write, fsync_dir, write_durable
+from workers.rundir import MANIFEST_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE, RunDir, step_folders
 
 log = logging.getLogger("workers.checkpoint")
 
 FORMAT_VERSION = 1
-MODEL_FILE, OPTIM_FILE, STATE_FILE, MANIFEST_FILE = "model.pt", "optim.pt", "train_state.json", "manifest.json"
-LATEST_FILE = "latest"
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or weights file that cannot be used; the message names the path."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
+__all__ = ["CheckpointError", "Checkpointer", "find_latest_valid", "load_weights", "read_train_state", "verify"]
 
 
 # ---------------------------------------------------------------- unwrapping
@@ -110,7 +101,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if path.is_dir():
-        ckpt = find_latest_valid(path / "checkpoints") if (path / "checkpoints").is_dir() else path
+        run = RunDir(path)
+        ckpt = find_latest_valid(run.checkpoints) if run.checkpoints.is_dir() else path
         if ckpt is None:
             raise CheckpointError(f"'{path}' holds no valid checkpoint")
         verify(ckpt)
@@ -167,18 +159,8 @@ def verify(folder: Path) -> dict[str, Any]:
 
     Raises CheckpointError naming the folder and the first problem found.
     """
-    manifest_path = folder / MANIFEST_FILE
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"'{folder}' has no {MANIFEST_FILE} (incomplete save)") from None
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"'{folder}/{MANIFEST_FILE}' is unreadable") from None
-    for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
-        if name not in files:
-            raise CheckpointError(f"'{folder}' manifest does not list {name}")
-    for name, entry in files.items():
+    manifest = _read_manifest(folder)
+    for name, entry in manifest["files"].items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"'{folder}' is missing {name}")
@@ -189,6 +171,33 @@ def verify(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest, checked by schema: ``files`` maps a plain file name to ``{"size": int, "sha256": hex}``, and
+    lists the three files every checkpoint has. Anything else is a CheckpointError (the folder is corrupt)."""
+    path = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"'{folder}' has no {MANIFEST_FILE} (incomplete save)") from None
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"'{path}' is unreadable") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"'{path}' is malformed: no 'files' mapping")
+    for name, entry in files.items():
+        ok_name = isinstance(name, str) and name and "/" not in name and name not in (".", "..")
+        ok_entry = (
+            isinstance(entry, dict) and isinstance(entry.get("size"), int) and not isinstance(entry["size"], bool)
+            and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
+        )  # fmt: skip
+        if not (ok_name and ok_entry):
+            raise CheckpointError(f"'{path}' is malformed: entry {name!r} is not {{size, sha256}} of a file")
+    for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
+        if name not in files:
+            raise CheckpointError(f"'{folder}' manifest does not list {name}")
+    return manifest
+
+
 def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     """sha256 of a file read in 16 MiB chunks (a 10 GB optimizer state must not need 10 GB of RAM)."""
     digest = hashlib.sha256()
@@ -196,14 +205,6 @@ def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def step_folders(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """All ``step-XXXXXXXX`` folders (committed or not), newest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return sorted(found, reverse=True)
 
 
 def find_latest_valid(ckpt_dir: Path, warn: bool = True) -> Path | None:
@@ -218,11 +219,9 @@ def find_latest_valid(ckpt_dir: Path, warn: bool = True) -> Path | None:
     return None
 
 
-def read_train_state(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / STATE_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"'{folder / STATE_FILE}' is unreadable: {exc}") from None
+def read_train_state(folder: Path) -> TrainState:
+    """The folder's train state, checked by schema (CheckpointError when absent or malformed)."""
+    return TrainState.read(folder / STATE_FILE)
 
 
 # ---------------------------------------------------------------- the checkpointer
@@ -235,11 +234,12 @@ class CheckpointPayload:
     step: int
     model: dict[str, torch.Tensor]
     rest: dict[str, Any]  # optimizer / scheduler / scaler state dicts
-    train_state: dict[str, Any]
+    train_state: TrainState
 
 
 class Checkpointer:
-    """Saves and restores training state under ``ckpt_dir``. One per process; see the module docstring.
+    """Saves and restores training state under the run's checkpoints folder. One per process; see the module
+    docstring.
 
     With ``async_save``, :meth:`save` blocks training only while rank 0 copies the state to host memory (and,
     if the previous save is still being written, until it is: at most one save is in flight); a background
@@ -248,14 +248,15 @@ class Checkpointer:
 
     def __init__(
         self,
-        ckpt_dir: Path,
+        paths: RunDir,
         ctx: DistContext,
         keep: int = 2,
         async_save: bool = False,
         extra_files: dict[str, bytes] | None = None,
     ) -> None:
-        self.ckpt_dir, self.ctx, self.keep, self.async_save = ckpt_dir, ctx, keep, async_save
-        self.extra_files = extra_files or {}  # e.g. the resolved config.yaml, saved in every checkpoint
+        self.paths, self.ctx, self.keep, self.async_save = paths, ctx, keep, async_save
+        self.ckpt_dir = paths.checkpoints
+        self.extra_files = extra_files or {}  # e.g. the resolved config, saved in every checkpoint
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt") if async_save else None
         self._in_flight: Future | None = None
         self.last_commit_s = 0.0  # how long the last committed save took to write (rank 0; async: background)
@@ -267,7 +268,7 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         scaler: Any,
-        train_state: dict[str, Any],
+        train_state: TrainState,
         blocking: bool = True,
     ) -> Path:
         """Collective: must be called on all ranks with the same arguments' step.
@@ -277,7 +278,7 @@ class Checkpointer:
         the state to host memory and returns; the commit happens in the background (no barrier needed: the
         other ranks write nothing). Older checkpoints beyond ``keep`` are deleted only after a commit.
         """
-        target = self.ckpt_dir / step_dir_name(step)
+        target = self.paths.step_dir(step)
         if self.ctx.is_main:
             self.wait()  # at most one save in flight; also surfaces a failed background write
             pin = self.ctx.device.type == "cuda"
@@ -287,7 +288,7 @@ class Checkpointer:
                     "scaler": scaler.state_dict()}  # fmt: skip
             if use_async:  # copy now: the live tensors change with the next step
                 model_state, rest = snapshot(model_state, pin), snapshot(rest, pin)
-            payload = CheckpointPayload(step, model_state, rest, dict(train_state))
+            payload = CheckpointPayload(step, model_state, rest, train_state)
             if use_async:
                 if pin:
                     torch.cuda.current_stream().synchronize()  # the pinned copies must be complete
@@ -335,7 +336,7 @@ class Checkpointer:
             files = {
                 MODEL_FILE: save_torch_durable(tmp / MODEL_FILE, payload.model),
                 OPTIM_FILE: save_torch_durable(tmp / OPTIM_FILE, payload.rest),
-                STATE_FILE: write_durable(tmp / STATE_FILE, json.dumps(payload.train_state, indent=1).encode()),
+                STATE_FILE: write_durable(tmp / STATE_FILE, payload.train_state.to_json().encode()),
             }
             files.update({name: write_durable(tmp / name, data) for name, data in self.extra_files.items()})
             # The manifest goes last: its presence (and matching hashes) is what makes the folder count.
@@ -349,7 +350,7 @@ class Checkpointer:
             _set_aside(target)
         os.rename(tmp, target)
         fsync_dir(self.ckpt_dir)
-        atomic_write(self.ckpt_dir / LATEST_FILE, target.name + "\n")
+        atomic_write(self.paths.latest, target.name + "\n")
 
     def _apply_retention(self, newest: int) -> None:
         """Keep the newest ``keep`` committed checkpoints up to ``newest``; never touch uncommitted folders."""
@@ -382,9 +383,8 @@ class Checkpointer:
                 newer = [f for _, f in folders if f.name > found.name]
                 for folder in newer:
                     _set_aside(folder)
-                latest = self.ckpt_dir / LATEST_FILE
-                if newer or not latest.exists() or latest.read_text().strip() != found.name:
-                    atomic_write(self.ckpt_dir / LATEST_FILE, found.name + "\n")  # never name a set-aside folder
+                if newer or self.paths.latest_name() != found.name:
+                    atomic_write(self.paths.latest, found.name + "\n")  # never name a set-aside folder
                 choice = str(found)
         choice = self.ctx.broadcast_object(choice)
         if choice == "!none-valid":
@@ -397,14 +397,14 @@ class Checkpointer:
 
     def load(
         self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any
-    ) -> dict[str, Any]:
+    ) -> TrainState:
         """Restore model, optimizer, scheduler and scaler from ``folder``; return its train state."""
         weights = _safe_load(folder / MODEL_FILE)  # an unsafe or corrupt file: CheckpointError, not a config error
         try:
             unwrap(model).load_state_dict(weights, strict=True)
         except RuntimeError as exc:  # another architecture than the one saved: a config problem, not a crash
             first = str(exc).strip().splitlines()[0]
-            raise ConfigError(
+            raise IncompatibleCheckpointError(
                 f"checkpoint '{folder}' does not fit the model that task.factory/task.args build: "
                 f"{first}. HINT: restore the task settings of this run, or use a new run.dir"
             ) from None

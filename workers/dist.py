@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from workers.config import ConfigError
+from workers.errors import ConfigError
 
 
 @dataclass(frozen=True)

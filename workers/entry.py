@@ -1,151 +1,75 @@
-"""Worker entry points. Every launch path ends in :func:`run_worker`.
+"""Worker entry points: every way a worker process starts is here, and every one ends in :func:`run_worker`.
 
 - our local launcher: :func:`spawned_worker` (module-level, so torch.multiprocessing can pickle it);
+- SLURM through submitit: :class:`SlurmJob` (pickled by reference);
 - torchrun / srun / plain python: ``python -m workers CONFIG.yaml [key=value ...]`` → :func:`main`.
 
-A worker reports failure as data: on an exception it writes ``{rank, kind, message, traceback, time}`` as JSON to
-the file named by ``ORCH_ERROR_FILE`` (when set) and exits 1 (2 for a config error).
+A worker reports failure as data: on an exception it writes an :class:`~workers.contract.ErrorRecord` to its error
+file (the launcher names it; under SLURM ``RunDir.error_file(rank)``; under torchrun also torchrun's own error file,
+``TORCHELASTIC_ERROR_FILE``, in torchrun's format) and exits 1 (2 for a usage error).
+
+Top layer of the workers package: imports the trainer lazily (torch stays unloaded for ``--help`` and config
+errors); must not import the launch side (``orchestrator``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import sys
 import time
 import traceback
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from workers import slurm
-from workers.config import (
-    Config,
-    ConfigError,
-    check_resume_compatible,
-    config_from_dict,
-    dump_config,
-    load_config,
-    plan_batches,
+from workers.config import Config, config_from_dict, load_config, plan_batches
+from workers.contract import (
+    ENV_LAUNCHER,
+    ENV_TORCHELASTIC_ERROR_FILE,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ErrorRecord,
+    Gate,
 )
-from workers.fsutil import RunDirLock, atomic_write
-from workers.heartbeat import HEARTBEAT_DIR_ENV
+from workers.errors import UsageError
+from workers.logsetup import setup_logging
+from workers.preflight import lock_run_dir, preflight, save_resolved_config
+from workers.rundir import RunDir
 from workers.stop import StopFlag, die_with_parent
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-ERROR_FILE_ENV = "ORCH_ERROR_FILE"
 log = logging.getLogger("workers")
 
 
-def setup_logging(run_dir: Path, rank: int) -> None:
-    """Rank-prefixed lines to ``logs/rank-<r>.log``; rank 0 also to the console (stderr)."""
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.INFO)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    handler: logging.Handler = logging.FileHandler(run_dir / "logs" / f"rank-{rank}.log")
-    handler.setFormatter(fmt)
-    root.addHandler(handler)
-    if rank == 0:
-        console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(fmt)
-        root.addHandler(console)
+@dataclass(frozen=True)
+class WorkerStart:
+    """What the code that started this worker knows and hands to :func:`run_worker` (never via the environment)."""
+
+    error_file: Path | None = None  # where to write the error record on failure (the launcher reads it)
+    torchelastic_error_file: Path | None = None  # torchrun's per-rank error file, written in torchrun's format
+    heartbeat_file: Path | None = None  # watched by our launcher; None: nobody watches
+    counts: tuple[tuple[str, float], ...] = (("restarts", 0.0),)  # restarts so far, for the metrics rows
+    owns_run_dir: bool = True  # no launcher locked the run dir and wrote its config: rank 0 does
 
 
-def write_error_file(rank: int, exc: BaseException, kind: str) -> None:
-    path = os.environ.get(ERROR_FILE_ENV)
-    if not path:
-        return
-    record = {
-        "rank": rank,
-        "kind": kind,
-        "message": f"{type(exc).__name__}: {exc}",
-        "traceback": "".join(traceback.format_exception(exc)),
-        "time": time.time(),
-        "job_id": os.environ.get("SLURM_JOB_ID"),  # tells this job's failure from an older job's
-    }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(path), json.dumps(record))
-
-
-def preflight(cfg: Config, world_size: int) -> None:
-    """Every check that can fail on user input, before anything is written. Raises ConfigError.
-
-    Imports the task factory's module (and so, usually, torch); the config itself was checked without it.
-    """
-    from workers.tasks import resolve_factory  # noqa: PLC0415
-
-    plan_batches(cfg, world_size)
-    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
-        raise ConfigError(f"config key 'train.init_from' = {cfg.train.init_from!r}: no such file or folder")
-    ckpt_dir = cfg.run_dir / "checkpoints"
-    if not cfg.run.resume and ckpt_dir.is_dir() and any(ckpt_dir.glob("step-*")):
-        raise ConfigError(
-            f"config key 'run.resume' = False but '{ckpt_dir}' already holds checkpoints. "
-            "HINT: use a new run.dir, move the checkpoints away, or resume"
-        )
-    resolve_factory(cfg.task.factory)
-    if cfg.run.resume:
-        newest = _newest_train_state(ckpt_dir)
-        if newest is not None:
-            check_resume_compatible(cfg, newest, str(cfg.run_dir))
-
-
-def _newest_train_state(ckpt_dir: Path) -> dict[str, Any] | None:
-    """train_state.json of the newest folder with a manifest (JSON only: no torch, no hashing here)."""
-    found = ckpt_dir.glob("step-*/manifest.json") if ckpt_dir.is_dir() else []
-    folders = sorted((m for m in found if re.fullmatch(r"step-\d{8}", m.parent.name)), reverse=True)
-    for manifest in folders:
-        try:
-            return json.loads((manifest.parent / "train_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def lock_run_dir(cfg: Config) -> RunDirLock:
-    """Hold ``run.dir/.lock`` for this launch; ConfigError (exit 2) when another launch holds it."""
-    try:
-        return RunDirLock(cfg.run_dir).acquire()
-    except BlockingIOError as exc:
-        raise ConfigError(f"{exc}. HINT: wait for it to end, or use another run.dir") from None
-
-
-def save_resolved_config(cfg: Config) -> None:
-    """Write ``run.dir/config.yaml`` (rank 0; only after the config has been validated)."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(cfg.run_dir / "config.yaml", dump_config(cfg))
-
-
-def _error_kind(exc: BaseException) -> str:
-    """``config`` and ``checkpoint`` errors don't heal by restarting; anything else might."""
-    from workers.checkpoint import CheckpointError  # noqa: PLC0415 - torch is loaded by now
-
-    if isinstance(exc, ConfigError):
-        return "config"
-    return "checkpoint" if isinstance(exc, CheckpointError) else "exception"
-
-
-def run_worker(cfg: Config, stop: StopFlag | None = None) -> int:
+def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
     """Train on this process's rank. Returns an exit code; never raises.
 
     Must be called on all ranks of the job (it joins the process group and takes part in collectives).
-    Callers should install ``stop`` as early as they can, so a signal during the slow imports is a graceful stop.
+    Callers install ``stop`` as early as they can, so a signal during the slow imports is a graceful stop.
     """
     import torch  # noqa: PLC0415 - keep `python -m workers --help` and config errors torch-free
 
     from workers.dist import DistContext, check_precision, cpu_threads_per_worker  # noqa: PLC0415
-    from workers.heartbeat import NoHeartbeat, heartbeat_from_env  # noqa: PLC0415
+    from workers.heartbeat import NoHeartbeat, heartbeat_for  # noqa: PLC0415
     from workers.trainer import Trainer  # noqa: PLC0415
 
-    stop = stop or StopFlag().install()
+    paths = RunDir(cfg.run.dir)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:  # a task of a SLURM job: no launcher names it
-        _slurm_error_file(cfg, rank)
     ctx, heartbeat, lock = None, NoHeartbeat(), None
     try:
         ctx = DistContext.from_env(cfg.launch.device)
@@ -157,26 +81,26 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> int:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS initialises
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
-        if ctx.is_main and ctx.source != "launcher":  # our launcher already did both
-            lock = lock_run_dir(cfg)
-            save_resolved_config(cfg)
-        setup_logging(cfg.run_dir, rank)
+        if ctx.is_main and start.owns_run_dir:
+            lock = lock_run_dir(paths)
+            save_resolved_config(cfg, paths)
+        setup_logging(paths, rank)
         if ctx.source == "slurm" and ctx.is_main:
-            slurm.on_start(cfg, ctx.world_size)
-        heartbeat = heartbeat_from_env(rank).start()
+            slurm.on_start(paths, ctx.world_size)
+        heartbeat = heartbeat_for(start.heartbeat_file, rank).start()
         ctx.init_process_group(cfg.launch.collective_timeout_s)
-        result = Trainer(cfg, ctx, stop, heartbeat).fit()
+        result = Trainer(cfg, ctx, paths, stop, heartbeat, dict(start.counts)).fit()
         ctx.barrier()
         log.info("done at step %d%s", result.step, " (stopped early)" if result.stopped_early else "")
         if ctx.source == "slurm" and ctx.is_main:  # every rank has saved: now rank 0 may requeue the job
-            return slurm.on_finish(cfg, stop, result.step, result.stop_reason)
+            return slurm.on_finish(cfg, paths, stop, result.step, result.stop_reason)
         return EXIT_OK
-    except ConfigError as exc:
-        write_error_file(rank, exc, "config")
+    except UsageError as exc:
+        _report(start, ErrorRecord.from_exception(rank, exc, slurm.job_id()))
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BaseException as exc:
-        write_error_file(rank, exc, _error_kind(exc))
+        _report(start, ErrorRecord.from_exception(rank, exc, slurm.job_id()))
         log.error("rank %d failed:\n%s", rank, "".join(traceback.format_exception(exc)))
         if not logging.getLogger().handlers:
             traceback.print_exc()
@@ -190,14 +114,18 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> int:
                 ctx.destroy()
 
 
-def _slurm_error_file(cfg: Config, rank: int) -> None:
-    """Under SLURM no launcher names the error file: use ``logs/error-rank-<r>.json`` and drop a stale one from
-    an earlier incarnation of the job (a requeue must not look failed)."""
-    path = Path(os.environ.setdefault(ERROR_FILE_ENV, str(cfg.run_dir / "logs" / f"error-rank-{rank}.json")))
-    path.unlink(missing_ok=True)
+def _report(start: WorkerStart, record: ErrorRecord) -> None:
+    """Write the error record where the starter asked (ours, and torchrun's in its own format)."""
+    for path, write in ((start.error_file, record.write), (start.torchelastic_error_file, record.write_torchelastic)):
+        if path is None:
+            continue
+        try:
+            write(path)
+        except OSError as exc:  # a full or read-only disk: the message still reaches stderr and the log
+            log.error("could not write the error record %s: %s", path, exc)
 
 
-GATE_WAIT, GATE_GO, GATE_ABORT = 0, 1, 2
+# ---------------------------------------------------------------- our local launcher
 
 
 def spawned_worker(
@@ -205,7 +133,6 @@ def spawned_worker(
     rank: int,
     world_size: int,
     port: int,
-    logs_dir: str,
     launcher_pid: int,
     attempt: int,
     gate: Any = None,
@@ -213,22 +140,27 @@ def spawned_worker(
     """Entry of a worker started by the local launcher (picklable: module-level).
 
     ``gate`` (a shared int, for the first group of a launch): the worker does its slow imports while the launcher
-    is still checking the run, then waits for GATE_GO before touching anything; GATE_ABORT (the checks failed) or
-    a dead launcher end it without a trace.
+    is still checking the run, then waits for ``Gate.GO`` before touching anything; ``Gate.ABORT`` (the checks
+    failed) or a dead launcher end it without a trace.
     """
     stop = StopFlag().install()  # first: a stop request during start-up is then a graceful one
     if not die_with_parent(launcher_pid):  # the launcher died before prctl took effect
         os._exit(EXIT_FAILED)
     if gate is not None and not _pass_gate(gate, launcher_pid):
         os._exit(EXIT_OK)
+    # The torch.distributed contract, read by DistContext and the env:// rendezvous.
     os.environ.update({
         "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-        "ORCH_LAUNCHER": "launcher", "ORCH_RESTART_COUNT": str(attempt),
-        ERROR_FILE_ENV: str(Path(logs_dir) / f"error-rank-{rank}.json"),
-        HEARTBEAT_DIR_ENV: logs_dir,
+        ENV_LAUNCHER: "launcher",
     })  # fmt: skip
-    exit_now(run_worker(config_from_dict(cfg_dict), stop))
+    cfg = config_from_dict(cfg_dict)
+    paths = RunDir(cfg.run.dir)
+    start = WorkerStart(
+        error_file=paths.error_file(rank), heartbeat_file=paths.heartbeat_file(rank),
+        counts=(("restarts", float(attempt)),), owns_run_dir=False,
+    )  # fmt: skip
+    exit_now(run_worker(cfg, stop, start))
 
 
 def _pass_gate(gate: Any, launcher_pid: int) -> bool:
@@ -237,11 +169,45 @@ def _pass_gate(gate: Any, launcher_pid: int) -> bool:
 
     import workers.trainer  # noqa: F401, PLC0415
 
-    while gate.value == GATE_WAIT:
+    while gate.value == Gate.WAIT:
         if os.getppid() != launcher_pid:
             return False
         time.sleep(0.005)
-    return gate.value == GATE_GO
+    return gate.value == Gate.GO
+
+
+# ---------------------------------------------------------------- SLURM
+
+
+class SlurmJob:
+    """What submitit runs in every task of a job. Pickled by reference (a module-level class holding a plain
+    dict), so the job needs only this package on the nodes."""
+
+    def __init__(self, cfg_dict: dict[str, Any]) -> None:
+        self.cfg_dict = cfg_dict
+
+    def __call__(self) -> typing.NoReturn:
+        # Replaces submitit's handlers: its USR2 handler would checkpoint on rank 0 alone, inside the handler,
+        # and its SIGTERM handler ignores the signal. Ours only set the flag that all ranks agree on.
+        stop = StopFlag().install()
+        # Leave at once, without returning to submitit: the job's outcome is in run.dir (events, error files),
+        # not in submitit's result pickle, and interpreter teardown after the process group can abort.
+        cfg = config_from_dict(self.cfg_dict)
+        exit_now(run_worker(cfg, stop, _slurm_start(RunDir(cfg.run.dir))))
+
+
+def _slurm_start(paths: RunDir) -> WorkerStart:
+    """A task of a SLURM job: no launcher names its error file, so it is ``RunDir.error_file(rank)``; a stale one
+    from an earlier incarnation of the job is removed first (a requeue must not look failed)."""
+    rank = int(os.environ.get("SLURM_PROCID", "0"))
+    path = paths.error_file(rank)
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+    counts = slurm.restart_counts(paths)
+    return WorkerStart(error_file=path, counts=tuple(counts.items()), owns_run_dir=True)
+
+
+# ---------------------------------------------------------------- torchrun, srun, a plain process
 
 
 def exit_now(code: int) -> typing.NoReturn:
@@ -252,6 +218,17 @@ def exit_now(code: int) -> typing.NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _plain_start(paths: RunDir) -> WorkerStart:
+    """``python -m workers`` under srun (a task of a SLURM job), torchrun, or alone."""
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        return _slurm_start(paths)
+    torchelastic = os.environ.get(ENV_TORCHELASTIC_ERROR_FILE)  # torchrun's summary then names our root cause
+    restarts = float(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)  # torchrun's --max-restarts count
+    return WorkerStart(
+        torchelastic_error_file=Path(torchelastic) if torchelastic else None, counts=(("restarts", restarts),)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK if argv else EXIT_USAGE
     try:
         cfg = load_config(argv[0], argv[1:])
-        preflight(cfg, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))))
-    except ConfigError as exc:
+        paths = RunDir(cfg.run.dir)
+        preflight(cfg, paths, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))))
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return run_worker(cfg, stop)
+    return run_worker(cfg, stop, _plain_start(paths))

@@ -39,13 +39,14 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 
 class RunDirLock:
-    """An exclusive ``flock`` on ``run.dir/.lock`` held for a whole launch: two launches never share a run dir.
+    """An exclusive ``flock`` on the run dir's lock file (``RunDir.lock``) held for a whole launch: two launches
+    never share a run dir.
 
     The kernel drops the lock when the holder dies (even by SIGKILL), so there is no stale lock to clean up.
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / ".lock"
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
         self._fd: int | None = None
 
     def acquire(self) -> RunDirLock:

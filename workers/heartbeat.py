@@ -1,8 +1,8 @@
 """Per-rank liveness for hang detection.
 
-A daemon thread rewrites ``heartbeat-rank-<r>.json`` (``{pid, rank, step, phase, time}``) every ``interval``
-seconds. The launcher reads these files: a heartbeat that stops (a frozen process: SIGSTOP, a dead machine)
-or a step that stops advancing while the phase is ``train`` (a stuck collective, a deadlock) is a hang.
+A daemon thread rewrites the rank's heartbeat file (``RunDir.heartbeat_file``: ``{pid, rank, step, phase, time}``)
+every ``interval`` seconds. The launcher reads these files: a heartbeat that stops (a frozen process: SIGSTOP, a
+dead machine) or a step that stops advancing while the phase is ``train`` (a stuck collective, a deadlock) is a hang.
 The training loop only assigns two attributes per step; all I/O happens in the thread.
 """
 
@@ -14,12 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-HEARTBEAT_DIR_ENV = "ORCH_HEARTBEAT_DIR"
-HEARTBEAT_INTERVAL_ENV = "ORCH_HEARTBEAT_INTERVAL_S"  # seconds between writes (default 1)
-
-
-def heartbeat_path(directory: Path, rank: int) -> Path:
-    return directory / f"heartbeat-rank-{rank}.json"
+from workers.contract import ENV_HEARTBEAT_INTERVAL
 
 
 class Heartbeat:
@@ -73,12 +68,16 @@ class NoHeartbeat:
         pass
 
 
-def heartbeat_from_env(rank: int) -> Heartbeat | NoHeartbeat:
-    directory = os.environ.get(HEARTBEAT_DIR_ENV)
-    if not directory:
+def heartbeat_for(path: Path | None, rank: int) -> Heartbeat | NoHeartbeat:
+    """This rank's heartbeat at ``path`` (the launcher watches it), or the do-nothing twin when nobody watches.
+    The interval may be tuned with ``ORCH_HEARTBEAT_INTERVAL_S`` (tests and the chaos script use it)."""
+    if path is None:
         return NoHeartbeat()
-    interval = float(os.environ.get(HEARTBEAT_INTERVAL_ENV, "1.0"))
-    return Heartbeat(heartbeat_path(Path(directory), rank), rank, interval)
+    try:
+        interval = float(os.environ.get(ENV_HEARTBEAT_INTERVAL, "1.0"))
+    except ValueError:
+        interval = 1.0
+    return Heartbeat(path, rank, interval if interval > 0 else 1.0)
 
 
 def read_heartbeat(path: Path) -> dict | None:

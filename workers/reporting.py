@@ -5,15 +5,14 @@ a terminal."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import psutil
 import torch
 
-from workers import slurm
 from workers.config import Config
 from workers.dist import DistContext
 from workers.tracking import Tracker
@@ -33,17 +32,6 @@ class StepStats:
     data_wait_s: float
 
 
-def _restart_counts(cfg: Config, ctx: DistContext) -> dict[str, float]:
-    """Restarts of this run so far: the local launcher's count, or SLURM's requeues and, of those, preemptions."""
-    if ctx.source == "slurm":
-        events = slurm.read_events(cfg.run_dir)
-        return {
-            "restarts": float(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-            "preemptions": float(sum(1 for e in events if e.get("event") == "requeue" and e["kind"] == "preemption")),
-        }
-    return {"restarts": float(os.environ.get("ORCH_RESTART_COUNT", "0"))}
-
-
 class Reporter:
     """Called every step on every rank; does real work only at log steps.
 
@@ -54,14 +42,18 @@ class Reporter:
     log steps only.
     """
 
-    def __init__(self, cfg: Config, ctx: DistContext, tracker: Tracker, start_step: int) -> None:
+    def __init__(
+        self, cfg: Config, ctx: DistContext, tracker: Tracker, start_step: int, counts: Mapping[str, float]
+    ) -> None:
+        """``counts``: values every row carries until changed (restarts and preemptions so far; the entry
+        point that started this process knows them)."""
         self.cfg, self.ctx, self.tracker = cfg, ctx, tracker
         self.every, self.max_steps = cfg.train.log_every, cfg.train.max_steps
         self.gbs = cfg.data.global_batch_size
         self.proc = psutil.Process()
         self.window_start, self.window_step, self.window_cpu_s = time.perf_counter(), start_step, time.process_time()
         self.data_wait = self.step_time = 0.0
-        self.extra: dict[str, float] = _restart_counts(cfg, ctx)
+        self.extra: dict[str, float] = dict(counts)
         self.progress = Progress(self.max_steps, start_step) if ctx.is_main and sys.stderr.isatty() else None
         self.last_loss = float("nan")
         self.partial: dict[int, tuple[dict[str, float], float | None]] = {}  # log rows awaiting their table

@@ -1,6 +1,6 @@
 """The job side of SLURM: what each task of a submitted job runs, and what a preemption notice leads to.
 
-Tasks reach :func:`workers.entry.run_worker` either through submitit (:class:`SlurmJob`) or through a plain
+Tasks reach :func:`workers.entry.run_worker` either through submitit (:class:`workers.entry.SlurmJob`) or a plain
 ``srun python -m workers CONFIG`` (``slurm/train.sbatch``); both take the same path from there:
 
 1. SLURM sends the notice (``slurm.signal``, USR2 by default, ``slurm.signal_delay_s`` before the end; or
@@ -10,8 +10,9 @@ Tasks reach :func:`workers.entry.run_worker` either through submitit (:class:`Sl
    ``scontrol requeue``; every rank exits cleanly. Timeouts requeue at most ``slurm.max_timeouts`` times.
 4. The requeued job (same job id) resumes from that checkpoint like any other resume.
 
-The run's SLURM history is ``run.dir/slurm/events.jsonl`` (one JSON object per line: start, requeue, completed,
-timeout-cap, ...), written by rank 0 and read by ``orchestrator status`` / ``submit --wait``. Torch-free.
+The run's SLURM history is ``RunDir.slurm_events`` (one JSON object per line: start, requeue, completed,
+timeout-cap, ...), written by rank 0 and read by ``orchestrator status`` / ``submit --wait``. Torch-free; must not
+import the entry points (they import this module) or the launch side.
 """
 
 from __future__ import annotations
@@ -21,16 +22,13 @@ import logging
 import os
 import subprocess
 import time
-import typing
-from pathlib import Path
 from typing import Any
 
 from workers.config import Config
+from workers.rundir import RunDir
 from workers.stop import StopFlag
 
 log = logging.getLogger("workers.slurm")
-
-EVENTS_FILE = Path("slurm") / "events.jsonl"
 # SLURM checks time limits every ~30 s: a notice this close to the job's end time is the time limit, not a preemption.
 _TIMEOUT_SLACK_S = 60
 
@@ -40,8 +38,8 @@ def job_id(env: dict[str, str] | None = None) -> str | None:
     return env.get("SLURM_JOB_ID")
 
 
-def record_event(run_dir: Path, event: str, **fields: Any) -> None:
-    """Append one event to ``run.dir/slurm/events.jsonl`` (rank 0 only; a line is one small write)."""
+def record_event(paths: RunDir, event: str, **fields: Any) -> None:
+    """Append one event to the run's SLURM event log (rank 0 only; a line is one small write)."""
     row = {
         "event": event,
         "time": time.time(),
@@ -49,7 +47,7 @@ def record_event(run_dir: Path, event: str, **fields: Any) -> None:
         "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
         **fields,
     }
-    path = run_dir / EVENTS_FILE
+    path = paths.slurm_events
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -57,17 +55,28 @@ def record_event(run_dir: Path, event: str, **fields: Any) -> None:
         os.fsync(f.fileno())
 
 
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's SLURM events, oldest first (a torn last line is skipped)."""
-    path = run_dir / EVENTS_FILE
+def read_events(paths: RunDir) -> list[dict[str, Any]]:
+    """The run's SLURM events, oldest first (a torn or malformed line is skipped)."""
+    path = paths.slurm_events
     rows = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(row, dict) and isinstance(row.get("event"), str):
+                rows.append(row)
     return rows
+
+
+def restart_counts(paths: RunDir) -> dict[str, float]:
+    """For the metrics rows of a task of a SLURM job: its requeues so far and, of those, preemptions."""
+    requeues = [e for e in read_events(paths) if e.get("event") == "requeue"]
+    return {
+        "restarts": float(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        "preemptions": float(sum(1 for e in requeues if e.get("kind") == "preemption")),
+    }
 
 
 def parse_time_left(text: str) -> float | None:
@@ -101,32 +110,32 @@ def classify_notice(job: str, signal_delay_s: int, signal_time: float | None) ->
     return "timeout" if left <= signal_delay_s + _TIMEOUT_SLACK_S else "preemption"
 
 
-def on_start(cfg: Config, world_size: int) -> None:
+def on_start(paths: RunDir, world_size: int) -> None:
     """Rank 0, at the start of every job incarnation: record it."""
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    record_event(cfg.run_dir, "start", world_size=world_size, nodes=os.environ.get("SLURM_JOB_NODELIST"))
+    record_event(paths, "start", world_size=world_size, nodes=os.environ.get("SLURM_JOB_NODELIST"))
     if restart:
         log.info("SLURM job %s, requeue %d: resuming from the latest checkpoint", job_id(), restart)
 
 
-def on_finish(cfg: Config, stop: StopFlag, step: int, stop_reason: str | None) -> int:
+def on_finish(cfg: Config, paths: RunDir, stop: StopFlag, step: int, stop_reason: str | None) -> int:
     """Rank 0, after every rank has passed the final barrier: record the outcome and requeue after a notice.
 
     Returns the worker's exit code: 0, or 1 when the job cannot be requeued (time-limit cap, scontrol failure).
     """
     if stop_reason is None or step >= cfg.train.max_steps:  # a notice during the last step changes nothing
-        record_event(cfg.run_dir, "completed", step=step)
+        record_event(paths, "completed", step=step)
         return 0
     if stop_reason != "preempt":
-        record_event(cfg.run_dir, "stopped", step=step, signal_step=stop.signal_step)
+        record_event(paths, "stopped", step=step, signal_step=stop.signal_step)
         return 0
     job = job_id() or "?"
     kind = classify_notice(job, cfg.slurm.signal_delay_s, stop.signal_time)
-    mine = [e for e in read_events(cfg.run_dir) if e.get("job_id") == job]  # this job's requeues, not the run's
+    mine = [e for e in read_events(paths) if e.get("job_id") == job]  # this job's requeues, not the run's
     timeouts = sum(1 for e in mine if e.get("event") == "requeue" and e.get("kind") == "timeout")
     fields = {"kind": kind, "saved_step": step, "signal_step": stop.signal_step}
     if kind == "timeout" and timeouts >= cfg.slurm.max_timeouts:
-        record_event(cfg.run_dir, "timeout-cap", **fields)
+        record_event(paths, "timeout-cap", **fields)
         log.error(
             "job %s reached its time limit %d times (slurm.max_timeouts=%d): saved step %d, not requeued. "
             "Submit the run again to continue it",
@@ -137,34 +146,15 @@ def on_finish(cfg: Config, stop: StopFlag, step: int, stop_reason: str | None) -
         subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60, check=True)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        record_event(cfg.run_dir, "requeue-failed", error=str(detail).strip(), **fields)
+        record_event(paths, "requeue-failed", error=str(detail).strip(), **fields)
         log.error("could not requeue job %s: %s. Submit the run again to continue from step %d", job, detail, step)
         return 1
     # SLURM now ends this incarnation (SIGTERM, which only sets the flag again): a line is written well within
     # KillWait. Every step completed so far is in the checkpoint: the requeued job starts at step + 1.
-    record_event(cfg.run_dir, "requeue", **fields)
+    record_event(paths, "requeue", **fields)
     log.info(
         "%s notice for job %s (%s): saved step %d, the last completed step: 0 steps lost; requeued, the job "
         "resumes at step %d",
         kind, job, stop.describe(), step, step + 1,
     )  # fmt: skip
     return 0
-
-
-class SlurmJob:
-    """What submitit runs in every task of a job. Pickled by reference (a module-level class holding a plain
-    dict), so the job needs only this package on the nodes."""
-
-    def __init__(self, cfg_dict: dict[str, Any]) -> None:
-        self.cfg_dict = cfg_dict
-
-    def __call__(self) -> typing.NoReturn:
-        from workers.config import config_from_dict  # noqa: PLC0415
-        from workers.entry import exit_now, run_worker  # noqa: PLC0415
-
-        # Replaces submitit's handlers: its USR2 handler would checkpoint on rank 0 alone, inside the handler,
-        # and its SIGTERM handler ignores the signal. Ours only set the flag that all ranks agree on.
-        stop = StopFlag().install()
-        # Leave at once, without returning to submitit: the job's outcome is in run.dir (events, error files),
-        # not in submitit's result pickle, and interpreter teardown after the process group can abort.
-        exit_now(run_worker(config_from_dict(self.cfg_dict), stop))

@@ -1,7 +1,8 @@
-"""Metrics: ``metrics.jsonl`` always, wandb on rank 0 when enabled. One continuous run across every restart.
+"""Metrics: the run's metrics file (``RunDir.metrics``) always, wandb on rank 0 when enabled. One continuous run
+across every restart.
 
-- The wandb run id is created once and kept in ``run.dir/tracking.json``; every start (local restart, resume on
-  another world size, SLURM requeue) calls ``wandb.init(id=..., resume="allow")`` on rank 0 with it.
+- The wandb run id is created once and kept in the run's tracking file (``RunDir.tracking``); every start (local
+  restart, resume on another world size, SLURM requeue) calls ``wandb.init(id=..., resume="allow")`` on rank 0 with it.
 - Everything is logged against the *global* step. On resume, steps already logged before the stop (the run may
   have gone past its last checkpoint) are not logged again: their values are identical, and skipping them
   keeps every curve free of duplicates and gaps.
@@ -25,14 +26,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from workers.config import Config
+from workers.config import Config, config_from_dict
 from workers.fsutil import atomic_write
+from workers.logsetup import setup_logging
+from workers.rundir import RunDir
 from workers.stop import STOP_SIGNALS, die_with_parent, ignore_stop_signals
 from workers.wandb_records import last_persisted_step
 
 log = logging.getLogger("workers.tracking")
-TRACKING_FILE = "tracking.json"
-METRICS_FILE = "metrics.jsonl"
 
 
 class Sink(Protocol):
@@ -42,35 +43,44 @@ class Sink(Protocol):
     def finish(self, quick: bool = False) -> None: ...
 
 
-def run_id(run_dir: Path) -> str:
-    """The run's tracking id: read from ``tracking.json``, created there on first use. Rank 0 only."""
-    path = run_dir / TRACKING_FILE
+def read_run_id(paths: RunDir) -> str | None:
+    """The run's wandb run id from its tracking file; None when absent or malformed."""
     try:
-        return json.loads(path.read_text())["wandb_run_id"]
-    except (OSError, ValueError, KeyError):
-        pass
+        rid = json.loads(paths.tracking.read_text())["wandb_run_id"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return rid if isinstance(rid, str) and rid.isalnum() else None
+
+
+def run_id(paths: RunDir) -> str:
+    """The run's tracking id: read from the tracking file, created there on first use. Rank 0 only."""
+    rid = read_run_id(paths)
+    if rid is not None:
+        return rid
     rid = secrets.token_hex(4)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps({"wandb_run_id": rid}) + "\n")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write(paths.tracking, json.dumps({"wandb_run_id": rid}) + "\n")
     return rid
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of ``metrics.jsonl`` (a line torn by a kill is skipped)."""
+def read_metrics(paths: RunDir) -> list[dict[str, Any]]:
+    """The rows of the run's metrics file: JSON objects with an integer ``step`` (a line torn by a kill, or
+    anything else malformed, is skipped)."""
     rows = []
-    path = run_dir / METRICS_FILE
-    if path.exists():
-        for line in path.read_text().splitlines():
+    if paths.metrics.exists():
+        for line in paths.metrics.read_text(errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+                rows.append(row)
     return rows
 
 
-def last_logged_step(run_dir: Path) -> int:
-    """The highest step in ``metrics.jsonl`` (0 if none)."""
-    return max((int(r["step"]) for r in read_metrics(run_dir) if "step" in r), default=0)
+def last_logged_step(paths: RunDir) -> int:
+    """The highest step in the metrics file (0 if none)."""
+    return max((r["step"] for r in read_metrics(paths)), default=0)
 
 
 def _drop_torn_last_line(path: Path) -> None:
@@ -83,12 +93,12 @@ def _drop_torn_last_line(path: Path) -> None:
 
 
 class JsonlSink:
-    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+    """Appends one JSON object per logged step to the run's metrics file ."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / METRICS_FILE
+    def __init__(self, paths: RunDir) -> None:
+        self.path = paths.metrics
         _drop_torn_last_line(self.path)
-        self.skip_through = last_logged_step(run_dir)
+        self.skip_through = last_logged_step(paths)
         self._file = None
 
     def log(self, step: int, row: dict[str, Any]) -> None:
@@ -107,10 +117,10 @@ class WandbSink:
     def __init__(self, cfg: Config, rid: str, mode: str | None) -> None:
         import wandb  # noqa: PLC0415 - only when tracking is on
 
-        t = cfg.tracking
+        t, paths = cfg.tracking, RunDir(cfg.run.dir)
         self.run = wandb.init(
-            project=t.project, entity=t.entity, name=t.name or cfg.run_dir.name, group=t.group,
-            tags=list(t.tags) or None, config=cfg.to_dict(), dir=str(cfg.run_dir), id=rid, resume="allow",
+            project=t.project, entity=t.entity, name=t.name or paths.root.name, group=t.group,
+            tags=list(t.tags) or None, config=cfg.to_dict(), dir=str(paths.root), id=rid, resume="allow",
             mode=mode,
             # workers own their console; wandb's system sampler would cost CPU on every rank-0 step
             settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True, save_code=False),
@@ -118,21 +128,21 @@ class WandbSink:
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
         # What wandb already holds: online, the server tells (starting_step); offline, its own files do.
-        offline = last_persisted_step(cfg.run_dir, rid) if self.run.offline else 0
+        offline = last_persisted_step(paths.root, rid) if self.run.offline else 0
         self.skip_through = max(offline, int(getattr(self.run, "starting_step", 0) or 0) - 1)
         log.info(
             "wandb run %s (%s), continuing after step %d", rid, mode or os.environ.get("WANDB_MODE"), self.skip_through
         )
-        self._backfill(cfg.run_dir)
+        self._backfill(paths)
 
-    def _backfill(self, run_dir: Path) -> None:
-        """A kill can take wandb's unflushed rows with it while ``metrics.jsonl`` kept them: log those rows
+    def _backfill(self, paths: RunDir) -> None:
+        """A kill can take wandb's unflushed rows with it while the metrics file kept them: log those rows
         again (same steps, same values) so the wandb run has no gap."""
-        rows = [r for r in read_metrics(run_dir) if r.get("step", 0) > self.skip_through]
+        rows = [r for r in read_metrics(paths) if r["step"] > self.skip_through]
         for row in rows:
             self.log(row["step"], {k: v for k, v in row.items() if k != "step"})
         if rows:
-            log.info("wandb: back-filled steps %d..%d from metrics.jsonl", rows[0]["step"], rows[-1]["step"])
+            log.info("wandb: back-filled steps %d..%d from the metrics file", rows[0]["step"], rows[-1]["step"])
             self.skip_through = rows[-1]["step"]
 
     def log(self, step: int, row: dict[str, Any]) -> None:
@@ -160,7 +170,7 @@ class WandbProcess:
     starts there, so training no longer waits for ``wandb.init``.
 
     The child knows what wandb already holds (:class:`WandbSink`'s ``skip_through``, after back-filling from
-    ``metrics.jsonl``) and drops rows at or below it, so the parent sends every row. Tracking trouble never stops
+    the metrics file) and drops rows at or below it, so the parent sends every row. Tracking trouble never stops
     training: if wandb fails to start, the child says so on rank 0's log and drains the queue.
 
     Lifetime: the child ignores the stop signals (they reach the whole process group; the worker saves first and
@@ -170,7 +180,7 @@ class WandbProcess:
     skip_through = 0  # the child filters
     FINISH_TIMEOUT_S = 120.0  # after a normal end: wandb may need a while to flush (online)
     QUICK_FINISH_TIMEOUT_S = 10.0  # after a stop or an error: leave promptly (a requeue may be waiting); the rows
-    # are in metrics.jsonl and the next start back-fills whatever wandb missed
+    # are in the metrics file and the next start back-fills whatever wandb missed
 
     def __init__(self, cfg: Config, rid: str, mode: str | None) -> None:
         ctx = multiprocessing.get_context("spawn")  # fork would copy a process with torch and gloo threads
@@ -189,7 +199,7 @@ class WandbProcess:
         reader.close()  # the child holds the only read end: end-of-file there if this process dies
         # A plain queue and a feeder thread: the training thread never blocks on the pipe, even if the child lags.
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.closed = False  # the child is gone: rows are dropped here (metrics.jsonl has them)
+        self.closed = False  # the child is gone: rows are dropped here (the metrics file has them)
         self.feeder = threading.Thread(target=self._feed, name="orch-wandb-feeder", daemon=True)
         self.feeder.start()
 
@@ -200,7 +210,7 @@ class WandbProcess:
             self.writer.send(None)  # the end, explicitly: a forked process may hold a copy of our pipe end
         except Exception as exc:
             self.closed = True
-            log.warning("wandb: the tracking process stopped taking rows (%s); metrics.jsonl keeps them", exc)
+            log.warning("wandb: the tracking process stopped taking rows (%s); the metrics file keeps them", exc)
         finally:
             self.writer.close()
 
@@ -248,20 +258,17 @@ def _rows(conn: Any) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def wandb_process_main(cfg_dict: dict[str, Any], rid: str, mode: str | None, conn: Any, parent: int) -> None:
     """Entry of the ``orch-wandb`` process: start (or continue) the wandb run, log rows until the worker ends."""
-    from workers.config import config_from_dict  # noqa: PLC0415 - the child's own imports
-    from workers.entry import setup_logging  # noqa: PLC0415
-
     ignore_stop_signals()  # they arrive blocked (see WandbProcess): ignore first, then let them through
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if not die_with_parent(parent):  # the worker is already gone
         return
     _background_priority()
     cfg = config_from_dict(cfg_dict)
-    setup_logging(cfg.run_dir, 0)
+    setup_logging(RunDir(cfg.run.dir), 0)
     try:
         sink = WandbSink(cfg, rid, mode)
     except Exception as exc:  # tracking trouble must not stop training
-        log.error("wandb: could not start run %s (%s); training goes on and metrics.jsonl keeps every row", rid, exc)
+        log.error("wandb: could not start run %s (%s); training goes on and the metrics file keeps every row", rid, exc)
         for _ in _rows(conn):  # keep the pipe flowing
             pass
         return
@@ -307,14 +314,14 @@ class _CpuMeter:
 class Tracker:
     """Rank 0's metric sinks behind one call; on other ranks it holds nothing and logs nothing."""
 
-    def __init__(self, cfg: Config, is_main: bool) -> None:
+    def __init__(self, cfg: Config, paths: RunDir, is_main: bool) -> None:
         self.sinks: list[Sink] = []
         self.run_id: str | None = None
         if not is_main:
             return
-        self.sinks.append(JsonlSink(cfg.run_dir))
+        self.sinks.append(JsonlSink(paths))
         if cfg.tracking.mode != "disabled":
-            self.run_id = run_id(cfg.run_dir)
+            self.run_id = run_id(paths)
             self.sinks.append(WandbProcess(cfg, self.run_id, wandb_mode(cfg)))
 
     def log(self, step: int, row: dict[str, Any]) -> None:

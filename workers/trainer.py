@@ -1,6 +1,6 @@
 """The training loop. Reads top to bottom: set up, maybe resume, then step until ``train.max_steps``.
 
-Exactness across stops and world sizes rests on three things (DESIGN.md, "Invariants"):
+Exactness across stops and world sizes (README.md, "Resume, on any number of workers") rests on three things:
 the global batch is constant and each step consumes the next ``global_batch_size`` samples of one global order
 (workers.data); randomness inside a step is re-derived from (seed, step, rank, micro-step), never carried over
 from earlier steps; and checkpoints hold only world-size-independent state (workers.checkpoint).
@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +23,12 @@ from torch import nn
 
 from workers.checkpoint import Checkpointer, load_weights, read_train_state, unwrap
 from workers.config import BatchPlan, Config, OptimConfig, check_resume_compatible, dump_config, plan_batches
+from workers.contract import TrainState
 from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all
 from workers.dist import DistContext, maybe_no_sync
 from workers.heartbeat import Heartbeat, NoHeartbeat
 from workers.reporting import Reporter, StepStats
+from workers.rundir import CONFIG_FILE, RunDir
 from workers.stepsync import StepSync
 from workers.stop import NONE, PREEMPT, REASONS, StopFlag
 from workers.tasks import build_task
@@ -84,18 +86,25 @@ class Trainer:
     """Owns one worker's training: model, optimizer, data, checkpoints. Built and run on every rank."""
 
     def __init__(
-        self, cfg: Config, ctx: DistContext, stop: StopFlag | None = None, heartbeat: Heartbeat | None = None
+        self,
+        cfg: Config,
+        ctx: DistContext,
+        paths: RunDir,
+        stop: StopFlag | None = None,
+        heartbeat: Heartbeat | None = None,
+        counts: Mapping[str, float] | None = None,
     ) -> None:
-        self.cfg, self.ctx, self.stop = cfg, ctx, stop or StopFlag()
+        """``counts``: restarts (and preemptions) of the run so far, carried in every metrics row."""
+        self.cfg, self.ctx, self.paths, self.stop = cfg, ctx, paths, stop or StopFlag()
         self.heartbeat = heartbeat or NoHeartbeat()
+        self.counts = dict(counts or {"restarts": 0.0})
         self.plan: BatchPlan = plan_batches(cfg, ctx.world_size)
-        self.run_dir = cfg.run_dir
         self.ckpt = Checkpointer(
-            self.run_dir / "checkpoints",
+            paths,
             ctx,
             keep=cfg.train.keep_checkpoints,
             async_save=cfg.train.async_checkpoint,
-            extra_files={"config.yaml": dump_config(cfg).encode()},  # each checkpoint knows how it was made
+            extra_files={CONFIG_FILE: dump_config(cfg).encode()},  # each checkpoint knows how it was made
         )
         self.step = 0
         self.wrapped: nn.Module | None = None  # the DDP / compiled module once training starts
@@ -122,14 +131,14 @@ class Trainer:
         if folder is not None:
             check_resume_compatible(self.cfg, read_train_state(folder), str(folder), len(self.task.dataset))
             state = self.ckpt.load(folder, self.model, self.optimizer, self.scheduler, self.scaler)
-            self.step = int(state["step"])
+            self.step = state.step
             self._apply_optim_config()
             log.info(
                 "resumed from %s: step %d, %d samples seen, saved at world size %d, now %d",
                 folder,
                 self.step,
-                state["samples_seen"],
-                state["world_size"],
+                state.samples_seen,
+                state.world_size,
                 self.ctx.world_size,
             )
         elif self.cfg.train.init_from:
@@ -204,9 +213,9 @@ class Trainer:
             log.info("nothing to do: the run is at step %d of %d", self.step, self.cfg.train.max_steps)
             return FitResult(self.step, stopped_early=False)
         model = self.wrapped = self._wrap()
-        self.tracker = Tracker(self.cfg, self.ctx.is_main)
-        self.reporter = Reporter(self.cfg, self.ctx, self.tracker, self.step)
-        recorder = IndexRecorder(self.run_dir, self.ctx, self.step) if self.cfg.data.record_indices else None
+        self.tracker = Tracker(self.cfg, self.paths, self.ctx.is_main)
+        self.reporter = Reporter(self.cfg, self.ctx, self.tracker, self.step, self.counts)
+        recorder = IndexRecorder(self.paths, self.ctx, self.step) if self.cfg.data.record_indices else None
         sync = self.sync = StepSync(self.ctx, self.stop, self.cfg.train.log_every, self.reporter.complete)
         batches = self._batches()
         log.info(
@@ -295,20 +304,20 @@ class Trainer:
         t0 = time.perf_counter()
         if self.sync is not None:  # the rows up to this step are written before the checkpoint that ends them exists
             self.sync.flush()
-        state = {
-            "step": self.step,
-            "samples_seen": self.step * self.plan.global_batch_size,
-            "world_size": self.ctx.world_size,
-            "global_batch_size": self.plan.global_batch_size,
-            "seed": self.cfg.train.seed,
-            "max_steps": self.cfg.train.max_steps,
-            "task": self.cfg.task.factory,
-            "tracking_run_id": self.tracker.run_id,
-            "dataset_len": len(self.task.dataset),
-            "task_args": self.cfg.task.args,
-            "torch": torch.__version__,
-            "time": time.time(),
-        }
+        state = TrainState(
+            step=self.step,
+            samples_seen=self.step * self.plan.global_batch_size,
+            world_size=self.ctx.world_size,
+            global_batch_size=self.plan.global_batch_size,
+            seed=self.cfg.train.seed,
+            max_steps=self.cfg.train.max_steps,
+            task=self.cfg.task.factory,
+            tracking_run_id=self.tracker.run_id,
+            dataset_len=len(self.task.dataset),
+            task_args=dict(self.cfg.task.args),
+            torch=torch.__version__,
+            time=time.time(),
+        )
         # The wrapped module goes in: the checkpointer peels DDP / torch.compile itself, whatever it is given.
         folder = self.ckpt.save(
             self.step, self.wrapped, self.optimizer, self.scheduler, self.scaler, state, blocking=blocking
@@ -321,12 +330,12 @@ class Trainer:
 
 
 class IndexRecorder:
-    """Audit trail: each rank appends the sample indices it consumed to ``samples/rank-<r>.jsonl``."""
+    """Audit trail: each rank appends the sample indices it consumed to its samples file (``RunDir``)."""
 
-    def __init__(self, run_dir: Path, ctx: DistContext, start_step: int) -> None:
+    def __init__(self, paths: RunDir, ctx: DistContext, start_step: int) -> None:
         self.ctx = ctx
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "samples" / f"rank-{ctx.rank}.jsonl", "a", buffering=1)  # noqa: SIM115
+        paths.samples.mkdir(parents=True, exist_ok=True)
+        self.file = open(paths.samples_file(ctx.rank), "a", buffering=1)  # noqa: SIM115
         # One id per launch, identical on all ranks, so a reader can tell attempts apart.
         self.attempt = ctx.broadcast_object(f"{time.time_ns()}-{start_step}")
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from workers.rundir import RunDir
+
 _HEADER_LEN, _BLOCK, _REC_HEADER = 7, 32 * 1024, 7
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
@@ -62,8 +64,8 @@ def history_steps(path: Path) -> list[int]:
 
 
 def offline_logs(run_dir: Path, run_id: str) -> list[Path]:
-    """All offline transaction logs of one wandb run id under ``run_dir/wandb`` (one per start), oldest first."""
-    return sorted((Path(run_dir) / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    """All offline transaction logs of one wandb run id in the run's wandb folder (one per start), oldest first."""
+    return sorted(RunDir(run_dir).wandb.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
 
 
 def last_persisted_step(run_dir: Path, run_id: str) -> int:

@@ -19,7 +19,7 @@ import importlib.util
 from collections.abc import Callable
 from typing import Any
 
-from workers.config import ConfigError
+from workers.errors import ConfigError
 
 
 def check_factory_module(spec: str) -> None:

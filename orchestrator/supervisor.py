@@ -1,0 +1,68 @@
+"""The restart policy of a local launch: what to do after each attempt (torch elastic's agent, in small).
+
+Mechanism — starting, watching and tearing down one group of workers — is orchestrator.launcher; this module only
+decides, from an attempt's :class:`~orchestrator.launcher.RunResult`, whether the launch is done, failed, a usage
+error, or gets another attempt from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import sys
+
+from orchestrator.launcher import LocalLauncher, PrestartedGroup, RunResult, SignalRelay
+from workers.config import Config
+from workers.contract import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from workers.rundir import RunDir
+
+log = logging.getLogger("orchestrator")
+
+
+class Verdict(enum.Enum):
+    """What an attempt's outcome means for the launch."""
+
+    DONE = "done"  # every rank finished
+    USAGE_ERROR = "usage error"  # the user must change something: one line, exit 2, no retry
+    FAILED = "failed"  # not retryable, stopped by the user, or out of restarts
+    RESTART = "restart"  # start a new group from the latest checkpoint
+
+
+def decide(result: RunResult, stop_requested: bool, restarts: int, max_restarts: int) -> Verdict:
+    """The policy. ``stop_requested``: the user asked the launch to stop (a stop is never answered by a restart)."""
+    if result.ok:
+        return Verdict.DONE
+    if result.usage_error:
+        return Verdict.USAGE_ERROR
+    if stop_requested or result.stopped_by_signal or not result.retryable or restarts >= max_restarts:
+        return Verdict.FAILED
+    return Verdict.RESTART
+
+
+def run_with_restarts(cfg: Config, paths: RunDir, group: PrestartedGroup) -> int:
+    """Run attempts until the policy says stop; returns the launch's exit code. The first attempt uses the
+    prestarted group; restarts spawn afresh."""
+    restarts, prestarted = 0, group
+    # One signal relay for all attempts: a Ctrl-C during a teardown or between attempts still means "stop".
+    with SignalRelay() as relay:
+        while True:
+            log.info(
+                "launching %d worker(s), run dir %s%s",
+                cfg.launch.nproc,
+                paths.root,
+                f" (restart {restarts}/{cfg.launch.max_restarts})" if restarts else "",
+            )
+            result = LocalLauncher(cfg, paths, cfg.launch.nproc, attempt=restarts).run(relay, prestarted)
+            prestarted = None
+            verdict = decide(result, relay.count > 0, restarts, cfg.launch.max_restarts)
+            if verdict is Verdict.DONE:
+                log.info("run finished: %s", paths.root)
+                return EXIT_OK
+            if verdict is Verdict.USAGE_ERROR:
+                print(f"orchestrator: error: {result.root_cause.error.detail}", file=sys.stderr)
+                return EXIT_USAGE
+            print(result.report(), file=sys.stderr)
+            if verdict is Verdict.FAILED:
+                return EXIT_FAILED
+            restarts += 1
+            log.warning("restarting the group from the latest checkpoint (%d/%d)", restarts, cfg.launch.max_restarts)

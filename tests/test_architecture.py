@@ -1,0 +1,114 @@
+"""The architecture holds by tool, not by memory: import contracts (import-linter, pyproject.toml), one owner of
+the run dir's layout, and the typed files that cross the process boundary."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from workers.contract import ErrorRecord, FailureKind, TrainState
+from workers.errors import CheckpointError, ConfigError, RunDirLockedError
+
+LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as m; sys.exit(m())"]
+
+
+def _lint(tree: Path) -> subprocess.CompletedProcess:
+    """Run import-linter with the project's contracts on the packages under ``tree``."""
+    env = {"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(LINT, cwd=tree, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _copy_tree(tmp_path: Path) -> Path:
+    tree = tmp_path / "tree"
+    for name in ("workers", "orchestrator"):
+        shutil.copytree(ROOT / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    return tree
+
+
+def _plant(tree: Path, module: str, line: str) -> None:
+    path = tree / module
+    path.write_text(path.read_text() + f"\n\ndef _planted() -> None:\n    {line}  # noqa\n")
+
+
+def test_the_import_contracts_hold_and_catch_a_planted_cycle_and_a_reverse_import(tmp_path):
+    real = _lint(ROOT)
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert "4 kept, 0 broken" in real.stdout
+
+    # A lazy import inside a function is an import too: schema -> loader closes a cycle inside workers.config,
+    # where no layer contract looks — only the acyclic contract can catch it.
+    tree = _copy_tree(tmp_path)
+    _plant(tree, "workers/config/schema.py", "from workers.config import loader")
+    cycle = _lint(tree)
+    assert cycle.returncode != 0
+    assert "No cycles are allowed in workers.config" in cycle.stdout, cycle.stdout
+    assert "1 broken" in cycle.stdout
+
+    tree = _copy_tree(tmp_path / "again")
+    _plant(tree, "workers/trainer.py", "import orchestrator.launcher")
+    reverse = _lint(tree)
+    assert reverse.returncode != 0
+    assert "workers.trainer -> orchestrator.launcher" in reverse.stdout, reverse.stdout
+
+
+# The run dir's literal names: only workers/rundir.py may spell them (acceptance of the structure issue).
+RUN_DIR_NAMES = re.compile(
+    r"""["'](checkpoints|logs|latest|best|samples|wandb|submitit)["']|metrics\.jsonl|metrics\.png|error-rank|"""
+    r"""heartbeat-rank|events\.jsonl|jobs\.json|tracking\.json|config\.yaml|["\']\.lock["\']"""
+)
+
+
+def test_only_the_run_dir_module_spells_the_run_dirs_layout():
+    offenders = []
+    for path in sorted([*(ROOT / "workers").rglob("*.py"), *(ROOT / "orchestrator").rglob("*.py")]):
+        if path == ROOT / "workers" / "rundir.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if RUN_DIR_NAMES.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_train_state_is_read_through_one_type_and_malformed_state_is_corrupt(tmp_path):
+    state = TrainState(step=8, samples_seen=192, world_size=2, global_batch_size=24, seed=3, task="m:f")
+    again = TrainState.from_json(state.to_json())
+    assert again == state
+    old = {"step": 4, "samples_seen": 96, "world_size": 1, "global_batch_size": 24, "seed": 0, "future": [1]}
+    parsed = TrainState.from_json(json.dumps(old))  # an older file without the optional fields, a newer key
+    assert parsed.step == 4 and parsed.task is None and json.loads(parsed.to_json())["future"] == [1]
+    no_step = {k: v for k, v in old.items() if k != "step"}
+    bad_values = [{**old, "step": "x"}, {**old, "step": -1}, {**old, "seed": True}, no_step]
+    for bad in ["[]", "{", '"x"', *map(json.dumps, bad_values)]:
+        with pytest.raises(CheckpointError, match="train_state"):
+            TrainState.from_json(bad, "x/train_state.json")
+
+
+def test_error_records_carry_the_failure_kind_as_an_enum(tmp_path):
+    path = tmp_path / "error.json"
+    cases = {
+        ConfigError("bad key"): FailureKind.CONFIG,
+        RunDirLockedError("held"): FailureKind.CONFIG,
+        CheckpointError("corrupt"): FailureKind.CHECKPOINT,
+        RuntimeError("boom"): FailureKind.EXCEPTION,
+    }
+    for exc, kind in cases.items():
+        try:
+            raise exc
+        except Exception as caught:
+            ErrorRecord.from_exception(1, caught, "77").write(path)
+        record = ErrorRecord.read(path)
+        assert record.kind is kind and record.rank == 1 and record.job_id == "77"
+        assert kind.retryable == (kind is FailureKind.EXCEPTION)
+        assert json.loads(path.read_text())["kind"] == kind.value
+        assert record.traceback.startswith("Traceback") and record.detail == str(exc)
+    for junk in ("", "[]", '{"rank": 0}', '{"rank": "0", "kind": "config", "message": "m"}', '{"kind": "nope"}'):
+        path.write_text(junk)
+        assert ErrorRecord.read(path) is None

@@ -1,0 +1,155 @@
+"""Loading the config: YAML files, dotted ``key=value`` overrides, type checks, did-you-mean for unknown keys.
+
+The schema and its per-field checks are workers.config.schema; this module turns user text into that tree.
+Torch-free: a bad command answers before torch is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workers.config.schema import Config, fail, plain
+from workers.errors import ConfigError
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], key + "."))
+    return keys
+
+
+def _first_leaf(key: str, value: Any) -> str:
+    """``trian`` with value ``{max_steps: 3}`` → ``trian.max_steps``: suggestions then match the whole path."""
+    while isinstance(value, dict) and value:
+        first = next(iter(value))
+        key, value = f"{key}.{first}", value[first]
+    return key
+
+
+def _unknown_key(key: str, value: Any = None) -> typing.NoReturn:
+    key = _first_leaf(key, value)
+    valid = _all_keys(Config)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # a misspelled leaf under a right section: compare leaf names too
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
+    hint = (
+        f"did you mean '{close[0]}'?"
+        if close
+        else "valid sections: " + ", ".join(f.name for f in dataclasses.fields(Config))
+    )
+    raise ConfigError(f"unknown config key '{key}'. HINT: {hint}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in the field's canonical form."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        fail(key, value, f"expected {' or '.join(_type_name(a) for a in args)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail(key, value, "expected a mapping (a section)")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            fail(key, value, f"expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            fail(key, value, f"expected a list of {len(args)} items")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail(key, value, f"expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    fail(key, value, f"expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            _unknown_key(f"{prefix}{key}", value)
+    kwargs = {k: _coerce(f"{prefix}{k}", v, hints[k]) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not key=value. HINT: e.g. train.max_steps=200")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the literal string
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            fail(".".join(path[: i + 1]), child, "is not a section, cannot set a sub-key")
+        node = child
+    node[path[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build and validate the config tree from a nested dict plus dotted overrides."""
+    data = plain(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a YAML mapping, got {type(data).__name__}")
+    for item in overrides:
+        path, value = _parse_override(item)
+        _apply_override(data, path, value)
+    return _build(Config, data)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config file and apply overrides. Raises ConfigError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found. HINT: e.g. configs/quickstart.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
+    return config_from_dict(data, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what the run dir's config file holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

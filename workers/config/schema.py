@@ -1,0 +1,237 @@
+"""The config schema: one frozen, typed tree of nested dataclasses, each field with its check.
+
+Each section checks its own values in ``__post_init__`` (types are checked by the loader, workers.config.loader);
+a bad value raises ConfigError naming the key, the value and a HINT. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workers.errors import ConfigError
+
+
+def fail(key: str, value: Any, problem: str, hint: str = "") -> typing.NoReturn:
+    msg = f"config key '{key}' = {value!r}: {problem}"
+    raise ConfigError(msg + (f". HINT: {hint}" if hint else ""))
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        fail(key, value, f"must be one of {', '.join(choices)}")
+
+
+def check_min(key: str, value: float | int | None, low: float | int) -> None:
+    if value is not None and value < low:
+        fail(key, value, f"must be >= {low}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run lives. ``dir`` holds the config, checkpoints, logs, metrics and wandb files (workers.rundir)."""
+
+    dir: str = "runs/default"
+    # Resume automatically from the newest valid checkpoint in ``dir``. With false, a run dir that
+    # already holds checkpoints is refused (nothing is overwritten): pick a new ``dir`` instead.
+    resume: bool = True
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Bring your own model and data: ``factory`` is "module.path:function", called with ``args``."""
+
+    factory: str = "workers.tasks.quickstart:build"
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        module, sep, attr = self.factory.partition(":")
+        if not (module and sep and attr):
+            fail(
+                "task.factory",
+                self.factory,
+                "expected 'package.module:function'",
+                "e.g. workers.tasks.quickstart:build",
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How samples are batched. ``global_batch_size`` is constant across world sizes."""
+
+    global_batch_size: int = 32
+    # Per-rank micro-batch. When set, gradient accumulation is derived from it and the world size
+    # (memory per worker stays the same when a run resumes on fewer workers); when null,
+    # ``train.grad_accum_steps`` is used.
+    micro_batch_size: int | None = None
+    num_workers: int = 0  # DataLoader worker processes per rank
+    # Debug/audit: append the sample indices each rank consumes to ``run.dir/samples/rank-<r>.jsonl``.
+    record_indices: bool = False
+
+    def __post_init__(self) -> None:
+        check_min("data.global_batch_size", self.global_batch_size, 1)
+        check_min("data.micro_batch_size", self.micro_batch_size, 1)
+        check_min("data.num_workers", self.num_workers, 0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule; the schedule is a function of the *global* step."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.0  # sgd only
+    warmup_steps: int = 0  # linear warmup from 0 to ``lr``
+    schedule: str = "cosine"  # after warmup: constant | linear | cosine decay to ``min_lr_ratio * lr``
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_choice("optim.name", self.name, ("adamw", "adam", "sgd"))
+        check_choice("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
+        check_min("optim.lr", self.lr, 0.0)
+        check_min("optim.weight_decay", self.weight_decay, 0.0)
+        check_min("optim.warmup_steps", self.warmup_steps, 0)
+        check_min("optim.min_lr_ratio", self.min_lr_ratio, 0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: length, seed, precision, clipping, accumulation, checkpoints."""
+
+    max_steps: int = 100
+    seed: int = 0
+    checkpoint_every: int = 50  # steps; the final step is always checkpointed
+    keep_checkpoints: int = 2  # retention: the newest k committed checkpoints are kept
+    init_from: str | None = None  # a weights file (plain or module./_orig_mod.-prefixed state_dict)
+    grad_accum_steps: int = 1  # used when data.micro_batch_size is null
+    grad_clip: float | None = 1.0  # max global grad norm; null or 0 disables clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA; uses a GradScaler)
+    log_every: int = 10  # steps between metric lines (the metrics file, console)
+    compile: bool = False  # torch.compile the model (checkpoints are saved unwrapped either way)
+    # Periodic checkpoints block training only while state is copied to host memory; the write and commit
+    # run in the background (at most one in flight). The final and the stop saves stay synchronous.
+    async_checkpoint: bool = False
+    # torch.use_deterministic_algorithms + cuBLAS/cuDNN settings: bitwise-reproducible GPU runs (slower).
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        check_min("train.max_steps", self.max_steps, 1)
+        check_min("train.seed", self.seed, 0)
+        check_min("train.checkpoint_every", self.checkpoint_every, 1)
+        check_min("train.keep_checkpoints", self.keep_checkpoints, 1)
+        check_min("train.grad_accum_steps", self.grad_accum_steps, 1)
+        check_min("train.grad_clip", self.grad_clip, 0.0)
+        check_min("train.log_every", self.log_every, 1)
+        check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How workers are started locally."""
+
+    nproc: int = 1
+    max_restarts: int = 0
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
+    collective_timeout_s: float = 600.0  # no collective blocks longer than this
+    grace_period_s: float = 5.0  # SIGTERM → SIGKILL delay when workers are torn down
+    # A rank whose heartbeat stops, or whose step stops advancing, for this long is hung: the group is torn
+    # down (and restarted when launch.max_restarts allows). 0 disables the watch.
+    hang_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        check_min("launch.nproc", self.nproc, 1)
+        check_min("launch.max_restarts", self.max_restarts, 0)
+        check_choice("launch.device", self.device, ("auto", "cpu", "cuda"))
+        check_min("launch.collective_timeout_s", self.collective_timeout_s, 1.0)
+        check_min("launch.grace_period_s", self.grace_period_s, 0.0)
+        check_min("launch.hang_timeout_s", self.hang_timeout_s, 0.0)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking (wandb on rank 0)."""
+
+    # auto: online when a wandb API key is configured (WANDB_API_KEY or ~/.netrc), else offline; WANDB_MODE wins.
+    mode: str = "auto"  # auto | offline | online | disabled
+    project: str = "orchestrator"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_choice("tracking.mode", self.mode, ("auto", "offline", "online", "disabled"))
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """How ``orchestrator submit`` asks SLURM for an allocation (one task per GPU, or per CPU worker)."""
+
+    nodes: int = 1
+    tasks_per_node: int = 1  # = workers per node; with GPUs, one per GPU
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1  # also the intra-op threads of each worker
+    mem_gb: float | None = None  # per node; null: the partition's default
+    time_min: int = 60  # wall-clock limit of each job (a requeued job gets it afresh)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    job_name: str | None = None  # default: the run dir's name
+    # The preemption / time-limit notice: SLURM sends it ``signal_delay_s`` before the end. Ranks agree at the next
+    # step, save together, rank 0 requeues the job, and the requeued job resumes from that checkpoint.
+    signal: str = "USR2"  # USR1 | USR2
+    signal_delay_s: int = 90
+    # Notices that arrive because the time limit is near (not a preemption) requeue at most this many times.
+    max_timeouts: int = 3
+    additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch options, e.g. {exclusive: true}
+    setup: tuple[str, ...] = ()  # shell lines run in the batch script before srun (module load ..., source venv)
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+            check_min(f"slurm.{key}", getattr(self, key), 1)
+        check_min("slurm.gpus_per_node", self.gpus_per_node, 0)
+        check_min("slurm.mem_gb", self.mem_gb, 0.0)
+        check_min("slurm.signal_delay_s", self.signal_delay_s, 0)
+        check_min("slurm.max_timeouts", self.max_timeouts, 0)
+        check_choice("slurm.signal", self.signal, ("USR1", "USR2"))
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run. Build it with :func:`load_config`; never mutate it (it is frozen)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON/pickle-friendly nested dict (tuples become lists)."""
+        return plain(dataclasses.asdict(self))
+
+
+def plain(value: Any) -> Any:
+    """Nested dicts/lists/tuples as plain dicts and lists (YAML/JSON/pickle-friendly)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value

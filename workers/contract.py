@@ -1,0 +1,212 @@
+"""What crosses the process boundary between the launch side and the workers, in one place.
+
+Exit codes, the start gate's codes, environment variable names, the per-rank error record (with an enum of failure
+kinds) and the typed train state of a checkpoint (``train_state.json``). Each file format here has one reader and
+one writer, and the readers treat anything malformed as corrupt (None, or CheckpointError), never as a crash.
+
+Base layer: torch-free; imports only :mod:`workers.errors` and :mod:`workers.fsutil`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workers.errors import CheckpointError, UsageError
+from workers.fsutil import atomic_write
+
+# ---------------------------------------------------------------- exit codes and the start gate
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class Gate(enum.IntEnum):
+    """The launcher's verdict to a prestarted worker waiting at the gate (a shared int)."""
+
+    WAIT = 0
+    GO = 1
+    ABORT = 2
+
+
+# ---------------------------------------------------------------- environment variables
+
+ENV_LAUNCHER = "ORCH_LAUNCHER"  # "launcher" when our local launcher started the process
+ENV_HEARTBEAT_INTERVAL = "ORCH_HEARTBEAT_INTERVAL_S"  # seconds between heartbeat writes (default 1)
+ENV_TORCHELASTIC_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"  # torchrun names a per-rank error file here
+
+
+# ---------------------------------------------------------------- failures
+
+
+class FailureKind(str, enum.Enum):
+    """Why a rank failed, as written into its error record; decides whether a restart can help."""
+
+    CONFIG = "config"  # a usage error (UsageError): the user must change something
+    CHECKPOINT = "checkpoint"  # an unusable checkpoint or weights file, or a failed write
+    EXCEPTION = "exception"  # anything else: a restart from the latest checkpoint may heal it
+
+    @classmethod
+    def of(cls, exc: BaseException) -> FailureKind:
+        if isinstance(exc, UsageError):
+            return cls.CONFIG
+        return cls.CHECKPOINT if isinstance(exc, CheckpointError) else cls.EXCEPTION
+
+    @property
+    def retryable(self) -> bool:
+        return self is FailureKind.EXCEPTION
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """A failed rank's report (``RunDir.error_file(rank)``), written by the rank, read by the launcher."""
+
+    rank: int
+    kind: FailureKind
+    message: str
+    traceback: str = ""
+    time: float = 0.0
+    job_id: str | None = None  # under SLURM: tells this job's failure from an older job's
+
+    @classmethod
+    def from_exception(cls, rank: int, exc: BaseException, job_id: str | None = None) -> ErrorRecord:
+        return cls(
+            rank, FailureKind.of(exc), f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)),
+            time.time(), job_id,
+        )  # fmt: skip
+
+    @property
+    def detail(self) -> str:
+        """The message without the exception's type name (what a usage error prints)."""
+        return self.message.partition(": ")[2] or self.message
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "kind": self.kind.value})
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, self.to_json())
+
+    @property
+    def lost_peer(self) -> bool:
+        """The failure only reports that another rank vanished (a broken connection in a collective)."""
+        return any(mark in self.message for mark in _PEER_LOST)
+
+    def write_torchelastic(self, path: Path) -> None:
+        """The same failure in torchrun's error-file format, so torchrun's own summary names our root cause.
+
+        torchrun takes the failure with the smallest timestamp, in whole seconds, as the root cause. A rank that
+        only saw its peer vanish fails within the same second as that peer: it is stamped one second later.
+        """
+        stamp = int(self.time) + (1 if self.lost_peer else 0)
+        payload = {"message": {"message": self.message, "extraInfo": {
+            "py_callstack": self.traceback, "timestamp": str(stamp),
+        }}}  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(payload))
+
+    @classmethod
+    def read(cls, path: Path) -> ErrorRecord | None:
+        """The record in ``path``; None when absent or malformed (a torn write, another program's file)."""
+        try:
+            data = json.loads(path.read_text())
+            return cls(
+                rank=_typed(data["rank"], int),
+                kind=FailureKind(data["kind"]),
+                message=_typed(data["message"], str),
+                traceback=_typed(data.get("traceback", ""), str),
+                time=float(_typed(data.get("time", 0.0), (int, float))),
+                job_id=_typed(data.get("job_id"), (str, type(None))),
+            )
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return None
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "DistBackendError:", "DistNetworkError:")
+
+
+def _typed(value: Any, types: type | tuple[type, ...]) -> Any:
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise TypeError("a boolean where a number is expected")
+    if not isinstance(value, types):
+        raise TypeError(f"{value!r} is not {types}")
+    return value
+
+
+# ---------------------------------------------------------------- the train state of a checkpoint
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """``train_state.json`` of a checkpoint: the world-size-independent position of the run (JSON, not pickle).
+
+    Fields added after the first format are optional (None) so older checkpoints still read; unknown keys are kept
+    in ``extra`` and written back unchanged.
+    """
+
+    step: int
+    samples_seen: int
+    world_size: int
+    global_batch_size: int
+    seed: int
+    max_steps: int | None = None
+    task: str | None = None
+    tracking_run_id: str | None = None
+    dataset_len: int | None = None
+    task_args: dict[str, Any] | None = None
+    torch: str | None = None
+    time: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return json.dumps({**self.extra, **data}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "train_state.json") -> TrainState:
+        """Parse and check every field; CheckpointError naming ``where`` and the first bad field otherwise."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CheckpointError(f"'{where}' is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"'{where}' is not a JSON object")
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            types, required = _STATE_TYPES[f.name]
+            if f.name not in data or data[f.name] is None:
+                if required:
+                    raise CheckpointError(f"'{where}' lacks '{f.name}'")
+                continue
+            value = data[f.name]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise CheckpointError(f"'{where}': '{f.name}' = {value!r} is not {'/'.join(t.__name__ for t in types)}")
+            if f.name in _NON_NEGATIVE and value < 0:
+                raise CheckpointError(f"'{where}': '{f.name}' = {value!r} is negative")
+            values[f.name] = value
+        extra = {k: v for k, v in data.items() if k not in values and k not in _STATE_TYPES}
+        return cls(**values, extra=extra)
+
+    @classmethod
+    def read(cls, path: Path) -> TrainState:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"'{path}' is unreadable: {exc}") from None
+        return cls.from_json(text, str(path))
+
+
+_STATE_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
+    "step": ((int,), True), "samples_seen": ((int,), True), "world_size": ((int,), True),
+    "global_batch_size": ((int,), True), "seed": ((int,), True), "max_steps": ((int,), False),
+    "task": ((str,), False), "tracking_run_id": ((str,), False), "dataset_len": ((int,), False),
+    "task_args": ((dict,), False), "torch": ((str,), False), "time": ((int, float), False),
+}  # fmt: skip
+_NON_NEGATIVE = {"step", "samples_seen", "world_size", "global_batch_size", "seed", "max_steps", "dataset_len"}

@@ -1,0 +1,35 @@
+"""The typed errors of the project. Base layer: torch-free, imports nothing of the project.
+
+Two families, told apart by what a restart can do about them:
+
+- :class:`UsageError` and its subclasses: the user must change something (the config, the command line, the run
+  dir, the cluster request). Reported as one line, exit code 2, never retried.
+- :class:`CheckpointError`: a checkpoint or weights file that cannot be used. Never retried either (a restart would
+  read the same file); a broken *committed* checkpoint found at resume is set aside instead of raising.
+"""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """Something the user must fix: one line, exit code 2, never retried."""
+
+
+class ConfigError(UsageError):
+    """A bad config value or command line: the message names the key, the value and a HINT."""
+
+
+class RunDirLockedError(UsageError):
+    """Another launch holds the run dir's lock."""
+
+
+class ClusterRefusedError(UsageError):
+    """The cluster refused the request (sbatch said no, SLURM is missing, the run dir already has a live job)."""
+
+
+class IncompatibleCheckpointError(UsageError):
+    """A checkpoint that is sound but does not fit this run (another architecture, other parameters or groups)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be used; the message names the path."""

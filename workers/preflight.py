@@ -1,0 +1,79 @@
+"""Pre-flight: every check that can fail on user input, run before anything is written or any worker trains.
+
+Used by the launch side (``orchestrator launch`` / ``submit``, while prestarted workers wait at their gate) and by
+the torchrun / srun entry (:func:`workers.entry.main`). Raises UsageError subclasses only (exit 2, never retried).
+Must not import the trainer or the launch side; imports torch only inside :func:`check_devices`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from workers.config import Config, check_resume_compatible, dump_config, plan_batches
+from workers.contract import TrainState
+from workers.errors import CheckpointError, ConfigError, RunDirLockedError
+from workers.fsutil import RunDirLock, atomic_write
+from workers.rundir import STATE_FILE, RunDir
+from workers.tasks import resolve_factory
+
+
+def preflight(cfg: Config, paths: RunDir, world_size: int) -> None:
+    """Check the batch plan, ``train.init_from``, ``run.resume``, the task factory and resume compatibility.
+
+    Imports the task factory's module (and so, usually, torch); the config itself was checked without it.
+    """
+    plan_batches(cfg, world_size)
+    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
+        raise ConfigError(f"config key 'train.init_from' = {cfg.train.init_from!r}: no such file or folder")
+    if not cfg.run.resume and paths.step_folders():
+        raise ConfigError(
+            f"config key 'run.resume' = False but '{paths.checkpoints}' already holds checkpoints. "
+            "HINT: use a new run.dir, move the checkpoints away, or resume"
+        )
+    resolve_factory(cfg.task.factory)
+    if cfg.run.resume:
+        newest = newest_train_state(paths)
+        if newest is not None:
+            check_resume_compatible(cfg, newest, str(paths.root))
+
+
+def newest_train_state(paths: RunDir) -> TrainState | None:
+    """The train state of the newest committed folder whose state reads (no torch, no hashing: the workers verify
+    the checkpoint itself when they resume)."""
+    for _, folder in paths.committed_folders():
+        try:
+            return TrainState.read(folder / STATE_FILE)
+        except CheckpointError:
+            continue
+    return None
+
+
+def check_devices(cfg: Config) -> None:
+    """Pre-flight against the hardware: enough GPUs for ``launch.nproc``, fp16 only on CUDA."""
+    import torch  # noqa: PLC0415 - only the launcher's check needs it, after the config was checked
+
+    from workers.dist import check_precision  # noqa: PLC0415 - imports torch
+
+    cuda = torch.cuda.is_available() and cfg.launch.device != "cpu"
+    if cfg.launch.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'launch.device' = 'cuda': no CUDA device is visible. HINT: use auto or cpu")
+    if cuda and cfg.launch.nproc > torch.cuda.device_count():
+        raise ConfigError(
+            f"config key 'launch.nproc' = {cfg.launch.nproc}: only {torch.cuda.device_count()} "
+            "GPU(s) visible (one worker per GPU). HINT: lower --nproc or set launch.device=cpu"
+        )
+    check_precision(cfg.train.precision, "cuda" if cuda else "cpu")
+
+
+def lock_run_dir(paths: RunDir) -> RunDirLock:
+    """Hold the run dir's lock for this launch; RunDirLockedError (exit 2) when another launch holds it."""
+    try:
+        return RunDirLock(paths.lock).acquire()
+    except BlockingIOError as exc:
+        raise RunDirLockedError(f"{exc}. HINT: wait for it to end, or use another run.dir") from None
+
+
+def save_resolved_config(cfg: Config, paths: RunDir) -> None:
+    """Write the run's resolved config file (only after the config has been validated)."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write(paths.config, dump_config(cfg))

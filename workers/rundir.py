@@ -1,0 +1,165 @@
+"""The run directory: the one owner of every path of a run (submitit's ``JobPaths`` is the model).
+
+Both sides use it — the launcher, the workers, the SLURM job side and the CLI tools — and it is passed explicitly.
+No other module spells a name of the run dir's layout. Torch-free and import-free (base layer): the launcher uses it
+before torch is imported.
+
+Layout (``DESIGN.md``, "Run directory layout")::
+
+    config.yaml                      the resolved config of the run
+    .lock                            held (flock) by the launch that runs it
+    checkpoints/step-00000040/       one committed checkpoint (model.pt, optim.pt, train_state.json, manifest.json)
+    checkpoints/latest, best         the bare name of the newest / the best committed folder
+    logs/rank-<r>.log                each rank's log
+    logs/error-rank-<r>.json         a failed rank's error record (workers.contract.ErrorRecord)
+    logs/heartbeat-rank-<r>.json     a rank's liveness (workers.heartbeat)
+    metrics.jsonl, metrics.png       one JSON row per logged step; ``orchestrator plot``'s default output
+    tracking.json, wandb/            the wandb run id; wandb's own files
+    samples/rank-<r>.jsonl           audit trail of consumed sample indices (``data.record_indices``)
+    slurm/jobs.json, events.jsonl    submitted job ids; the job side's event log
+    slurm/submitit/<job id>/         submitit's scripts and per-task stdout/stderr
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# Inside one checkpoint folder. The manifest is written last: it is the commit marker.
+MODEL_FILE, OPTIM_FILE, STATE_FILE, MANIFEST_FILE = "model.pt", "optim.pt", "train_state.json", "manifest.json"
+CONFIG_FILE = "config.yaml"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    """``step-00000040``: the name of the checkpoint folder of global step ``step``."""
+    return f"step-{step:08d}"
+
+
+def step_of(name: str) -> int | None:
+    """The step of a checkpoint folder name (``step-00000040`` → 40); None for any other name."""
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def step_folders(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """All ``step-XXXXXXXX`` folders under ``ckpt_dir`` (committed or not), newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(s, p) for p in ckpt_dir.iterdir() if (s := step_of(p.name)) is not None and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Every path of one run. Pure path arithmetic: nothing here touches the disk except the scans."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))  # a str is accepted too
+
+    # ---------------------------------------------------------------- the run
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def metrics_png(self) -> Path:
+        return self.root / "metrics.png"
+
+    @property
+    def tracking(self) -> Path:
+        return self.root / "tracking.json"
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / "wandb"
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def latest(self) -> Path:
+        return self.checkpoints / "latest"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best"
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints / step_dir_name(step)
+
+    def step_folders(self) -> list[tuple[int, Path]]:
+        """All checkpoint folders (committed or not), newest first."""
+        return step_folders(self.checkpoints)
+
+    def committed_folders(self) -> list[tuple[int, Path]]:
+        """Folders holding a manifest (the commit marker), newest first; not verified (no hashing here)."""
+        return [(s, f) for s, f in self.step_folders() if (f / MANIFEST_FILE).is_file()]
+
+    def latest_name(self) -> str | None:
+        """What ``checkpoints/latest`` names, or None (absent, unreadable, or not a step folder name)."""
+        try:
+            name = self.latest.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return name if step_of(name) is not None else None
+
+    # ---------------------------------------------------------------- per rank
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def rank_log(self, rank: int) -> Path:
+        return self.logs / f"rank-{rank}.log"
+
+    def error_file(self, rank: int) -> Path:
+        return self.logs / f"error-rank-{rank}.json"
+
+    def error_files(self) -> list[Path]:
+        return sorted(self.logs.glob("error-rank-*.json")) if self.logs.is_dir() else []
+
+    def heartbeat_file(self, rank: int) -> Path:
+        return self.logs / f"heartbeat-rank-{rank}.json"
+
+    def heartbeat_files(self) -> list[Path]:
+        return sorted(self.logs.glob("heartbeat-rank-*.json")) if self.logs.is_dir() else []
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    def samples_file(self, rank: int) -> Path:
+        return self.samples / f"rank-{rank}.jsonl"
+
+    # ---------------------------------------------------------------- SLURM
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def slurm_jobs(self) -> Path:
+        return self.slurm / "jobs.json"
+
+    @property
+    def slurm_events(self) -> Path:
+        return self.slurm / "events.jsonl"
+
+    @property
+    def submitit(self) -> Path:
+        return self.slurm / "submitit"
+
+    def submitit_job(self, job_id: str) -> Path:
+        return self.submitit / job_id
