@@ -102,6 +102,8 @@ def _print_inspect(info: dict[str, Any]) -> None:
 
 def export(src: Path, dest: Path, force: bool) -> dict[str, Any]:
     """Write SRC's model weights to DEST as a plain, prefix-free state_dict (atomically)."""
+    if dest.is_dir():
+        raise CheckpointError(f"'{dest}' is a folder; DEST must be a file. HINT: e.g. {dest / 'model.pt'}")
     if dest.exists() and not force:
         raise CheckpointError(f"'{dest}' exists; not overwriting it. HINT: pass --force or pick another DEST")
     state_dict = load_weights(src)

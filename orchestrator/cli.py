@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from workers.config import load_config
@@ -85,27 +86,40 @@ def _setup_console_logging() -> None:
 def cmd_launch(args: argparse.Namespace) -> int:
     from orchestrator.launcher import PrestartedGroup  # noqa: PLC0415 - the launch side, only for launch
     from orchestrator.supervisor import run_with_restarts  # noqa: PLC0415
-    from workers.preflight import check_devices, lock_run_dir, preflight, save_resolved_config  # noqa: PLC0415
+    from orchestrator.undo import RunDirSnapshot  # noqa: PLC0415
+    from workers.preflight import (  # noqa: PLC0415
+        cheap_checks,
+        check_devices,
+        lock_run_dir,
+        preflight,
+        save_resolved_config,
+    )
 
     overrides = list(args.overrides) + ([f"launch.nproc={args.nproc}"] if args.nproc is not None else [])
     cfg = load_config(args.config, overrides)  # config errors surface here, before torch is imported
     paths = RunDir(cfg.run.dir)
+    cheap_checks(cfg, paths, cfg.launch.nproc)  # before any interpreter is started: `--nproc 48` answers at once
     # The workers start now and import torch while the checks below run (they wait at a gate, writing nothing):
     # the two slow imports overlap instead of following each other.
     group = PrestartedGroup(cfg)
     try:
         preflight(cfg, paths, cfg.launch.nproc)
         check_devices(cfg)
+        before = RunDirSnapshot.take(paths)  # a usage error the workers find puts the run dir back as it was
         lock = lock_run_dir(paths)  # held until the launch (restarts included) is over
     except BaseException:
         group.abort()
         raise
+    code = EXIT_FAILED
     try:
         save_resolved_config(cfg, paths)
         _setup_console_logging()
-        return run_with_restarts(cfg, paths, group)
+        code = run_with_restarts(cfg, paths, group)
     finally:
         lock.release()
+        if code == EXIT_USAGE:
+            before.restore()
+    return code
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -183,3 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except BrokenPipeError:  # `orchestrator ckpt inspect --json | head`: the reader left; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

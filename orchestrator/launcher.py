@@ -295,7 +295,8 @@ class LocalLauncher:
             failures = [o for o in result.outcomes.values() if o.failed]
             if failures and result.root_cause is None:
                 result.root_cause = min(failures, key=_failure_order)
-                log.error("%s; stopping the other workers", result.root_cause.describe())
+                if not result.usage_error:  # a usage error is reported once, as one line, by the supervisor
+                    log.error("%s; stopping the other workers", result.root_cause.describe())
                 self._teardown(procs, result)
         return result
 

@@ -46,7 +46,9 @@ def run_with_restarts(cfg: Config, paths: RunDir, group: PrestartedGroup) -> int
     # One signal relay for all attempts: a Ctrl-C during a teardown or between attempts still means "stop".
     with SignalRelay() as relay:
         while True:
-            log.info(
+            # The first attempt is announced by rank 0's own first line; a usage error then stays one line.
+            log.log(
+                logging.INFO if restarts else logging.DEBUG,
                 "launching %d worker(s), run dir %s%s",
                 cfg.launch.nproc,
                 paths.root,

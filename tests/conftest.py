@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,10 @@ def launch_and_kill(
     kill_after: str,
     config: str = "configs/quickstart.yaml",
     timeout: float = 120,
+    until: Callable[[], bool] | None = None,
 ) -> None:
-    """Launch, wait until checkpoint ``kill_after`` is committed, then SIGKILL the whole run (launcher and
-    workers: they share the process group of a new session)."""
+    """Launch, wait until checkpoint ``kill_after`` is committed (and ``until()`` holds, when given), then SIGKILL
+    the whole run (launcher and workers: they share the process group of a new session)."""
     cmd = [
         sys.executable,
         "-m",
@@ -94,7 +96,7 @@ def launch_and_kill(
     )
     deadline = time.monotonic() + timeout
     try:
-        while latest_name(run_dir) != kill_after:
+        while latest_name(run_dir) != kill_after or (until is not None and not until()):
             if proc.poll() is not None:
                 raise AssertionError(f"run ended before {kill_after}: {proc.stderr.read()}")
             if time.monotonic() > deadline:

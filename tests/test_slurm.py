@@ -7,6 +7,7 @@ Without a cluster these tests skip with the reason; with ORCH_REQUIRE_SLURM=1 (C
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -37,14 +38,19 @@ SLOW = ["task.args.step_sleep_s=0.3"]
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 
 
+@functools.cache  # asked once per session: a cluster that is down would otherwise cost each module its timeout
 def _cluster_problem() -> str | None:
     if shutil.which("sbatch") is None:
         return "SLURM is not installed (no sbatch); start the dev cluster with: slurm/dev-cluster.sh up"
     if "SLURM_CONF" not in os.environ and DEV_CONF.is_file():
         os.environ["SLURM_CONF"] = str(DEV_CONF)  # the workers' jobs inherit it through the CLI's environment
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:  # scontrol retries a missing config for a minute
+        return "scontrol ping did not answer within 20 s; run: slurm/dev-cluster.sh up"
     if "UP" not in ping.stdout:
-        return f"no SLURM controller answers ({(ping.stdout + ping.stderr).strip()}); run: slurm/dev-cluster.sh up"
+        said = [ln.strip() for ln in (ping.stdout + ping.stderr).splitlines() if ln.strip() and "*" not in ln]
+        return f"no SLURM controller answers ({said[0] if said else 'no output'}); run: slurm/dev-cluster.sh up"
     idle = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True).stdout.split("\n")
     if sum(1 for line in idle if line.strip()) < 2:
         return f"the tests need a cluster with 2 nodes, sinfo says: {idle}"

@@ -12,13 +12,27 @@ import sys
 
 from conftest import EVERY, MAX_STEPS, QUICK, ROOT, cli, copy_run, env, launch, launch_and_kill, load, wandb_view
 
+from workers.wandb_records import history_steps, offline_logs
+
 OFFLINE = ["tracking.mode=offline", "train.log_every=2"]
 EXPECTED_STEPS = [1, *range(2, MAX_STEPS + 1, 2)]
 
 
+def _wandb_has_logged(run) -> bool:
+    """The first attempt's wandb run file holds history rows (wandb may take seconds to start on a busy machine)."""
+    try:
+        rid = json.loads((run / "tracking.json").read_text())["wandb_run_id"]
+    except (OSError, ValueError):
+        return False
+    return any(history_steps(p) for p in offline_logs(run, rid))
+
+
 def test_one_wandb_run_across_a_kill_and_a_resume_on_another_world_size(tmp_path):
     killed = tmp_path / "killed"
-    launch_and_kill(killed, 2, *OFFLINE, "task.args.step_sleep_s=0.1", kill_after=f"step-{EVERY:08d}")
+    # The first attempt holds at step 7 (two micro-steps a step) after committing step 4, until its wandb run has
+    # logged: the kill then lands after wandb's first rows, however slow the machine.
+    hold = f"task.args.hold_at_call={2 * (EVERY + 2) + 1}"
+    launch_and_kill(killed, 2, *OFFLINE, hold, kill_after=f"step-{EVERY:08d}", until=lambda: _wandb_has_logged(killed))
     rid_before = json.loads((killed / "tracking.json").read_text())["wandb_run_id"]
     for ws in (2, 1):
         run = copy_run(killed, tmp_path / f"resumed-ws{ws}")

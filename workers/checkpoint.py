@@ -87,9 +87,49 @@ def _safe_load(path: Path) -> Any:
             return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"'{path}' does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"'{path}' is a folder, not a weights file") from None
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"'{path}' cannot be loaded safely (weights_only=True): {first}") from None
+        problem = _load_problem(exc) if _looks_like_torch(path) else "not a PyTorch weights file"
+        raise CheckpointError(f"'{path}' cannot be loaded safely (weights_only=True): {problem}") from None
+
+
+def _looks_like_torch(path: Path) -> bool:
+    """torch.save writes a zip archive (``PK``), older versions a pickle (protocol 2+: ``\x80``); an empty file is
+    torch's truncation case."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return True
+    return head in (b"", b"PK") or head[:1] == b"\x80"
+
+
+def _load_problem(exc: Exception) -> str:
+    """One line on why torch.load refused a file. torch's message for a pickle payload advises loading it with
+    ``weights_only=False`` — advice that must never reach a user about an untrusted file: name the global instead."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+        globals_ = [ln for ln in lines if "GLOBAL" in ln]  # a pickled callable: the payload's name
+        if globals_:
+            return f"refused: it holds pickled code, which is never run ({globals_[0].rstrip('.')})"
+        return "not a PyTorch weights file (or one holding pickled objects beyond tensors)"
+    if not text.strip() or isinstance(exc, EOFError):
+        return "the file is empty or truncated"
+    return text.strip().splitlines()[0]
+
+
+def first_mismatch(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key or shape in which ``weights`` does not fit ``model`` (None when it fits), for one-line errors."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in weights:
+            return f"the model's '{key}' is missing from the weights"
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            return f"'{key}' has shape {list(weights[key].shape)} in the weights, {list(tensor.shape)} in the model"
+    extra = [k for k in weights if k not in expected]
+    return f"the weights have '{extra[0]}', which the model has not" if extra else None
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -168,6 +208,7 @@ def verify(folder: Path) -> dict[str, Any]:
             raise CheckpointError(f"'{path}' has {path.stat().st_size} bytes, manifest says {entry['size']}")
         if _sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"'{path}' does not match its sha256 in the manifest (corrupt)")
+    read_train_state(folder)  # hashes match, but the state must also read by schema (a forged or buggy file)
     return manifest
 
 
@@ -361,6 +402,16 @@ class Checkpointer:
             os.rename(folder, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
+    KEEP_SET_ASIDE = 3  # broken folders kept for `ckpt inspect`; older ones are deleted (they would pile up)
+
+    def _prune_set_aside(self) -> None:
+        """Rank 0: keep the newest few set-aside folders, delete the others (saying so)."""
+        for folder in self.paths.set_aside_folders()[: -self.KEEP_SET_ASIDE]:
+            log.warning(
+                "deleting old set-aside checkpoint %s (keeping the newest %d)", folder.name, self.KEEP_SET_ASIDE
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+
     def clean_stale_temporaries(self) -> None:
         """Remove what killed saves left behind (``.tmp-*``, ``.trash-*``). Rank 0, before training."""
         if self.ctx.is_main and self.ckpt_dir.is_dir():
@@ -383,6 +434,7 @@ class Checkpointer:
                 newer = [f for _, f in folders if f.name > found.name]
                 for folder in newer:
                     _set_aside(folder)
+                self._prune_set_aside()
                 if newer or self.paths.latest_name() != found.name:
                     atomic_write(self.paths.latest, found.name + "\n")  # never name a set-aside folder
                 choice = str(found)
@@ -400,15 +452,15 @@ class Checkpointer:
     ) -> TrainState:
         """Restore model, optimizer, scheduler and scaler from ``folder``; return its train state."""
         weights = _safe_load(folder / MODEL_FILE)  # an unsafe or corrupt file: CheckpointError, not a config error
-        try:
-            unwrap(model).load_state_dict(weights, strict=True)
-        except RuntimeError as exc:  # another architecture than the one saved: a config problem, not a crash
-            first = str(exc).strip().splitlines()[0]
+        problem = first_mismatch(unwrap(model), weights)
+        if problem:  # another architecture than the one saved: the user's to fix, not a crash
             raise IncompatibleCheckpointError(
-                f"checkpoint '{folder}' does not fit the model that task.factory/task.args build: "
-                f"{first}. HINT: restore the task settings of this run, or use a new run.dir"
-            ) from None
+                f"checkpoint '{folder}' does not fit the model that task.factory/task.args build: {problem}. "
+                "HINT: restore the task settings of this run, or use a new run.dir"
+            )
+        unwrap(model).load_state_dict(weights, strict=True)
         rest = _safe_load(folder / OPTIM_FILE)
+        _check_optimizer_fits(folder, optimizer, rest["optimizer"])
         optimizer.load_state_dict(rest["optimizer"])
         scheduler.load_state_dict(rest["scheduler"])
         if rest.get("scaler"):
@@ -416,7 +468,29 @@ class Checkpointer:
         return read_train_state(folder)
 
 
+def _check_optimizer_fits(folder: Path, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """The saved optimizer state must be of the same kind and layout as the current optimizer's (same group
+    settings, same number of parameters per group): else IncompatibleCheckpointError instead of a KeyError later."""
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise IncompatibleCheckpointError(
+            f"checkpoint '{folder}' holds optimizer state for {len(groups or [])} parameter group(s), this "
+            f"optimizer has {len(optimizer.param_groups)}. HINT: restore the optimizer settings, or start a new "
+            "run.dir with train.init_from set to this checkpoint to take its weights alone"
+        )
+    for i, (then, now) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        then_keys, now_keys = set(then) - {"params"}, set(now) - {"params"}
+        if then_keys != now_keys or len(then.get("params", [])) != len(now["params"]):
+            differ = sorted(then_keys ^ now_keys)
+            what = f"settings {', '.join(differ)} differ" if differ else "another number of parameters"
+            raise IncompatibleCheckpointError(
+                f"checkpoint '{folder}' holds optimizer state that does not fit this optimizer (group {i}: {what}; "
+                "was optim.name changed?). HINT: restore optim.name, or start a new run.dir with train.init_from "
+                "set to this checkpoint to take its weights alone"
+            )
+
+
 def _set_aside(folder: Path) -> None:
-    aside = folder.with_name(f"{folder.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    aside = RunDir.set_aside_name(folder, time.strftime("%Y%m%d-%H%M%S"), os.getpid())
     log.warning("setting aside broken checkpoint %s as %s", folder.name, aside.name)
     os.rename(folder, aside)

@@ -54,6 +54,7 @@ class WorkerStart:
     heartbeat_file: Path | None = None  # watched by our launcher; None: nobody watches
     counts: tuple[tuple[str, float], ...] = (("restarts", 0.0),)  # restarts so far, for the metrics rows
     owns_run_dir: bool = True  # no launcher locked the run dir and wrote its config: rank 0 does
+    print_usage_errors: bool = True  # rank 0 prints a usage error as one line (our launcher prints it itself)
 
 
 def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
@@ -97,7 +98,8 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
         return EXIT_OK
     except UsageError as exc:
         _report(start, ErrorRecord.from_exception(rank, exc, slurm.job_id()))
-        print(f"error: {exc}", file=sys.stderr)
+        if start.print_usage_errors and rank == 0:  # one line, not one per rank
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BaseException as exc:
         _report(start, ErrorRecord.from_exception(rank, exc, slurm.job_id()))
@@ -158,7 +160,7 @@ def spawned_worker(
     paths = RunDir(cfg.run.dir)
     start = WorkerStart(
         error_file=paths.error_file(rank), heartbeat_file=paths.heartbeat_file(rank),
-        counts=(("restarts", float(attempt)),), owns_run_dir=False,
+        counts=(("restarts", float(attempt)),), owns_run_dir=False, print_usage_errors=False,
     )  # fmt: skip
     exit_now(run_worker(cfg, stop, start))
 

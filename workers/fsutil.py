@@ -33,8 +33,12 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    write_durable(tmp, data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        write_durable(tmp, data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (full disk, a folder in the way) leaves nothing behind
+        raise
     fsync_dir(path.parent)
 
 

@@ -81,7 +81,14 @@ def heartbeat_for(path: Path | None, rank: int) -> Heartbeat | NoHeartbeat:
 
 
 def read_heartbeat(path: Path) -> dict | None:
+    """A rank's last heartbeat ``{pid, rank, step, phase, time}``; None when absent or malformed (then the launcher
+    treats the rank as not reporting, never crashes)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        beat = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
+    ok = (
+        isinstance(beat, dict) and isinstance(beat.get("step"), int) and isinstance(beat.get("phase"), str)
+        and isinstance(beat.get("time"), (int, float)) and not isinstance(beat.get("time"), bool)
+    )  # fmt: skip
+    return beat if ok else None

@@ -7,6 +7,7 @@ Must not import the trainer or the launch side; imports torch only inside :func:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from workers.config import Config, check_resume_compatible, dump_config, plan_batches
@@ -14,27 +15,55 @@ from workers.contract import TrainState
 from workers.errors import CheckpointError, ConfigError, RunDirLockedError
 from workers.fsutil import RunDirLock, atomic_write
 from workers.rundir import STATE_FILE, RunDir
-from workers.tasks import resolve_factory
+from workers.tasks import check_factory_args, resolve_factory
 
 
 def preflight(cfg: Config, paths: RunDir, world_size: int) -> None:
     """Check the batch plan, ``train.init_from``, ``run.resume``, the task factory and resume compatibility.
 
     Imports the task factory's module (and so, usually, torch); the config itself was checked without it.
+    The newest committed folder is read unverified here: whether the run is already past ``train.max_steps`` is
+    checked by the workers, at the checkpoint they really resume from.
     """
-    plan_batches(cfg, world_size)
-    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
-        raise ConfigError(f"config key 'train.init_from' = {cfg.train.init_from!r}: no such file or folder")
+    cheap_checks(cfg, paths, world_size)
     if not cfg.run.resume and paths.step_folders():
         raise ConfigError(
             f"config key 'run.resume' = False but '{paths.checkpoints}' already holds checkpoints. "
             "HINT: use a new run.dir, move the checkpoints away, or resume"
         )
-    resolve_factory(cfg.task.factory)
+    check_factory_args(cfg.task.factory, resolve_factory(cfg.task.factory), dict(cfg.task.args))
     if cfg.run.resume:
         newest = newest_train_state(paths)
         if newest is not None:
             check_resume_compatible(cfg, newest, str(paths.root))
+
+
+def cheap_checks(cfg: Config, paths: RunDir, world_size: int) -> None:
+    """The checks that need neither torch nor the task: run before any worker process is started."""
+    plan_batches(cfg, world_size)
+    check_run_dir(paths)
+    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
+        raise ConfigError(f"config key 'train.init_from' = {cfg.train.init_from!r}: no such file or folder")
+
+
+def check_run_dir(paths: RunDir) -> None:
+    """``run.dir`` is a folder (or can become one) that this process may write into."""
+    root = paths.root
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"config key 'run.dir' = '{root}': is a file, not a folder. HINT: use another run.dir")
+    existing = root
+    while not existing.exists():  # the nearest ancestor that exists must be a writable folder
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"config key 'run.dir' = '{root}': '{existing}' is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"config key 'run.dir' = '{root}': '{existing}' is not writable (permissions or a read-only file system). "
+            "HINT: use a run.dir you can write to"
+        )
+    for name in (paths.config, paths.checkpoints, paths.logs):
+        if name.exists() and not os.access(name, os.W_OK):
+            raise ConfigError(f"config key 'run.dir' = '{root}': '{name}' is not writable. HINT: check its permissions")
 
 
 def newest_train_state(paths: RunDir) -> TrainState | None:

@@ -30,6 +30,7 @@ from pathlib import Path
 MODEL_FILE, OPTIM_FILE, STATE_FILE, MANIFEST_FILE = "model.pt", "optim.pt", "train_state.json", "manifest.json"
 CONFIG_FILE = "config.yaml"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_SET_ASIDE = re.compile(r"^step-(\d{8})\.invalid-(\d{8}-\d{6})-\d+$")
 
 
 def step_dir_name(step: int) -> str:
@@ -104,6 +105,18 @@ class RunDir:
     def step_folders(self) -> list[tuple[int, Path]]:
         """All checkpoint folders (committed or not), newest first."""
         return step_folders(self.checkpoints)
+
+    def set_aside_folders(self) -> list[Path]:
+        """Broken checkpoint folders kept for inspection (``step-XXXXXXXX.invalid-<time>-<pid>``), oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.iterdir() if _SET_ASIDE.match(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: (_SET_ASIDE.match(p.name).group(2), p.name))
+
+    @staticmethod
+    def set_aside_name(folder: Path, stamp: str, pid: int) -> Path:
+        """Where a broken checkpoint folder is moved: beside it, renamed so no scan takes it for a checkpoint."""
+        return folder.with_name(f"{folder.name}.invalid-{stamp}-{pid}")
 
     def committed_folders(self) -> list[tuple[int, Path]]:
         """Folders holding a manifest (the commit marker), newest first; not verified (no hashing here)."""

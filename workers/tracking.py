@@ -57,6 +57,8 @@ def run_id(paths: RunDir) -> str:
     rid = read_run_id(paths)
     if rid is not None:
         return rid
+    if paths.tracking.exists():
+        log.warning("%s is malformed: starting a new wandb run id (the old run is not continued)", paths.tracking)
     rid = secrets.token_hex(4)
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write(paths.tracking, json.dumps({"wandb_run_id": rid}) + "\n")
@@ -66,15 +68,20 @@ def run_id(paths: RunDir) -> str:
 def read_metrics(paths: RunDir) -> list[dict[str, Any]]:
     """The rows of the run's metrics file: JSON objects with an integer ``step`` (a line torn by a kill, or
     anything else malformed, is skipped)."""
-    rows = []
+    rows, skipped = [], 0
     if paths.metrics.exists():
-        for line in paths.metrics.read_text(errors="replace").splitlines():
+        lines = paths.metrics.read_text(errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
             except ValueError:
-                continue
+                row = None
             if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
                 rows.append(row)
+            elif line.strip() and number < len(lines):  # a torn last line is a kill's normal trace, not damage
+                skipped += 1
+    if skipped:
+        log.warning("%s: skipped %d malformed row(s) (not a JSON object with an integer step)", paths.metrics, skipped)
     return rows
 
 

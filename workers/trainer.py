@@ -21,11 +21,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.checkpoint import Checkpointer, load_weights, read_train_state, unwrap
-from workers.config import BatchPlan, Config, OptimConfig, check_resume_compatible, dump_config, plan_batches
+from workers.checkpoint import Checkpointer, first_mismatch, load_weights, read_train_state, unwrap
+from workers.config import (
+    BatchPlan,
+    Config,
+    OptimConfig,
+    check_not_past_the_end,
+    check_resume_compatible,
+    dump_config,
+    plan_batches,
+)
 from workers.contract import TrainState
 from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all
 from workers.dist import DistContext, maybe_no_sync
+from workers.errors import CheckpointError, ConfigError
 from workers.heartbeat import Heartbeat, NoHeartbeat
 from workers.reporting import Reporter, StepStats
 from workers.rundir import CONFIG_FILE, RunDir
@@ -129,7 +138,14 @@ class Trainer:
         self.ckpt.clean_stale_temporaries()
         folder = self.ckpt.find_resume_point() if self.cfg.run.resume else None
         if folder is not None:
-            check_resume_compatible(self.cfg, read_train_state(folder), str(folder), len(self.task.dataset))
+            saved = read_train_state(folder)
+            check_resume_compatible(self.cfg, saved, str(folder), len(self.task.dataset))
+            check_not_past_the_end(self.cfg, saved, str(folder))
+            if saved.max_steps is not None and self.cfg.train.max_steps < saved.max_steps:
+                log.warning(
+                    "train.max_steps is %d, the run was saved with %d: the LR schedule now decays to step %d",
+                    self.cfg.train.max_steps, saved.max_steps, self.cfg.train.max_steps,
+                )  # fmt: skip
             state = self.ckpt.load(folder, self.model, self.optimizer, self.scheduler, self.scaler)
             self.step = state.step
             self._apply_optim_config()
@@ -142,8 +158,22 @@ class Trainer:
                 self.ctx.world_size,
             )
         elif self.cfg.train.init_from:
-            unwrap(self.model).load_state_dict(load_weights(self.cfg.train.init_from), strict=True)
-            log.info("initialised weights from %s", self.cfg.train.init_from)
+            self._init_from(self.cfg.train.init_from)
+
+    def _init_from(self, source: str) -> None:
+        """Start from the weights in ``train.init_from``; anything wrong with them is the user's to fix (exit 2)."""
+        try:
+            weights = load_weights(source)
+        except CheckpointError as exc:
+            raise ConfigError(f"config key 'train.init_from' = {source!r}: {exc}") from None
+        problem = first_mismatch(unwrap(self.model), weights)
+        if problem:
+            raise ConfigError(
+                f"config key 'train.init_from' = {source!r}: does not fit the task's model: {problem}. "
+                "HINT: check task.factory / task.args, or the file"
+            )
+        unwrap(self.model).load_state_dict(weights, strict=True)
+        log.info("initialised weights from %s", source)
 
     def _apply_optim_config(self) -> None:
         """After a resume the config's optimizer settings win over the saved ones (with a warning when they

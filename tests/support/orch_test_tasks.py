@@ -16,15 +16,20 @@ from workers.tasks import charlm, quickstart
 
 
 class _Slowed:
-    def __init__(self, inner, step_sleep_s: float, fail_rank: int | None, fail_call: int | None) -> None:
+    def __init__(
+        self, inner, step_sleep_s: float, fail_rank: int | None, fail_call: int | None, hold_at_call: int | None = None
+    ) -> None:
         self.inner, self.model, self.dataset = inner, inner.model, inner.dataset
         self.step_sleep_s, self.fail_rank, self.fail_call, self.calls = step_sleep_s, fail_rank, fail_call, 0
+        self.hold_at_call = hold_at_call
 
     def loss(self, model, batch):
         self.calls += 1
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # srun sets no RANK
         if self.fail_rank == rank and self.calls == self.fail_call:
             raise RuntimeError(f"injected failure on call {self.calls}")
+        while self.hold_at_call is not None and self.calls >= self.hold_at_call:
+            time.sleep(0.05)  # the run stays where it is until the test has seen what it waits for, then kills it
         if self.step_sleep_s:
             time.sleep(self.step_sleep_s)
         return self.inner.loss(model, batch)
@@ -97,6 +102,7 @@ def quick(
     die_in_save_step: int = 8,
     augment: float = 0.0,
     forbid_import: str | None = None,
+    hold_at_call: int | None = None,
     **kwargs,
 ):
     if audit_dir:
@@ -108,7 +114,7 @@ def quick(
     task = quickstart.build(**kwargs)
     if augment:
         task.dataset = _NoisyInputs(task.dataset, augment)
-    return _Slowed(task, step_sleep_s, fail_rank, fail_call)
+    return _Slowed(task, step_sleep_s, fail_rank, fail_call, hold_at_call)
 
 
 class _NoisyInputs:
@@ -129,3 +135,8 @@ class _NoisyInputs:
 
 def chars(step_sleep_s: float = 0.0, **kwargs):
     return _Slowed(charlm.build(**kwargs), step_sleep_s, None, None)
+
+
+def not_a_task(**kwargs):
+    """A factory that returns the wrong object (a model without dataset and loss)."""
+    return quickstart.build(**kwargs).model

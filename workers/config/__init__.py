@@ -8,7 +8,7 @@ Torch-free, so config errors are found before torch is imported. Imports only th
 """
 
 from workers.config.loader import config_from_dict, dump_config, load_config
-from workers.config.plan import BatchPlan, check_resume_compatible, plan_batches
+from workers.config.plan import BatchPlan, check_not_past_the_end, check_resume_compatible, plan_batches
 from workers.config.schema import (
     Config,
     DataConfig,
@@ -24,6 +24,6 @@ from workers.errors import ConfigError
 
 __all__ = [
     "BatchPlan", "Config", "ConfigError", "DataConfig", "LaunchConfig", "OptimConfig", "RunConfig", "SlurmConfig",
-    "TaskConfig", "TrackingConfig", "TrainConfig", "check_resume_compatible", "config_from_dict", "dump_config",
-    "load_config", "plan_batches",
+    "TaskConfig", "TrackingConfig", "TrainConfig", "check_not_past_the_end", "check_resume_compatible",
+    "config_from_dict", "dump_config", "load_config", "plan_batches",
 ]  # fmt: skip

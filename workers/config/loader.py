@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +19,43 @@ import yaml
 
 from workers.config.schema import Config, fail, plain
 from workers.errors import ConfigError
+
+INT64_MAX = 2**63 - 1  # every int key fits torch's int64 (a seed, a step count)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first_line: int, second_line: int) -> None:
+        super().__init__(key)
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with two fixes for configs: floats in the notation every ML user types (``3e-4``,
+    ``1e6``: YAML 1.1 reads them as strings, YAML 1.2 as floats), and a key given twice in one mapping is an
+    error instead of silently replacing the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key == "<<":  # a merge key may repeat
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -88,11 +127,24 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, dict):
             fail(key, value, f"expected a mapping, got {type(value).__name__}")
         return dict(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _number(key, value, tp)
     if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
     fail(key, value, f"expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _number(key: str, value: int | float, tp: type) -> int | float:
+    """Every number is finite and fits int64; an int key takes a float that is a whole number (``1e5``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(key, value, "must be a finite number")
+    if tp is int:
+        if isinstance(value, float) and not value.is_integer():
+            fail(key, value, "expected int, got a fraction")
+        if abs(value) > INT64_MAX:
+            fail(key, value, f"out of range (at most {INT64_MAX})")
+        return int(value)
+    return float(value)
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -110,7 +162,9 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override '{item}' is not key=value. HINT: e.g. train.max_steps=200")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
+    except _DuplicateKey as exc:
+        raise ConfigError(f"override '{item}': key {exc.key!r} is given twice") from None
     except yaml.YAMLError:
         value = raw  # not YAML: keep the literal string
     return key.strip().split("."), value
@@ -126,11 +180,26 @@ def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _nest_dotted_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``train.max_steps: 5`` at the top of a YAML file means ``train: {max_steps: 5}`` (applied in file order,
+    like an override, so it wins over the section's own value)."""
+    nested: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(key, str) and "." in key:
+            _apply_override(nested, key.split("."), value)
+        elif isinstance(nested.get(key), dict) and isinstance(value, dict):
+            nested[key] = {**value, **nested[key]}
+        else:
+            nested[key] = value
+    return nested
+
+
 def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build and validate the config tree from a nested dict plus dotted overrides."""
     data = plain(data or {})
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a YAML mapping, got {type(data).__name__}")
+    data = _nest_dotted_keys(data)
     for item in overrides:
         path, value = _parse_override(item)
         _apply_override(data, path, value)
@@ -140,11 +209,22 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[s
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config file and apply overrides. Raises ConfigError on any problem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory. HINT: name a YAML file, e.g. configs/quickstart.yaml")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found. HINT: e.g. configs/quickstart.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        data = _yaml(path.read_text())
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"config file '{path}': key {exc.key!r} is given twice (lines {exc.first_line} and {exc.second_line}); "
+            "the second would silently replace the first. HINT: merge them into one"
+        ) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {exc.problem or exc.context}") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
     return config_from_dict(data, overrides)

@@ -49,9 +49,10 @@ def check_resume_compatible(cfg: Config, saved: TrainState, where: str, dataset_
     """Refuse a resume whose config would silently change what the run consumes (raises ConfigError).
 
     ``saved`` is the checkpoint's train state. The data position is ``step x global batch`` in the global order
-    of ``train.seed``, so both must match; the run can be extended (larger max_steps) but not cut below its step.
+    of ``train.seed``, so both must match. (Whether the run is past ``train.max_steps`` is
+    :func:`check_not_past_the_end`'s, once the resume point is known to be valid.)
     """
-    hint = "HINT: put it back, or start a new run.dir (train.init_from can take these weights)"
+    hint = "put it back, or start a new run.dir (train.init_from can take these weights)"
     for key, now, then in (
         ("train.seed", cfg.train.seed, saved.seed),
         ("data.global_batch_size", cfg.data.global_batch_size, saved.global_batch_size),
@@ -60,6 +61,10 @@ def check_resume_compatible(cfg: Config, saved: TrainState, where: str, dataset_
     ):
         if then is not None and now != then:
             fail(key, now, f"the checkpoint in {where} was saved with {then!r}; resuming would change the data", hint)
+
+
+def check_not_past_the_end(cfg: Config, saved: TrainState, where: str) -> None:
+    """The run can be extended (a larger ``train.max_steps``) but not cut below the step it reached."""
     if saved.step > cfg.train.max_steps:
         fail(
             "train.max_steps",

@@ -7,6 +7,7 @@ a bad value raises ConfigError naming the key, the value and a HINT. Torch-free.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,31 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         fail(key, value, f"must be one of {', '.join(choices)}")
 
 
+_DAY_S = 86400.0
+_BIG = 2**31  # far above any real batch, worker or accumulation count
+
+
+def _check_finite(key: str, value: float | int | None) -> None:
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison: refuse it first
+        fail(key, value, "must be a finite number")
+
+
 def check_min(key: str, value: float | int | None, low: float | int) -> None:
+    """``value >= low`` and finite; None passes (an optional key left unset)."""
+    _check_finite(key, value)
     if value is not None and value < low:
         fail(key, value, f"must be >= {low}")
+
+
+def check_range(
+    key: str, value: float | int | None, low: float | int, high: float | int, high_open: bool = False
+) -> None:
+    """``low <= value <= high`` (``< high`` when ``high_open``) and finite; None passes."""
+    _check_finite(key, value)
+    if value is None:
+        return
+    if value < low or value > high or (high_open and value == high):
+        fail(key, value, f"must be in [{low}, {high}{')' if high_open else ']'}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +61,12 @@ class RunConfig:
     # Resume automatically from the newest valid checkpoint in ``dir``. With false, a run dir that
     # already holds checkpoints is refused (nothing is overwritten): pick a new ``dir`` instead.
     resume: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.dir.strip():
+            fail("run.dir", self.dir, "must name a folder", "e.g. run.dir=runs/my-run")
+        if Path(self.dir).expanduser().resolve() == Path("/"):
+            fail("run.dir", self.dir, "is the file system's root: a run would write into it", "use a folder of its own")
 
 
 @dataclass(frozen=True)
@@ -72,9 +101,9 @@ class DataConfig:
     record_indices: bool = False
 
     def __post_init__(self) -> None:
-        check_min("data.global_batch_size", self.global_batch_size, 1)
-        check_min("data.micro_batch_size", self.micro_batch_size, 1)
-        check_min("data.num_workers", self.num_workers, 0)
+        check_range("data.global_batch_size", self.global_batch_size, 1, _BIG)
+        check_range("data.micro_batch_size", self.micro_batch_size, 1, _BIG)
+        check_range("data.num_workers", self.num_workers, 0, 256)
 
 
 @dataclass(frozen=True)
@@ -95,8 +124,11 @@ class OptimConfig:
         check_choice("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
         check_min("optim.lr", self.lr, 0.0)
         check_min("optim.weight_decay", self.weight_decay, 0.0)
+        for i, beta in enumerate(self.betas):  # Adam's running averages: a beta of 1 or more never forgets
+            check_range(f"optim.betas[{i}]", beta, 0.0, 1.0, high_open=True)
+        check_range("optim.momentum", self.momentum, 0.0, 1.0, high_open=True)
         check_min("optim.warmup_steps", self.warmup_steps, 0)
-        check_min("optim.min_lr_ratio", self.min_lr_ratio, 0.0)
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -121,10 +153,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_min("train.max_steps", self.max_steps, 1)
-        check_min("train.seed", self.seed, 0)
+        check_range("train.seed", self.seed, 0, 2**63 - 1)
         check_min("train.checkpoint_every", self.checkpoint_every, 1)
-        check_min("train.keep_checkpoints", self.keep_checkpoints, 1)
-        check_min("train.grad_accum_steps", self.grad_accum_steps, 1)
+        check_range("train.keep_checkpoints", self.keep_checkpoints, 1, 100_000)
+        check_range("train.grad_accum_steps", self.grad_accum_steps, 1, _BIG)
         check_min("train.grad_clip", self.grad_clip, 0.0)
         check_min("train.log_every", self.log_every, 1)
         check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
@@ -144,12 +176,12 @@ class LaunchConfig:
     hang_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        check_min("launch.nproc", self.nproc, 1)
-        check_min("launch.max_restarts", self.max_restarts, 0)
+        check_range("launch.nproc", self.nproc, 1, 1024)
+        check_range("launch.max_restarts", self.max_restarts, 0, 100_000)
         check_choice("launch.device", self.device, ("auto", "cpu", "cuda"))
-        check_min("launch.collective_timeout_s", self.collective_timeout_s, 1.0)
-        check_min("launch.grace_period_s", self.grace_period_s, 0.0)
-        check_min("launch.hang_timeout_s", self.hang_timeout_s, 0.0)
+        check_range("launch.collective_timeout_s", self.collective_timeout_s, 1.0, 7 * _DAY_S)
+        check_range("launch.grace_period_s", self.grace_period_s, 0.0, _DAY_S)
+        check_range("launch.hang_timeout_s", self.hang_timeout_s, 0.0, 7 * _DAY_S)
 
 
 @dataclass(frozen=True)
@@ -193,12 +225,12 @@ class SlurmConfig:
     setup: tuple[str, ...] = ()  # shell lines run in the batch script before srun (module load ..., source venv)
 
     def __post_init__(self) -> None:
-        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
-            check_min(f"slurm.{key}", getattr(self, key), 1)
-        check_min("slurm.gpus_per_node", self.gpus_per_node, 0)
-        check_min("slurm.mem_gb", self.mem_gb, 0.0)
-        check_min("slurm.signal_delay_s", self.signal_delay_s, 0)
-        check_min("slurm.max_timeouts", self.max_timeouts, 0)
+        for key, high in (("nodes", 100_000), ("tasks_per_node", 1024), ("cpus_per_task", 4096), ("time_min", 525_600)):
+            check_range(f"slurm.{key}", getattr(self, key), 1, high)
+        check_range("slurm.gpus_per_node", self.gpus_per_node, 0, 64)
+        check_range("slurm.mem_gb", self.mem_gb, 0.0, 1e6)
+        check_range("slurm.signal_delay_s", self.signal_delay_s, 0, int(_DAY_S))
+        check_range("slurm.max_timeouts", self.max_timeouts, 0, 1000)
         check_choice("slurm.signal", self.signal, ("USR1", "USR2"))
 
     @property

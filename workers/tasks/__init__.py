@@ -14,8 +14,12 @@ This package must stay free of torch imports: the launcher checks a factory's mo
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
+import inspect
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -58,13 +62,67 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
     return factory
 
 
+def check_factory_args(spec: str, factory: Callable[..., Any], args: dict[str, Any]) -> None:
+    """``task.args`` against the factory's signature: unknown names, missing required ones, and values whose type
+    contradicts a plain annotation (int, float, str, bool, or None-able ones). ConfigError naming the key."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or an odd callable: nothing to check against
+        return
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {n: p for n, p in params.items() if p.kind in kinds}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    listing = ", ".join(named) or "none"
+    for key, value in args.items():
+        if key not in named and not takes_any:
+            close = difflib.get_close_matches(key, list(named), n=1)
+            hint = f"did you mean 'task.args.{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"config key 'task.args.{key}' = {value!r}: {spec} takes no parameter '{key}'. "
+                f"HINT: {hint}its parameters: {listing}"
+            )
+    missing = [n for n, p in named.items() if p.default is inspect.Parameter.empty and n not in args]
+    if missing:
+        raise ConfigError(
+            f"config key 'task.args' lacks {', '.join(missing)}, which {spec} requires. HINT: its parameters: {listing}"
+        )
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # annotations that do not resolve: the factory is still called; it will say what it needs
+        return
+    for key, value in args.items():
+        allowed = _plain_types(hints.get(key))
+        if allowed and not _is_instance(value, allowed):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(f"config key 'task.args.{key}' = {value!r}: {spec} expects {names}")
+
+
+def _plain_types(hint: Any) -> tuple[type, ...] | None:
+    """The types a simple annotation admits (``int``, ``float | None``, ...); None for anything richer."""
+    simple = (int, float, str, bool, type(None))
+    if hint in simple:
+        return (hint,)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        return args if all(a in simple for a in args) else None
+    return None
+
+
+def _is_instance(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True  # an int where a float is expected is fine (YAML writes 1 for 1.0)
+    return isinstance(value, allowed)
+
+
 def build_task(spec: str, args: dict[str, Any]) -> Any:
     """Call the factory and check the returned object against the task contract."""
     task = resolve_factory(spec)(**args)
     missing = [name for name in ("model", "dataset", "loss") if not hasattr(task, name)]
     if missing:
         raise ConfigError(
-            f"config key 'task.factory' = {spec!r}: the object it returned lacks "
+            f"config key 'task.factory' = {spec!r}: the object it returned ({type(task).__name__}) lacks "
             f"{', '.join(missing)}. HINT: return an object with model, dataset and loss(model, batch)"
         )
     return task

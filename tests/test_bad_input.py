@@ -1,0 +1,163 @@
+"""Bad input, as a user or an adversary types it: every case exits 2 with one line naming the key, file or value,
+no traceback, never retried, and leaves the run dir byte for byte as it was (absent when it was absent).
+
+Cases found by the launcher's own checks (before any worker starts) and cases only the workers can find (a task
+factory's wrong return value, a checkpoint of another architecture or optimizer, a bad init_from file) are held to
+the same promise: for the latter the launcher puts back what the launch had written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import QUICK, ROOT, cli, env
+
+FRESH, EXISTING = "fresh", "existing"  # run.dir absent / a copy of a finished run (refs[2])
+
+# name: (where, arguments ({m}: the materials folder), the text expected in the one line)
+CASES: dict[str, tuple[str, list[str], str]] = {
+    "lr nan": (FRESH, ["optim.lr=.nan"], "'optim.lr' = nan: must be a finite number"),
+    "lr inf": (FRESH, ["optim.lr=.inf"], "'optim.lr' = inf: must be a finite number"),
+    "lr negative": (FRESH, ["optim.lr=-1"], "'optim.lr' = -1.0: must be >= 0"),
+    "grad clip nan": (FRESH, ["train.grad_clip=.nan"], "'train.grad_clip' = nan"),
+    "hang timeout nan": (FRESH, ["launch.hang_timeout_s=.nan"], "'launch.hang_timeout_s' = nan"),
+    "collective timeout inf": (FRESH, ["launch.collective_timeout_s=.inf"], "'launch.collective_timeout_s' = inf"),
+    "collective timeout huge": (FRESH, ["launch.collective_timeout_s=1e12"], "must be in [1.0, 604800.0]"),
+    "betas above one": (FRESH, ["optim.betas=[2,3]"], "'optim.betas[0]' = 2.0: must be in [0.0, 1.0)"),
+    "betas one item": (FRESH, ["optim.betas=[0.9]"], "expected a list of 2 items"),
+    "momentum negative": (FRESH, ["optim.name=sgd", "optim.momentum=-1"], "'optim.momentum' = -1.0"),
+    "seed 1e23": (FRESH, ["train.seed=1e23"], "'train.seed' = 1e+23: out of range"),
+    "seed negative": (FRESH, ["train.seed=-1"], "'train.seed' = -1: must be in [0,"),
+    "max steps zero": (FRESH, ["train.max_steps=0"], "'train.max_steps' = 0: must be >= 1"),
+    "max steps fraction": (FRESH, ["train.max_steps=2.5"], "expected int, got a fraction"),
+    "global batch zero": (FRESH, ["data.global_batch_size=0"], "'data.global_batch_size' = 0"),
+    "num workers negative": (FRESH, ["data.num_workers=-1"], "'data.num_workers' = -1"),
+    "min lr ratio 2": (FRESH, ["optim.min_lr_ratio=2"], "'optim.min_lr_ratio' = 2.0: must be in [0.0, 1.0]"),
+    "nproc zero": (FRESH, ["launch.nproc=0"], "'launch.nproc' = 0"),
+    "max restarts negative": (FRESH, ["launch.max_restarts=-1"], "'launch.max_restarts' = -1"),
+    "keep checkpoints zero": (FRESH, ["train.keep_checkpoints=0"], "'train.keep_checkpoints' = 0"),
+    "slurm time zero": (FRESH, ["slurm.time_min=0"], "'slurm.time_min' = 0"),
+    "warmup negative": (FRESH, ["optim.warmup_steps=-5"], "'optim.warmup_steps' = -5"),
+    "bad choice": (FRESH, ["tracking.mode=sometimes"], "'tracking.mode' = 'sometimes': must be one of"),
+    "unknown key": (FRESH, ["train.max_step=5"], "did you mean 'train.max_steps'"),
+    "task arg unknown": (FRESH, ["task.factory=workers.tasks.quickstart:build", "task.args={hiden: 32}"],
+                         "'task.args.hiden' = 32: workers.tasks.quickstart:build takes no parameter 'hiden'"),
+    "task arg type": (FRESH, ["task.factory=workers.tasks.quickstart:build", "task.args={hidden: abc}"],
+                      "'task.args.hidden' = 'abc': workers.tasks.quickstart:build expects int"),
+    "factory returns junk": (FRESH, ["task.factory=orch_test_tasks:not_a_task"], "the object it returned"),
+    "init_from missing": (FRESH, ["train.init_from={m}/nope.pt"], "'train.init_from'"),
+    "init_from junk dir": (FRESH, ["train.init_from={m}/junk"], "has no manifest.json"),
+    "init_from empty file": (FRESH, ["train.init_from={m}/empty.pt"], "empty or truncated"),
+    "init_from truncated": (FRESH, ["train.init_from={m}/truncated.pt"], "'train.init_from'"),
+    "init_from text file": (FRESH, ["train.init_from={m}/notes.txt"], "not a PyTorch weights file"),
+    "init_from pickled code": (FRESH, ["train.init_from={m}/evil.pt"], "pickled code, which is never run"),
+    "init_from other shapes": (FRESH, ["train.init_from={m}/wide.pt"], "'0.weight' has shape [64, 16]"),
+    "init_from other architecture": (FRESH, ["train.init_from={m}/other.pt"], "is missing from the weights"),
+    "run.dir empty": (FRESH, ["run.dir="], "'run.dir' = '': must name a folder"),
+    "run.dir root": (FRESH, ["run.dir=/"], "is the file system's root"),
+    "run.dir is a file": (FRESH, ["run.dir={m}/notes.txt"], "is a file, not a folder"),
+    "run.dir under a file": (FRESH, ["run.dir={m}/notes.txt/run"], "is a file, so no folder can be made under it"),
+    "nproc not dividing": (FRESH, ["--nproc", "48"], "not divisible by world size 48"),
+    "config is a directory": (FRESH, ["--config={m}"], "is a directory"),
+    "config duplicate section": (FRESH, ["--config={m}/twice.yaml"], "'train' is given twice (lines 1 and 3)"),
+    "config syntax error": (FRESH, ["--config={m}/broken.yaml"], "is not valid YAML at line 3, column 2"),
+    "config nested unknown": (FRESH, ["--config={m}/typo.yaml"], "did you mean 'train.max_steps'"),
+    "resume other width": (EXISTING, ["task.args.hidden=64"], "'0.weight' has shape [32, 16] in the weights"),
+    "resume other optimizer": (EXISTING, ["optim.name=sgd"], "optimizer state that does not fit"),
+    "resume other seed": (EXISTING, ["train.seed=5"], "'train.seed' = 5: the checkpoint"),
+    "resume below its step": (EXISTING, ["train.max_steps=4"], "already at step 12"),
+    "resume other dataset": (EXISTING, ["task.args.n=240"], "its dataset's length"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def materials(tmp_path_factory, refs) -> Path:
+    """Files the cases point at: broken weights files, a junk folder, malformed YAML configs."""
+    import torch
+
+    from workers.tasks.quickstart import make_model
+
+    m = tmp_path_factory.mktemp("materials")
+    (m / "junk").mkdir()
+    (m / "junk" / "readme").write_text("not a checkpoint\n")
+    (m / "empty.pt").write_bytes(b"")
+    model_pt = refs[2] / "checkpoints" / "step-00000012" / "model.pt"
+    (m / "truncated.pt").write_bytes(model_pt.read_bytes()[:200])
+    (m / "notes.txt").write_text("hello\n")
+    torch.save(_Payload(m / "payload-ran"), m / "evil.pt")
+    torch.save(make_model(16, 64, 4).state_dict(), m / "wide.pt")
+    torch.save({"encoder.weight": torch.zeros(3, 3)}, m / "other.pt")
+    (m / "twice.yaml").write_text("train:\n  max_steps: 3\ntrain:\n  seed: 2\n")
+    (m / "broken.yaml").write_text("train:\n  max_steps: 3\n bad\n")
+    (m / "typo.yaml").write_text("train:\n  max_stepz: 3\n")
+    return m
+
+
+class _Payload:
+    """Pickles to a call of ``os.system``: loading it unsafely would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _state(run: Path) -> dict[str, bytes] | None:
+    if not run.exists():
+        return None
+    return {str(p.relative_to(run)): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(run.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_never_retried_and_leaves_the_run_dir_as_it_was(case, materials, refs, tmp_path):
+    where, args, expected = CASES[case]
+    run = tmp_path / "run"
+    if where == EXISTING:
+        shutil.copytree(refs[2], run)
+    before = _state(run)
+    config = "configs/quickstart.yaml"
+    args = [a.replace("{m}", str(materials)) for a in args]
+    if args and args[0].startswith("--config="):
+        config = args.pop(0).partition("=")[2]
+    run_dir = [] if any(a.startswith("run.dir=") for a in args) else [f"run.dir={run}"]
+    proc = cli("launch", config, *run_dir, *QUICK, "launch.max_restarts=2", *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("orchestrator: error:"), proc.stderr
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr and "HINT: HINT" not in proc.stderr and "weights_only=False" not in lines[0]
+    assert _state(run) == before, "the run dir changed"
+    assert not (materials / "payload-ran").exists()
+
+
+def test_the_yaml_notation_ml_users_type_works_in_files_and_overrides(tmp_path):
+    from workers.config import load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lr: 3e-4\n  weight_decay: 1e-2\ntrain.max_steps: 1e3\n")
+    loaded = load_config(cfg, ["optim.warmup_steps=1e2", "train.seed=1e15"])
+    assert loaded.optim.lr == 3e-4 and loaded.optim.weight_decay == 0.01
+    assert loaded.train.max_steps == 1000 and loaded.optim.warmup_steps == 100 and loaded.train.seed == 10**15
+    assert load_config(cfg, ["optim.lr=1e6"]).optim.lr == 1e6
+
+
+def test_ckpt_tools_refuse_bad_destinations_and_survive_a_closed_pipe(refs, tmp_path):
+    dest = tmp_path / "a-folder"
+    dest.mkdir()
+    proc = cli("ckpt", "export", str(refs[2]), str(dest), "--force")
+    assert proc.returncode == 2 and "is a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(dest.iterdir()) == [] and not list(tmp_path.glob(".tmp-*"))
+    # `orchestrator ckpt inspect --json | head`: the reader goes away before we write
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "ckpt", "inspect", str(refs[2]), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), cwd=ROOT,
+    )  # fmt: skip
+    reader.stdout.close()
+    err = reader.stderr.read().decode()
+    assert reader.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
