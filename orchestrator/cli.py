@@ -110,16 +110,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
     except BaseException:
         group.abort()
         raise
-    code = EXIT_FAILED
     try:
         save_resolved_config(cfg, paths)
         _setup_console_logging()
-        code = run_with_restarts(cfg, paths, group)
+        return run_with_restarts(cfg, paths, group, lock, undo=before.restore)
     finally:
         lock.release()
-        if code == EXIT_USAGE:
-            before.restore()
-    return code
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ import psutil
 from workers.config import Config
 from workers.contract import ErrorRecord, FailureKind, Gate
 from workers.entry import spawned_worker
+from workers.fsutil import RunDirLock
 from workers.heartbeat import read_heartbeat
 from workers.rundir import RunDir
 
@@ -62,10 +63,13 @@ class RunResult:
     root_cause: RankOutcome | None = None
     stopped_by_signal: bool = False
     logs_hint: str = "the run's logs folder"  # where the per-rank error records are
+    lost_run_dir: str | None = None  # the run dir (its lock) was deleted or replaced under the running group
 
     @property
     def ok(self) -> bool:
-        return self.root_cause is None and all(not o.failed for o in self.outcomes.values())
+        return (
+            self.lost_run_dir is None and self.root_cause is None and all(not o.failed for o in self.outcomes.values())
+        )
 
     @property
     def failure_kind(self) -> FailureKind | None:
@@ -78,13 +82,15 @@ class RunResult:
 
     @property
     def retryable(self) -> bool:
-        """A restart can help (not a usage error, not a run dir without a usable checkpoint)."""
-        return self.failure_kind is None or self.failure_kind.retryable
+        """A restart can help (not a usage error, not a run dir without a usable checkpoint, not a lost run dir)."""
+        return self.lost_run_dir is None and (self.failure_kind is None or self.failure_kind.retryable)
 
     def report(self) -> str:
         """A human report: the root cause with its traceback, then every rank's outcome."""
         if self.ok:
             return "all ranks finished"
+        if self.lost_run_dir:
+            return f"training stopped: {self.lost_run_dir}"
         rc = self.root_cause
         lines = [f"training failed: rank {rc.rank} failed first ({rc.describe()})"]
         if rc.error and rc.error.traceback:
@@ -148,6 +154,7 @@ class SignalRelay:
 
     def __init__(self) -> None:
         self.count = 0
+        self.times: list[float] = []  # when each request came (monotonic)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> SignalRelay:
@@ -161,6 +168,7 @@ class SignalRelay:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        self.times.append(time.monotonic())
         self.count += 1
 
 
@@ -217,9 +225,14 @@ def _spawn(cfg: Config, nproc: int, attempt: int, gate: Any = None) -> list:
     port, procs = free_port(), []
     try:
         for rank in range(nproc):
-            args = (cfg.to_dict(), rank, nproc, port, os.getpid(), attempt, gate)
+            # Each worker's error record also comes back over its own pipe: a read-only or full run dir must not
+            # turn a known failure into a bare exit code (one writer per pipe: no lock a killed worker could hold).
+            reader, writer = ctx.Pipe(duplex=False)
+            args = (cfg.to_dict(), rank, nproc, port, os.getpid(), attempt, gate, writer)
             proc = ctx.Process(target=spawned_worker, name=f"worker-{rank}", args=args)
             proc.start()
+            writer.close()
+            proc.report = reader
             procs.append(proc)
     except BaseException:
         kill_tree([p.pid for p in procs if p.is_alive()], 0.0)
@@ -253,8 +266,12 @@ class LocalLauncher:
     Per-rank error records and heartbeats live in the run's logs folder (cleared at the start of each attempt).
     """
 
-    def __init__(self, cfg: Config, paths: RunDir, nproc: int, attempt: int = 0) -> None:
-        self.cfg, self.paths, self.nproc, self.attempt = cfg, paths, nproc, attempt
+    def __init__(
+        self, cfg: Config, paths: RunDir, nproc: int, attempt: int = 0, lock: RunDirLock | None = None
+    ) -> None:
+        """``lock``: the launch's run-dir lock; if the run dir is deleted or replaced meanwhile, the group stops."""
+        self.cfg, self.paths, self.nproc, self.attempt, self.lock = cfg, paths, nproc, attempt, lock
+        self._relayed_at: float | None = None  # when the first stop request was passed on to the workers
 
     def run(self, relay: SignalRelay | None = None, prestarted: PrestartedGroup | None = None) -> RunResult:
         """Start the group (or let a prestarted one through its gate) and supervise it to the end. Always tears
@@ -262,14 +279,19 @@ class LocalLauncher:
 
         ``relay``: the launcher's signal handling, when the caller holds it across several attempts.
         """
-        self.paths.logs.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.paths.error_files(), *self.paths.heartbeat_files()]:
-            stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only run dir: the workers will say so; cleanup never crashes
+            self.paths.logs.mkdir(parents=True, exist_ok=True)
+            for stale in [*self.paths.error_files(), *self.paths.heartbeat_files()]:
+                stale.unlink(missing_ok=True)
         procs: list = []
         with contextlib.nullcontext(relay) if relay else SignalRelay() as active:
             try:
                 procs = prestarted.go() if prestarted else _spawn(self.cfg, self.nproc, self.attempt)
-                return self._supervise(procs, active)
+                result = self._supervise(procs, active)
+                if result.lost_run_dir is None and self.lock is not None and (lost := self.lock.lost()):
+                    # a rank that crashed because its files vanished may have been seen first: the cause is this
+                    result.lost_run_dir = self._lost_message(lost)
+                return result
             finally:
                 kill_tree([p.pid for p in procs if p.is_alive()], self.cfg.launch.grace_period_s)
 
@@ -280,12 +302,18 @@ class LocalLauncher:
         while len(result.outcomes) < len(procs):
             multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=0.2)
             if relay.count > forwarded:
-                forwarded = self._relay_signal(procs, relay.count, result)
+                forwarded = self._relay_signal(procs, relay, forwarded, result)
             seen_at = time.time()
             exits_seen = len(result.outcomes)
             for rank, proc in enumerate(procs):
                 if proc.exitcode is not None and rank not in result.outcomes:
-                    result.outcomes[rank] = _outcome(rank, proc.exitcode, self.paths, seen_at)
+                    result.outcomes[rank] = _outcome(rank, proc, self.paths, seen_at)
+            lost = self.lock.lost() if self.lock is not None else None
+            if lost and result.lost_run_dir is None:
+                result.lost_run_dir = self._lost_message(lost)
+                log.error("%s", result.lost_run_dir)
+                self._teardown(procs, result)
+                break
             # An exit is evidence; a hang is a judgement: in a poll that saw new exits, they speak first.
             if result.root_cause is None and len(result.outcomes) == exits_seen:
                 alive = [r for r, p in enumerate(procs) if p.exitcode is None]
@@ -300,24 +328,38 @@ class LocalLauncher:
                 self._teardown(procs, result)
         return result
 
-    def _relay_signal(self, procs: list, count: int, result: RunResult) -> int:
+    # A second request tears down only when it comes this long after the first was relayed: GNU `timeout -s INT`
+    # and a terminal's Ctrl-C signal the launcher *and* its process group, so two arrive in one instant.
+    SECOND_REQUEST_AFTER_S = 1.0
+
+    def _lost_message(self, how: str) -> str:
+        return (
+            f"the run dir {self.paths.root} was {how} while the run was going (its lock with it); the workers were "
+            "stopped so that two runs never write into one run dir"
+        )
+
+    def _relay_signal(self, procs: list, relay: SignalRelay, forwarded: int, result: RunResult) -> int:
         result.stopped_by_signal = True
-        if count == 1:
+        now = time.monotonic()
+        if self._relayed_at is None:
             log.warning("stop requested: workers will save at the next step and exit (again to abort)")
             for p in procs:
                 if p.exitcode is None:
                     os.kill(p.pid, signal.SIGTERM)
-        else:
+            self._relayed_at = now
+        elif any(t >= self._relayed_at + self.SECOND_REQUEST_AFTER_S for t in relay.times[forwarded:]):
             log.warning("second stop request: tearing the workers down now")
             kill_tree([p.pid for p in procs if p.exitcode is None], 0.0)
-        return count
+        else:
+            log.info("another stop signal came with the first (a process-group signal): still stopping gracefully")
+        return relay.count
 
     def _teardown(self, procs: list, result: RunResult) -> None:
         kill_tree([p.pid for p in procs if p.exitcode is None], self.cfg.launch.grace_period_s)
         for rank, proc in enumerate(procs):
             proc.join(timeout=5)
             if rank not in result.outcomes:
-                result.outcomes[rank] = _outcome(rank, proc.exitcode, self.paths, time.time())
+                result.outcomes[rank] = _outcome(rank, proc, self.paths, time.time())
 
 
 def _failure_order(outcome: RankOutcome) -> tuple[float, float]:
@@ -327,7 +369,17 @@ def _failure_order(outcome: RankOutcome) -> tuple[float, float]:
     return outcome.ended_at, outcome.error.time if outcome.error else float("-inf")
 
 
-def _outcome(rank: int, exitcode: int | None, paths: RunDir, seen_at: float) -> RankOutcome:
-    error = ErrorRecord.read(paths.error_file(rank))
+def _outcome(rank: int, proc: Any, paths: RunDir, seen_at: float) -> RankOutcome:
+    """How ``proc`` ended: its exit code or signal, and its error record (from its pipe, else its file)."""
+    exitcode = proc.exitcode
+    error = _piped_record(proc) or ErrorRecord.read(paths.error_file(rank))
     sig = signal.Signals(-exitcode).name if exitcode is not None and exitcode < 0 else None
     return RankOutcome(rank, exitcode, sig, error, seen_at)
+
+
+def _piped_record(proc: Any) -> ErrorRecord | None:
+    reader = getattr(proc, "report", None)
+    try:
+        return ErrorRecord.from_json(reader.recv_bytes().decode()) if reader is not None and reader.poll() else None
+    except (EOFError, OSError, UnicodeDecodeError):
+        return None

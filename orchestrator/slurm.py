@@ -286,7 +286,7 @@ def failure_report(paths: RunDir, job: dict[str, Any], state: JobState) -> str:
         lines += [f"rank {error.rank} failed first: {error.message}", "", error.traceback.rstrip()]
     events = [e for e in read_events(paths) if e.get("job_id") == job["job_id"]]
     if events and events[-1]["event"] == "timeout-cap":
-        saved = events[-1]["saved_step"]
+        saved = events[-1].get("saved_step", "?")
         lines.append(f"the job reached its time limit too often (slurm.max_timeouts); last saved step {saved}")
     submitit_logs = f"  {job.get('submitit_dir')}/<job>_<task>_log.err|out"
     lines += ["", "logs:", f"  {paths.logs}/rank-<r>.log", submitit_logs]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import enum
 import logging
 import sys
+from collections.abc import Callable
 
 from orchestrator.launcher import LocalLauncher, PrestartedGroup, RunResult, SignalRelay
 from workers.config import Config
 from workers.contract import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from workers.fsutil import RunDirLock
 from workers.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
@@ -39,9 +41,17 @@ def decide(result: RunResult, stop_requested: bool, restarts: int, max_restarts:
     return Verdict.RESTART
 
 
-def run_with_restarts(cfg: Config, paths: RunDir, group: PrestartedGroup) -> int:
+def run_with_restarts(
+    cfg: Config,
+    paths: RunDir,
+    group: PrestartedGroup,
+    lock: RunDirLock | None = None,
+    undo: Callable[[], None] | None = None,
+) -> int:
     """Run attempts until the policy says stop; returns the launch's exit code. The first attempt uses the
-    prestarted group; restarts spawn afresh."""
+    prestarted group; restarts spawn afresh. ``lock``: the launch's run-dir lock (watched while workers run).
+    ``undo``: called, with the lock still held, when the *first* attempt ends in a usage error (bad input found by
+    the workers leaves the run dir as it was; a later attempt's usage error leaves the run's own progress alone)."""
     restarts, prestarted = 0, group
     # One signal relay for all attempts: a Ctrl-C during a teardown or between attempts still means "stop".
     with SignalRelay() as relay:
@@ -54,13 +64,15 @@ def run_with_restarts(cfg: Config, paths: RunDir, group: PrestartedGroup) -> int
                 paths.root,
                 f" (restart {restarts}/{cfg.launch.max_restarts})" if restarts else "",
             )
-            result = LocalLauncher(cfg, paths, cfg.launch.nproc, attempt=restarts).run(relay, prestarted)
+            result = LocalLauncher(cfg, paths, cfg.launch.nproc, attempt=restarts, lock=lock).run(relay, prestarted)
             prestarted = None
             verdict = decide(result, relay.count > 0, restarts, cfg.launch.max_restarts)
             if verdict is Verdict.DONE:
                 log.info("run finished: %s", paths.root)
                 return EXIT_OK
             if verdict is Verdict.USAGE_ERROR:
+                if restarts == 0 and undo is not None:
+                    undo()
                 print(f"orchestrator: error: {result.root_cause.error.detail}", file=sys.stderr)
                 return EXIT_USAGE
             print(result.report(), file=sys.stderr)

@@ -72,13 +72,13 @@ def launch_and_kill(
     run_dir: Path,
     nproc: int,
     *overrides: str,
-    kill_after: str,
+    kill_after: str | None,
     config: str = "configs/quickstart.yaml",
     timeout: float = 120,
     until: Callable[[], bool] | None = None,
 ) -> None:
-    """Launch, wait until checkpoint ``kill_after`` is committed (and ``until()`` holds, when given), then SIGKILL
-    the whole run (launcher and workers: they share the process group of a new session)."""
+    """Launch, wait until checkpoint ``kill_after`` is committed (None: no checkpoint yet) and ``until()`` holds
+    (when given), then SIGKILL the whole run (launcher and workers: they share the process group of a new session)."""
     cmd = [
         sys.executable,
         "-m",

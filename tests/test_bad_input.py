@@ -8,6 +8,8 @@ the same promise: for the latter the launcher puts back what the launch had writ
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import QUICK, ROOT, cli, env
 
-FRESH, EXISTING = "fresh", "existing"  # run.dir absent / a copy of a finished run (refs[2])
+# run.dir absent / a copy of a finished run (refs[2]) / the same, its newest train state as today's main wrote it
+FRESH, EXISTING, OLDER_FORMAT = "fresh", "existing", "older format"
 
 # name: (where, arguments ({m}: the materials folder), the text expected in the one line)
 CASES: dict[str, tuple[str, list[str], str]] = {
@@ -68,7 +71,8 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "config syntax error": (FRESH, ["--config={m}/broken.yaml"], "is not valid YAML at line 3, column 2"),
     "config nested unknown": (FRESH, ["--config={m}/typo.yaml"], "did you mean 'train.max_steps'"),
     "resume other width": (EXISTING, ["task.args.hidden=64"], "'0.weight' has shape [32, 16] in the weights"),
-    "resume other optimizer": (EXISTING, ["optim.name=sgd"], "optimizer state that does not fit"),
+    "resume other optimizer": (EXISTING, ["optim.name=sgd"], "holds AdamW state, this run builds SGD"),
+    "resume other optimizer, older format": (OLDER_FORMAT, ["optim.name=sgd"], "group 0: it lacks dampening, momentum"),
     "resume other seed": (EXISTING, ["train.seed=5"], "'train.seed' = 5: the checkpoint"),
     "resume below its step": (EXISTING, ["train.max_steps=4"], "already at step 12"),
     "resume other dataset": (EXISTING, ["task.args.n=240"], "its dataset's length"),
@@ -108,30 +112,68 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _drop_optimizer_name(folder: Path) -> None:
+    """Make the checkpoint's train state look like one written before it recorded the optimizer's class."""
+    state = json.loads((folder / "train_state.json").read_text())
+    del state["optimizer"]
+    data = json.dumps(state).encode()
+    (folder / "train_state.json").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["train_state.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _state(run: Path) -> dict[str, bytes] | None:
     if not run.exists():
         return None
     return {str(p.relative_to(run)): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(run.rglob("*"))}
 
 
+# Found by the workers (or by checks that run while prestarted workers wait): only the real CLI in a subprocess.
+# The others fail in the launcher's first checks, before any process starts: run in this process (same code path,
+# same output) to keep the suite short.
+NEEDS_WORKERS = {name for name in CASES if name.startswith(("resume", "init_from", "factory", "task arg"))} - {
+    "init_from missing"
+}
+
+
+def _launch(argv: list[str], capsys) -> tuple[int, str]:
+    """``orchestrator launch ...``: a subprocess when workers are involved, else the CLI's main() right here."""
+    from orchestrator.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line_exit_2_never_retried_and_leaves_the_run_dir_as_it_was(case, materials, refs, tmp_path):
+def test_bad_input_is_one_line_exit_2_never_retried_and_leaves_the_run_dir_as_it_was(
+    case, materials, refs, tmp_path, capsys
+):
     where, args, expected = CASES[case]
     run = tmp_path / "run"
-    if where == EXISTING:
+    if where in (EXISTING, OLDER_FORMAT):
         shutil.copytree(refs[2], run)
+    if where == OLDER_FORMAT:
+        _drop_optimizer_name(run / "checkpoints" / "step-00000012")
     before = _state(run)
     config = "configs/quickstart.yaml"
     args = [a.replace("{m}", str(materials)) for a in args]
     if args and args[0].startswith("--config="):
         config = args.pop(0).partition("=")[2]
     run_dir = [] if any(a.startswith("run.dir=") for a in args) else [f"run.dir={run}"]
-    proc = cli("launch", config, *run_dir, *QUICK, "launch.max_restarts=2", *args)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("orchestrator: error:"), proc.stderr
+    nproc = ["--nproc", "1"] if case in NEEDS_WORKERS else []  # one worker is enough to find what workers find
+    argv = ["launch", config, *nproc, *run_dir, *QUICK, "launch.max_restarts=2", *args]
+    if case in NEEDS_WORKERS:
+        proc = cli(*argv)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code, err = _launch(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("orchestrator: error:"), err
     assert expected in lines[0], lines[0]
-    assert "Traceback" not in proc.stderr and "HINT: HINT" not in proc.stderr and "weights_only=False" not in lines[0]
+    assert "Traceback" not in err and "HINT: HINT" not in err and "weights_only=False" not in lines[0]
     assert _state(run) == before, "the run dir changed"
     assert not (materials / "payload-ran").exists()
 

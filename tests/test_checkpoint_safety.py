@@ -96,6 +96,7 @@ def test_an_unwritable_run_dir_is_a_clear_error_and_older_checkpoints_stay_intac
             *QUICK,
             "task.args.step_sleep_s=0.1",
             "train.log_every=100",
+            "launch.max_restarts=2",
         ]
         proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
         while latest_name(run) != f"step-{EVERY:08d}":
@@ -110,10 +111,16 @@ def test_an_unwritable_run_dir_is_a_clear_error_and_older_checkpoints_stay_intac
                 if subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], capture_output=True).returncode == 0:
                     break
                 time.sleep(0.02)
+            # ... and no error record can be written either: the launcher must learn the cause another way
+            (run / "logs").rename(run / "logs.moved")
+            (run / "logs").write_text("")
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 1
         reason = "No space left on device" if trouble == "disk full" else "Read-only file system"
         assert "cannot write checkpoint" in err and reason in err and "older checkpoints are intact" in err, err
+        # the report names the cause (the record came over the worker's pipe), and a disk error is never retried
+        assert "failed first (rank 0: exit code 1 — CheckpointError: cannot write checkpoint" in err, err
+        assert "restarting" not in err
         assert latest_name(run) == f"step-{EVERY:08d}"
         assert not list((run / "checkpoints").glob(".tmp-*"))  # the failed save cleaned up after itself
         assert "complete: yes" in cli("ckpt", "inspect", str(_ckpt(run, EVERY)), check=True).stdout

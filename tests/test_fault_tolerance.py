@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,36 @@ def test_kill_in_the_middle_of_a_checkpoint_write_restarts_from_the_previous_one
     assert f"resumed from {run / 'checkpoints' / f'step-{EVERY:08d}'}" in err
     assert tensors_equal(load(run), load(refs[2]))
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_run_dir_deleted_under_a_running_launch_stops_it(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run)
+    wait_for(run, proc, f"step-{EVERY:08d}")
+    shutil.rmtree(run)  # its lock goes with it: a second launch could now take the same path
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "was deleted while the run was going" in err and "restarting" not in err, err
+
+
+def test_dataloader_workers_die_with_their_rank(tmp_path):
+    """A loader worker blocked in ``__getitem__`` (torch's watchdog only looks between samples) dies with its rank
+    when the rank is SIGKILLed — the kernel kills it (PR_SET_PDEATHSIG), it is not left for minutes."""
+    run, marker = tmp_path / "run", tmp_path / "blocked"
+    blocking = ["data.num_workers=1", "task.args.block_after_samples=40", f"task.args.block_marker={marker}"]
+    proc = start(run, *blocking, "launch.max_restarts=0")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "blocked-rank1").exists():  # rank 1's loader worker is inside the blocking __getitem__
+        assert proc.poll() is None and time.monotonic() < deadline, "the loader worker never blocked"
+        time.sleep(0.05)
+    rank1 = psutil.Process(worker_pid(run, 1))
+    loaders = rank1.children(recursive=True)
+    assert loaders, "rank 1 has no loader worker"
+    rank1.kill()
+    _, alive = psutil.wait_procs(loaders, timeout=30)
+    assert not alive, f"loader workers outlived their rank: {[p.pid for p in alive]}"
+    proc.communicate(timeout=60)
+    assert proc.returncode == 1
 
 
 def test_sigstopped_rank_is_detected_as_hung_and_the_run_recovers(refs, tmp_path):

@@ -10,6 +10,7 @@ import pty
 import subprocess
 import sys
 
+import pytest
 from conftest import EVERY, MAX_STEPS, QUICK, ROOT, cli, copy_run, env, launch, launch_and_kill, load, wandb_view
 
 from workers.wandb_records import history_steps, offline_logs
@@ -48,6 +49,23 @@ def test_one_wandb_run_across_a_kill_and_a_resume_on_another_world_size(tmp_path
         assert jsonl == EXPECTED_STEPS
         state = json.loads((run / "checkpoints" / f"step-{MAX_STEPS:08d}" / "train_state.json").read_text())
         assert state["tracking_run_id"] == rid
+
+
+def test_rows_of_a_dead_attempt_are_moved_aside_so_metrics_describe_the_checkpointed_run(tmp_path):
+    """Killed before its first checkpoint, launched again with another lr: the run starts over, and metrics.jsonl
+    holds the new run's rows only — the dead attempt's rows are in metrics.attempt-1.jsonl, not spliced in."""
+    run = tmp_path / "run"
+    rows = lambda path: [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []  # noqa: E731
+    hold = "task.args.hold_at_call=7"  # step 4 (two micro-steps a step) never completes: no checkpoint
+    launch_and_kill(run, 1, hold, kill_after=None, until=lambda: len(rows(run / "metrics.jsonl")) >= 1)
+    dead = rows(run / "metrics.jsonl")
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step-*"))
+    proc = launch(run, 1, "optim.lr=0.0123")
+    assert "moved to metrics.attempt-1.jsonl" in proc.stderr
+    assert rows(run / "metrics.attempt-1.jsonl") == dead
+    now = rows(run / "metrics.jsonl")
+    assert [r["step"] for r in now] == EXPECTED_STEPS
+    assert now[0]["lr"] / dead[0]["lr"] == pytest.approx(0.0123 / 0.003)  # the new run's lr, not the dead one's
 
 
 def test_tracking_disabled_writes_no_wandb_files_and_never_imports_wandb(refs, tmp_path):

@@ -126,6 +126,8 @@ def first_mismatch(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> str
     for key, tensor in expected.items():
         if key not in weights:
             return f"the model's '{key}' is missing from the weights"
+        if not isinstance(tensor, torch.Tensor):  # a module's _extra_state: load_state_dict judges it
+            continue
         if tuple(weights[key].shape) != tuple(tensor.shape):
             return f"'{key}' has shape {list(weights[key].shape)} in the weights, {list(tensor.shape)} in the model"
     extra = [k for k in weights if k not in expected]
@@ -202,6 +204,8 @@ def verify(folder: Path) -> dict[str, Any]:
     manifest = _read_manifest(folder)
     for name, entry in manifest["files"].items():
         path = folder / name
+        if path.is_symlink():  # a link could point anywhere: never hash or load through one
+            raise CheckpointError(f"'{path}' is a symbolic link, not a file of the checkpoint")
         if not path.is_file():
             raise CheckpointError(f"'{folder}' is missing {name}")
         if path.stat().st_size != entry["size"]:
@@ -296,7 +300,6 @@ class Checkpointer:
         extra_files: dict[str, bytes] | None = None,
     ) -> None:
         self.paths, self.ctx, self.keep, self.async_save = paths, ctx, keep, async_save
-        self.ckpt_dir = paths.checkpoints
         self.extra_files = extra_files or {}  # e.g. the resolved config, saved in every checkpoint
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt") if async_save else None
         self._in_flight: Future | None = None
@@ -368,8 +371,8 @@ class Checkpointer:
         self.last_commit_s = time.perf_counter() - t0
 
     def _write_folder(self, target: Path, payload: CheckpointPayload) -> None:
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.ckpt_dir / f".tmp-{target.name}-{os.getpid()}"
+        self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        tmp = self.paths.checkpoints / f".tmp-{target.name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -390,12 +393,12 @@ class Checkpointer:
         if target.exists():  # an uncommitted leftover at this step: keep it aside, lose nothing
             _set_aside(target)
         os.rename(tmp, target)
-        fsync_dir(self.ckpt_dir)
+        fsync_dir(self.paths.checkpoints)
         atomic_write(self.paths.latest, target.name + "\n")
 
     def _apply_retention(self, newest: int) -> None:
         """Keep the newest ``keep`` committed checkpoints up to ``newest``; never touch uncommitted folders."""
-        committed = [(s, f) for s, f in step_folders(self.ckpt_dir) if s <= newest and (f / MANIFEST_FILE).exists()]
+        committed = [(s, f) for s, f in self.paths.committed_folders() if s <= newest]
         for _, folder in committed[self.keep :]:
             # Rename first: a kill in the middle of the delete leaves a .trash- folder, never a half step- one.
             trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
@@ -414,8 +417,8 @@ class Checkpointer:
 
     def clean_stale_temporaries(self) -> None:
         """Remove what killed saves left behind (``.tmp-*``, ``.trash-*``). Rank 0, before training."""
-        if self.ctx.is_main and self.ckpt_dir.is_dir():
-            for path in [*self.ckpt_dir.glob(".tmp-*"), *self.ckpt_dir.glob(".trash-*")]:
+        if self.ctx.is_main and self.paths.checkpoints.is_dir():
+            for path in [*self.paths.checkpoints.glob(".tmp-*"), *self.paths.checkpoints.glob(".trash-*")]:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     def find_resume_point(self) -> Path | None:
@@ -426,8 +429,8 @@ class Checkpointer:
         """
         choice = None
         if self.ctx.is_main:
-            folders = step_folders(self.ckpt_dir)
-            found = find_latest_valid(self.ckpt_dir)
+            folders = step_folders(self.paths.checkpoints)
+            found = find_latest_valid(self.paths.checkpoints)
             if found is None and folders:
                 choice = "!none-valid"
             elif found is not None:
@@ -441,17 +444,26 @@ class Checkpointer:
         choice = self.ctx.broadcast_object(choice)
         if choice == "!none-valid":
             raise CheckpointError(
-                f"'{self.ckpt_dir}' holds checkpoints but none is valid; refusing to start "
+                f"'{self.paths.checkpoints}' holds checkpoints but none is valid; refusing to start "
                 "from scratch over them. HINT: `orchestrator ckpt inspect` shows why; move them away or use a new "
                 "run.dir"
             )
         return Path(choice) if choice else None
 
     def load(
-        self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any
+        self,
+        folder: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        scaler: Any,
+        saved: TrainState | None = None,
     ) -> TrainState:
         """Restore model, optimizer, scheduler and scaler from ``folder``; return its train state."""
+        saved = saved or read_train_state(folder)
         weights = _safe_load(folder / MODEL_FILE)  # an unsafe or corrupt file: CheckpointError, not a config error
+        if not _is_state_dict(weights):
+            raise CheckpointError(f"'{folder / MODEL_FILE}' holds no model state_dict (names to tensors)")
         problem = first_mismatch(unwrap(model), weights)
         if problem:  # another architecture than the one saved: the user's to fix, not a crash
             raise IncompatibleCheckpointError(
@@ -460,33 +472,56 @@ class Checkpointer:
             )
         unwrap(model).load_state_dict(weights, strict=True)
         rest = _safe_load(folder / OPTIM_FILE)
-        _check_optimizer_fits(folder, optimizer, rest["optimizer"])
+        if not (isinstance(rest, Mapping) and isinstance(rest.get("optimizer"), Mapping) and "scheduler" in rest):
+            raise CheckpointError(f"'{folder / OPTIM_FILE}' does not hold optimizer and scheduler state")
+        _check_optimizer_fits(folder, optimizer, rest["optimizer"], saved.optimizer)
         optimizer.load_state_dict(rest["optimizer"])
         scheduler.load_state_dict(rest["scheduler"])
         if rest.get("scaler"):
             scaler.load_state_dict(rest["scaler"])
-        return read_train_state(folder)
+        return saved
 
 
-def _check_optimizer_fits(folder: Path, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
-    """The saved optimizer state must be of the same kind and layout as the current optimizer's (same group
-    settings, same number of parameters per group): else IncompatibleCheckpointError instead of a KeyError later."""
-    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+# Group settings a newer torch adds (and fills in on load) or an optimizer defaults: their absence is no mismatch.
+_DEFAULTED_GROUP_KEYS = {
+    "foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay", "nesterov", "amsgrad",
+    "initial_lr", "param_names",
+}  # fmt: skip
+
+
+def _check_optimizer_fits(
+    folder: Path, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], saved_class: str | None
+) -> None:
+    """The saved optimizer state must be of the same kind and layout as the current optimizer's (same class, same
+    number of parameters per group): else IncompatibleCheckpointError instead of a KeyError later. Checkpoints
+    that predate the recorded class are judged by the settings their groups lack."""
+    hint = (
+        "HINT: restore optim.name, or start a new run.dir with train.init_from set to this checkpoint to take its "
+        "weights alone"
+    )
+    now_class = type(optimizer).__name__
+    if saved_class is not None and saved_class != now_class:
+        raise IncompatibleCheckpointError(
+            f"checkpoint '{folder}' holds {saved_class} state, this run builds {now_class} "
+            f"(was optim.name changed?). {hint}"
+        )
+    groups = saved.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
         raise IncompatibleCheckpointError(
-            f"checkpoint '{folder}' holds optimizer state for {len(groups or [])} parameter group(s), this "
+            f"checkpoint '{folder}' holds optimizer state for {len(groups) if isinstance(groups, list) else 0} "
+            f"parameter group(s), this "
             f"optimizer has {len(optimizer.param_groups)}. HINT: restore the optimizer settings, or start a new "
             "run.dir with train.init_from set to this checkpoint to take its weights alone"
         )
     for i, (then, now) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
-        then_keys, now_keys = set(then) - {"params"}, set(now) - {"params"}
-        if then_keys != now_keys or len(then.get("params", [])) != len(now["params"]):
-            differ = sorted(then_keys ^ now_keys)
-            what = f"settings {', '.join(differ)} differ" if differ else "another number of parameters"
+        if not isinstance(then, Mapping) or not isinstance(then.get("params"), list):
+            raise CheckpointError(f"'{folder / OPTIM_FILE}': parameter group {i} is malformed")
+        lacking = sorted(set(now) - set(then) - _DEFAULTED_GROUP_KEYS - {"params"})
+        if lacking or len(then["params"]) != len(now["params"]):
+            what = f"it lacks {', '.join(lacking)}" if lacking else "another number of parameters"
             raise IncompatibleCheckpointError(
                 f"checkpoint '{folder}' holds optimizer state that does not fit this optimizer (group {i}: {what}; "
-                "was optim.name changed?). HINT: restore optim.name, or start a new run.dir with train.init_from "
-                "set to this checkpoint to take its weights alone"
+                f"was optim.name changed?). {hint}"
             )
 
 

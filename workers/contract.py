@@ -114,7 +114,15 @@ class ErrorRecord:
     def read(cls, path: Path) -> ErrorRecord | None:
         """The record in ``path``; None when absent or malformed (a torn write, another program's file)."""
         try:
-            data = json.loads(path.read_text())
+            return cls.from_json(path.read_text())
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    @classmethod
+    def from_json(cls, text: str) -> ErrorRecord | None:
+        """Parse a record (from a file or the worker's report pipe); None when malformed."""
+        try:
+            data = json.loads(text)
             return cls(
                 rank=_typed(data["rank"], int),
                 kind=FailureKind(data["kind"]),
@@ -123,7 +131,7 @@ class ErrorRecord:
                 time=float(_typed(data.get("time", 0.0), (int, float))),
                 job_id=_typed(data.get("job_id"), (str, type(None))),
             )
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             return None
 
 
@@ -161,6 +169,7 @@ class TrainState:
     task_args: dict[str, Any] | None = None
     torch: str | None = None
     time: float | None = None
+    optimizer: str | None = None  # the optimizer's class name (a resume with another optimizer is refused)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -208,5 +217,6 @@ _STATE_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "global_batch_size": ((int,), True), "seed": ((int,), True), "max_steps": ((int,), False),
     "task": ((str,), False), "tracking_run_id": ((str,), False), "dataset_len": ((int,), False),
     "task_args": ((dict,), False), "torch": ((str,), False), "time": ((int, float), False),
+    "optimizer": ((str,), False),
 }  # fmt: skip
 _NON_NEGATIVE = {"step", "samples_seen", "world_size", "global_batch_size", "seed", "max_steps", "dataset_len"}

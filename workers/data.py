@@ -8,7 +8,9 @@ size consumes the identical sequence of samples, from any step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import default_collate as _default_collate
 
 from workers.config import BatchPlan
+from workers.stop import die_with_parent
 
 try:
     import numpy as _np
@@ -144,6 +147,7 @@ def make_loader(
         IndexedDataset(dataset, sampler.order.seed, seed_samples),
         batch_sampler=sampler,
         num_workers=num_workers,
+        worker_init_fn=functools.partial(_die_with_rank, os.getpid()) if num_workers else None,
         collate_fn=IndexedCollate(collate_fn),
         pin_memory=pin_memory,
         persistent_workers=False,
@@ -151,3 +155,10 @@ def make_loader(
         # loader does not shift the training RNG (sample randomness is seeded per sample anyway).
         generator=torch.Generator().manual_seed(sampler.order.seed),
     )
+
+
+def _die_with_rank(rank_pid: int, _worker_id: int) -> None:
+    """In each DataLoader worker: the kernel kills it when its rank dies, even by SIGKILL. (torch's own watchdog
+    only looks between samples, so a worker busy in ``__getitem__`` outlived a killed rank for minutes.)"""
+    if not die_with_parent(rank_pid):  # the rank died before the request took effect
+        os._exit(1)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from workers.contract import ENV_LAUNCHER
 from workers.errors import ConfigError
 
 
@@ -120,7 +121,7 @@ def _first_slurm_host(nodelist: str) -> str:
 def _read_ranks(env: dict[str, str]) -> tuple[int, int, int, int, str, int, str]:
     if "RANK" in env and "WORLD_SIZE" in env:
         world = _int(env, "WORLD_SIZE")
-        source = env.get("ORCH_LAUNCHER", "torchrun")
+        source = env.get(ENV_LAUNCHER, "torchrun")
         local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
         return (
             _int(env, "RANK"),

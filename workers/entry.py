@@ -55,6 +55,7 @@ class WorkerStart:
     counts: tuple[tuple[str, float], ...] = (("restarts", 0.0),)  # restarts so far, for the metrics rows
     owns_run_dir: bool = True  # no launcher locked the run dir and wrote its config: rank 0 does
     print_usage_errors: bool = True  # rank 0 prints a usage error as one line (our launcher prints it itself)
+    report_pipe: Any = None  # our launcher's pipe: the error record reaches it even when no file can be written
 
 
 def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
@@ -118,6 +119,9 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
 
 def _report(start: WorkerStart, record: ErrorRecord) -> None:
     """Write the error record where the starter asked (ours, and torchrun's in its own format)."""
+    if start.report_pipe is not None:
+        with contextlib.suppress(OSError, ValueError):
+            start.report_pipe.send_bytes(record.to_json().encode())
     for path, write in ((start.error_file, record.write), (start.torchelastic_error_file, record.write_torchelastic)):
         if path is None:
             continue
@@ -138,6 +142,7 @@ def spawned_worker(
     launcher_pid: int,
     attempt: int,
     gate: Any = None,
+    report_pipe: Any = None,
 ) -> None:
     """Entry of a worker started by the local launcher (picklable: module-level).
 
@@ -160,7 +165,7 @@ def spawned_worker(
     paths = RunDir(cfg.run.dir)
     start = WorkerStart(
         error_file=paths.error_file(rank), heartbeat_file=paths.heartbeat_file(rank),
-        counts=(("restarts", float(attempt)),), owns_run_dir=False, print_usage_errors=False,
+        counts=(("restarts", float(attempt)),), owns_run_dir=False, print_usage_errors=False, report_pipe=report_pipe,
     )  # fmt: skip
     exit_now(run_worker(cfg, stop, start))
 
@@ -248,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = RunDir(cfg.run.dir)
         preflight(cfg, paths, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))))
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one line, not one per rank
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return run_worker(cfg, stop, _plain_start(paths))

@@ -72,6 +72,20 @@ class RunDirLock:
         self._fd = fd
         return self
 
+    def lost(self) -> str | None:
+        """Why the lock no longer guards the run dir — ``"deleted"`` or ``"replaced"`` (another launch's lock file
+        stands at the path now) — or None while it does."""
+        if self._fd is None:
+            return None
+        try:
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            return "deleted"
+        except OSError:
+            return None  # cannot tell (a flaky file system): not a reason to stop a run
+        mine = os.fstat(self._fd)
+        return None if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino) else "replaced"
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock

@@ -48,7 +48,16 @@ def cheap_checks(cfg: Config, paths: RunDir, world_size: int) -> None:
 
 def check_run_dir(paths: RunDir) -> None:
     """``run.dir`` is a folder (or can become one) that this process may write into."""
+    try:
+        _check_run_dir(paths)
+    except OSError as exc:  # e.g. a parent folder this user may not search
+        raise ConfigError(f"config key 'run.dir' = '{paths.root}': cannot be used ({exc.strerror or exc})") from None
+
+
+def _check_run_dir(paths: RunDir) -> None:
     root = paths.root
+    if root.is_symlink() and not root.exists():
+        raise ConfigError(f"config key 'run.dir' = '{root}': is a symlink to nothing. HINT: fix or remove the link")
     if root.exists() and not root.is_dir():
         raise ConfigError(f"config key 'run.dir' = '{root}': is a file, not a folder. HINT: use another run.dir")
     existing = root

@@ -1,19 +1,20 @@
 """The run directory: the one owner of every path of a run (submitit's ``JobPaths`` is the model).
 
 Both sides use it — the launcher, the workers, the SLURM job side and the CLI tools — and it is passed explicitly.
-No other module spells a name of the run dir's layout. Torch-free and import-free (base layer): the launcher uses it
-before torch is imported.
+No other module of the two packages spells a name of the run dir's layout (tests/test_architecture.py checks).
+Torch-free and import-free (base layer): the launcher uses it before torch is imported.
 
-Layout (``DESIGN.md``, "Run directory layout")::
+Layout (README.md, "Run directory")::
 
     config.yaml                      the resolved config of the run
     .lock                            held (flock) by the launch that runs it
     checkpoints/step-00000040/       one committed checkpoint (model.pt, optim.pt, train_state.json, manifest.json)
-    checkpoints/latest, best         the bare name of the newest / the best committed folder
+    checkpoints/latest               the bare name of the newest committed folder (``best``: reserved for evaluation)
     logs/rank-<r>.log                each rank's log
     logs/error-rank-<r>.json         a failed rank's error record (workers.contract.ErrorRecord)
     logs/heartbeat-rank-<r>.json     a rank's liveness (workers.heartbeat)
     metrics.jsonl, metrics.png       one JSON row per logged step; ``orchestrator plot``'s default output
+    metrics.attempt-<n>.jsonl        rows of an attempt that died after its last checkpoint (moved aside at restart)
     tracking.json, wandb/            the wandb run id; wandb's own files
     samples/rank-<r>.jsonl           audit trail of consumed sample indices (``data.record_indices``)
     slurm/jobs.json, events.jsonl    submitted job ids; the job side's event log
@@ -73,6 +74,13 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    def metrics_attempt(self, n: int) -> Path:
+        """Where the rows of a dead attempt go (rows after the step the next start resumed from)."""
+        return self.root / f"metrics.attempt-{n}.jsonl"
+
+    def metrics_attempts(self) -> list[Path]:
+        return sorted(self.root.glob("metrics.attempt-*.jsonl")) if self.root.is_dir() else []
 
     @property
     def metrics_png(self) -> Path:

@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import re
 import secrets
 import signal
 import threading
@@ -49,7 +50,7 @@ def read_run_id(paths: RunDir) -> str | None:
         rid = json.loads(paths.tracking.read_text())["wandb_run_id"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return None
-    return rid if isinstance(rid, str) and rid.isalnum() else None
+    return rid if isinstance(rid, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,128}", rid) else None
 
 
 def run_id(paths: RunDir) -> str:
@@ -85,11 +86,6 @@ def read_metrics(paths: RunDir) -> list[dict[str, Any]]:
     return rows
 
 
-def last_logged_step(paths: RunDir) -> int:
-    """The highest step in the metrics file (0 if none)."""
-    return max((r["step"] for r in read_metrics(paths)), default=0)
-
-
 def _drop_torn_last_line(path: Path) -> None:
     """A kill in the middle of an append leaves a partial last line: cut it so the file stays valid JSONL."""
     if not path.exists():
@@ -99,13 +95,38 @@ def _drop_torn_last_line(path: Path) -> None:
         atomic_write(path, data[: data.rfind(b"\n") + 1])
 
 
-class JsonlSink:
-    """Appends one JSON object per logged step to the run's metrics file ."""
+def set_aside_dead_rows(paths: RunDir, start_step: int) -> None:
+    """At a start from ``start_step``, rows of later steps belong to an attempt that died after its last
+    checkpoint (or, with another config, a run that started over): move them to ``metrics.attempt-<n>.jsonl`` so
+    the metrics file always describes the run its checkpoints describe. Rank 0, before any row is written."""
+    if not paths.metrics.exists():
+        return
+    keep, dead = [], []
+    for line in paths.metrics.read_text(errors="replace").splitlines(keepends=True):
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            step = None
+        (dead if isinstance(step, int) and step > start_step else keep).append(line)
+    if not dead:
+        return
+    aside = paths.metrics_attempt(len(paths.metrics_attempts()) + 1)
+    atomic_write(aside, "".join(dead))  # first: a kill in between duplicates rows, never loses them
+    atomic_write(paths.metrics, "".join(keep))
+    log.warning(
+        "%s: %d row(s) after step %d belong to an attempt that ended without a later checkpoint; moved to %s",
+        paths.metrics.name, len(dead), start_step, aside.name,
+    )  # fmt: skip
 
-    def __init__(self, paths: RunDir) -> None:
+
+class JsonlSink:
+    """Appends one JSON object per logged step to the run's metrics file."""
+
+    def __init__(self, paths: RunDir, start_step: int) -> None:
         self.path = paths.metrics
         _drop_torn_last_line(self.path)
-        self.skip_through = last_logged_step(paths)
+        set_aside_dead_rows(paths, start_step)
+        self.skip_through = start_step
         self._file = None
 
     def log(self, step: int, row: dict[str, Any]) -> None:
@@ -121,7 +142,7 @@ class JsonlSink:
 class WandbSink:
     """Rank 0's wandb run (offline files under ``run.dir/wandb/`` or online)."""
 
-    def __init__(self, cfg: Config, rid: str, mode: str | None) -> None:
+    def __init__(self, cfg: Config, rid: str, mode: str | None, start_step: int = 0) -> None:
         import wandb  # noqa: PLC0415 - only when tracking is on
 
         t, paths = cfg.tracking, RunDir(cfg.run.dir)
@@ -140,6 +161,12 @@ class WandbSink:
         log.info(
             "wandb run %s (%s), continuing after step %d", rid, mode or os.environ.get("WANDB_MODE"), self.skip_through
         )
+        if self.skip_through > start_step:  # wandb drops rows below its step: say whose values it keeps
+            log.warning(
+                "wandb already holds steps %d..%d from an attempt that ended without a later checkpoint; it keeps "
+                "that attempt's values for them (a wandb run cannot be rewound here); this attempt's are in %s",
+                start_step + 1, self.skip_through, paths.metrics.name,
+            )  # fmt: skip
         self._backfill(paths)
 
     def _backfill(self, paths: RunDir) -> None:
@@ -189,11 +216,12 @@ class WandbProcess:
     QUICK_FINISH_TIMEOUT_S = 10.0  # after a stop or an error: leave promptly (a requeue may be waiting); the rows
     # are in the metrics file and the next start back-fills whatever wandb missed
 
-    def __init__(self, cfg: Config, rid: str, mode: str | None) -> None:
+    def __init__(self, cfg: Config, rid: str, mode: str | None, start_step: int = 0) -> None:
         ctx = multiprocessing.get_context("spawn")  # fork would copy a process with torch and gloo threads
         reader, self.writer = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(
-            target=wandb_process_main, args=(cfg.to_dict(), rid, mode, reader, os.getpid()), name="orch-wandb",
+            target=wandb_process_main, args=(cfg.to_dict(), rid, mode, reader, os.getpid(), start_step),
+            name="orch-wandb",
             daemon=True,
         )  # fmt: skip
         # A stop signal sent to the process group while the child starts would kill it before it ignores them:
@@ -263,7 +291,9 @@ def _rows(conn: Any) -> Iterator[tuple[int, dict[str, Any]]]:
         yield item
 
 
-def wandb_process_main(cfg_dict: dict[str, Any], rid: str, mode: str | None, conn: Any, parent: int) -> None:
+def wandb_process_main(
+    cfg_dict: dict[str, Any], rid: str, mode: str | None, conn: Any, parent: int, start_step: int = 0
+) -> None:
     """Entry of the ``orch-wandb`` process: start (or continue) the wandb run, log rows until the worker ends."""
     ignore_stop_signals()  # they arrive blocked (see WandbProcess): ignore first, then let them through
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -273,7 +303,7 @@ def wandb_process_main(cfg_dict: dict[str, Any], rid: str, mode: str | None, con
     cfg = config_from_dict(cfg_dict)
     setup_logging(RunDir(cfg.run.dir), 0)
     try:
-        sink = WandbSink(cfg, rid, mode)
+        sink = WandbSink(cfg, rid, mode, start_step)
     except Exception as exc:  # tracking trouble must not stop training
         log.error("wandb: could not start run %s (%s); training goes on and the metrics file keeps every row", rid, exc)
         for _ in _rows(conn):  # keep the pipe flowing
@@ -321,15 +351,16 @@ class _CpuMeter:
 class Tracker:
     """Rank 0's metric sinks behind one call; on other ranks it holds nothing and logs nothing."""
 
-    def __init__(self, cfg: Config, paths: RunDir, is_main: bool) -> None:
+    def __init__(self, cfg: Config, paths: RunDir, is_main: bool, start_step: int = 0) -> None:
+        """``start_step``: the step this start resumes from (0 for a fresh start); later rows are a dead attempt's."""
         self.sinks: list[Sink] = []
         self.run_id: str | None = None
         if not is_main:
             return
-        self.sinks.append(JsonlSink(paths))
+        self.sinks.append(JsonlSink(paths, start_step))
         if cfg.tracking.mode != "disabled":
             self.run_id = run_id(paths)
-            self.sinks.append(WandbProcess(cfg, self.run_id, wandb_mode(cfg)))
+            self.sinks.append(WandbProcess(cfg, self.run_id, wandb_mode(cfg), start_step))
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         for sink in self.sinks:

@@ -146,7 +146,7 @@ class Trainer:
                     "train.max_steps is %d, the run was saved with %d: the LR schedule now decays to step %d",
                     self.cfg.train.max_steps, saved.max_steps, self.cfg.train.max_steps,
                 )  # fmt: skip
-            state = self.ckpt.load(folder, self.model, self.optimizer, self.scheduler, self.scaler)
+            state = self.ckpt.load(folder, self.model, self.optimizer, self.scheduler, self.scaler, saved)
             self.step = state.step
             self._apply_optim_config()
             log.info(
@@ -243,7 +243,7 @@ class Trainer:
             log.info("nothing to do: the run is at step %d of %d", self.step, self.cfg.train.max_steps)
             return FitResult(self.step, stopped_early=False)
         model = self.wrapped = self._wrap()
-        self.tracker = Tracker(self.cfg, self.paths, self.ctx.is_main)
+        self.tracker = Tracker(self.cfg, self.paths, self.ctx.is_main, self.step)
         self.reporter = Reporter(self.cfg, self.ctx, self.tracker, self.step, self.counts)
         recorder = IndexRecorder(self.paths, self.ctx, self.step) if self.cfg.data.record_indices else None
         sync = self.sync = StepSync(self.ctx, self.stop, self.cfg.train.log_every, self.reporter.complete)
@@ -347,6 +347,7 @@ class Trainer:
             task_args=dict(self.cfg.task.args),
             torch=torch.__version__,
             time=time.time(),
+            optimizer=type(self.optimizer).__name__,
         )
         # The wrapped module goes in: the checkpointer peels DDP / torch.compile itself, whatever it is given.
         folder = self.ckpt.save(

@@ -103,6 +103,8 @@ def quick(
     augment: float = 0.0,
     forbid_import: str | None = None,
     hold_at_call: int | None = None,
+    block_after_samples: int | None = None,
+    block_marker: str | None = None,
     **kwargs,
 ):
     if audit_dir:
@@ -114,6 +116,8 @@ def quick(
     task = quickstart.build(**kwargs)
     if augment:
         task.dataset = _NoisyInputs(task.dataset, augment)
+    if block_after_samples is not None:
+        task.dataset = _BlockingSamples(task.dataset, block_after_samples, block_marker)
     return _Slowed(task, step_sleep_s, fail_rank, fail_call, hold_at_call)
 
 
@@ -131,6 +135,25 @@ class _NoisyInputs:
 
         x, y = self.dataset[index]
         return x + self.scale * torch.randn_like(x), y
+
+
+class _BlockingSamples:
+    """After ``after`` samples in one process, ``__getitem__`` blocks (a loader worker stuck reading a file),
+    first creating ``<marker>-rank<r>`` so a test knows it is blocked."""
+
+    def __init__(self, dataset, after: int, marker: str | None) -> None:
+        self.dataset, self.after, self.marker, self.served = dataset, after, marker, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        self.served += 1
+        if self.served > self.after:
+            if self.marker:
+                Path(f"{self.marker}-rank{os.environ.get('RANK', '0')}").touch()
+            time.sleep(600)
+        return self.dataset[index]
 
 
 def chars(step_sleep_s: float = 0.0, **kwargs):

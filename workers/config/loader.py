@@ -37,21 +37,28 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key == "<<":  # a merge key may repeat
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat; PyYAML flattens it
                 continue
+            key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
-            if key in seen:
-                raise _DuplicateKey(key, seen[key], line)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+            except TypeError:  # `? [a]`: a list as a key
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain value", key_node.start_mark
+                ) from None
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+class _Dumper(yaml.SafeDumper):
+    """Writes what :class:`_Loader` reads back unchanged: a string such as ``"3e-4"`` gets quotes."""
+
+
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
 
 def _yaml(text: str) -> Any:
@@ -104,7 +111,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message says what is wrong
+            return _coerce(key, value, real[0])
+        for arg in real:
             try:
                 return _coerce(key, value, arg)
             except ConfigError:
@@ -136,8 +146,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _number(key: str, value: int | float, tp: type) -> int | float:
     """Every number is finite and fits int64; an int key takes a float that is a whole number (``1e5``)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        fail(key, value, "must be a finite number")
+    if (isinstance(value, float) and not math.isfinite(value)) or abs(value) > 1e300:
+        fail(key, value, "must be a finite number" if isinstance(value, float) else "out of range")
     if tp is int:
         if isinstance(value, float) and not value.is_integer():
             fail(key, value, "expected int, got a fraction")
@@ -232,4 +242,4 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (what the run dir's config file holds)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False)

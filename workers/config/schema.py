@@ -65,7 +65,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.dir.strip():
             fail("run.dir", self.dir, "must name a folder", "e.g. run.dir=runs/my-run")
-        if Path(self.dir).expanduser().resolve() == Path("/"):
+        try:
+            root = Path(self.dir).expanduser().resolve()
+        except (RuntimeError, ValueError, OSError) as exc:  # ~nosuchuser, a symlink loop, a NUL byte
+            fail("run.dir", self.dir, f"is not a usable path ({exc})")
+        if root == Path("/"):
             fail("run.dir", self.dir, "is the file system's root: a run would write into it", "use a folder of its own")
 
 
@@ -250,10 +254,6 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.dir)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON/pickle-friendly nested dict (tuples become lists)."""

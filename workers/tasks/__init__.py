@@ -86,8 +86,8 @@ def check_factory_args(spec: str, factory: Callable[..., Any], args: dict[str, A
         raise ConfigError(
             f"config key 'task.args' lacks {', '.join(missing)}, which {spec} requires. HINT: its parameters: {listing}"
         )
-    try:
-        hints = typing.get_type_hints(factory)
+    try:  # a class factory: its __init__'s annotations, not the class attributes'
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
     except Exception:  # annotations that do not resolve: the factory is still called; it will say what it needs
         return
     for key, value in args.items():
