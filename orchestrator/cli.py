@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from workers import __version__
 from workers.config import load_config
 from workers.contract import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from workers.errors import ClusterRefusedError, ConfigError, UsageError
@@ -29,6 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="orchestrator", description="Train one config the same way everywhere.")
+    parser.add_argument("--version", action="version", version=f"orchestrator {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     launch = sub.add_parser("launch", help="run a config locally with N worker processes")
@@ -167,6 +169,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `python -m orchestrator` puts the current directory on sys.path, the console script does not: make them the
+    # same, so a task package next to the user's config imports in both (the workers inherit sys.path).
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`launch cfg.yaml --nproc 2 a.b=1`): argparse leaves those as extras.

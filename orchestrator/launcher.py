@@ -246,7 +246,8 @@ class PrestartedGroup:
     at a gate, having written nothing. ``go`` lets them train; ``abort`` (the checks failed) ends them."""
 
     def __init__(self, cfg: Config) -> None:
-        self.gate = multiprocessing.get_context("spawn").Value("i", Gate.WAIT)
+        # A plain shared int (no lock: one writer, and a lock's semaphore would outlive a killed reader)
+        self.gate = multiprocessing.get_context("spawn").Value("i", Gate.WAIT, lock=False)
         self.procs = _spawn(cfg, cfg.launch.nproc, 0, self.gate)
 
     def go(self) -> list:

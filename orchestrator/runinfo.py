@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.slurm import status_info as slurm_status_info
-from workers.contract import EXIT_OK, EXIT_USAGE
+from workers.contract import EXIT_OK, EXIT_USAGE, first_failure
 from workers.fsutil import RunDirLock
 from workers.rundir import RunDir
 from workers.tracking import read_metrics, read_run_id
@@ -32,13 +32,23 @@ def status(paths: RunDir) -> dict[str, Any]:
         raise FileNotFoundError(f"'{paths.root}' is not a run dir (no {paths.config.name})")
     rows = read_metrics(paths)
     last = rows[-1] if rows else {}
-    return {
-        "run_dir": str(paths.root), "state": "running" if _is_running(paths) else "not running",
-        "step": last.get("step"), "loss": last.get("loss"), "samples_per_s": last.get("samples_per_s"),
-        "restarts": last.get("restarts"), "world_size": last.get("world_size"),
-        "latest_checkpoint": paths.latest_name(), "wandb_run_id": read_run_id(paths),
-        **slurm_status_info(paths),
+    running = _is_running(paths)
+    info = {
+        "run_dir": str(paths.root), "state": "running" if running else "not running",
+        "step": last.get("step"), "loss": _round(last.get("loss"), 6),
+        "samples_per_s": _round(last.get("samples_per_s"), 1), "restarts": last.get("restarts"),
+        "world_size": last.get("world_size"), "latest_checkpoint": paths.latest_name(),
+        "wandb_run_id": read_run_id(paths),
     }  # fmt: skip
+    failure = None if running else first_failure(paths)
+    if failure is not None:  # the last launch failed: say who, why, and where to read more
+        info["state"] = "failed"
+        info["failure"] = f"rank {failure.rank}: {failure.message} (log: {paths.rank_log(failure.rank)})"
+    return {**info, **slurm_status_info(paths)}
+
+
+def _round(value: object, digits: int) -> object:
+    return round(value, digits) if isinstance(value, float) else value
 
 
 def plot(paths: RunDir, out: Path) -> Path:

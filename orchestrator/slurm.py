@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.config import Config
-from workers.contract import EXIT_FAILED, EXIT_OK, ErrorRecord
+from workers.contract import EXIT_FAILED, EXIT_OK, first_failure
 from workers.entry import SlurmJob
 from workers.errors import ClusterRefusedError
 from workers.fsutil import atomic_write
@@ -269,13 +269,6 @@ def cancel(paths: RunDir) -> tuple[list[str], list[str]]:
 
 
 # ---------------------------------------------------------------- failures and following
-
-
-def first_failure(paths: RunDir, job_id: str | None = None) -> ErrorRecord | None:
-    """The error record of the rank that failed first (earliest time), of job ``job_id`` when given."""
-    errors = [e for p in paths.error_files() if (e := ErrorRecord.read(p)) is not None]
-    errors = [e for e in errors if job_id is None or e.job_id == job_id]
-    return min(errors, key=lambda e: e.time) if errors else None
 
 
 def failure_report(paths: RunDir, job: dict[str, Any], state: JobState) -> str:

@@ -171,6 +171,12 @@ def test_resume_refuses_a_config_that_would_change_the_data(refs, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
+def test_a_resume_with_a_lower_max_steps_warns_that_the_schedule_changes(killed2, tmp_path):
+    run = copy_run(killed2, tmp_path / "run")
+    proc = launch(run, 2, "train.max_steps=10")
+    assert "train.max_steps is 10, the run was saved with 12: the LR schedule now decays to step 10" in proc.stderr
+
+
 def test_an_edited_learning_rate_takes_effect_on_resume_with_a_warning(refs, tmp_path):
     run = copy_run(refs[2], tmp_path / "run")
     proc = launch(run, 1, "train.max_steps=14", "optim.lr=0.0005", "optim.schedule=constant", "optim.warmup_steps=0")

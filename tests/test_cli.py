@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -70,6 +71,23 @@ def test_a_failing_rank_stops_the_others_and_is_named_with_its_traceback(tmp_pat
     assert "RuntimeError: injected failure on call 5" in proc.stderr
     assert 'orch_test_tasks.py", line' in proc.stderr  # the traceback itself, not only the message
     assert time.monotonic() - start < 120  # no hang (the collective timeout alone would take 600 s)
+    # `orchestrator status` of the failed run says so: which rank, why, where its log is
+    status = cli("status", str(tmp_path / "run"), check=True).stdout
+    assert "state: failed" in status and "rank 1: RuntimeError: injected failure on call 5" in status, status
+    assert str(tmp_path / "run" / "logs" / "rank-1.log") in status
+
+
+def test_version_and_the_console_script_import_a_task_from_the_current_directory(tmp_path):
+    assert cli("--version").stdout.strip().startswith("orchestrator 0.")
+    # a user's task module next to their config: `python -m orchestrator` finds it, so must the console script
+    (tmp_path / "mytask.py").write_text("from workers.tasks.quickstart import build\n")
+    script = Path(sys.executable).parent / "orchestrator"
+    e = {k: v for k, v in env().items() if k != "PYTHONPATH"}
+    cmd = [str(script), "launch", str(ROOT / "configs/quickstart.yaml"), "--nproc", "1", "run.dir=run",
+           "task.factory=mytask:build", "train.max_steps=2", "tracking.mode=disabled"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "manifest.json").is_file()
 
 
 def test_under_torchrun_a_failing_rank_is_named_in_torchruns_own_report(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 
@@ -121,6 +122,10 @@ def test_progress_bar_on_a_terminal_and_plain_lines_on_a_pipe(refs, tmp_path):
     assert proc.returncode == 0, text
     assert f"] {MAX_STEPS}/{MAX_STEPS} ETA" in text and "samples/s" in text and "[####" in text
     assert f"step {MAX_STEPS}/{MAX_STEPS} loss" not in text  # the bar replaces the periodic lines
+    # log lines print above the bar, each on a line of its own, never glued to the bar's end
+    assert "checkpoint step-00000004 committed" in text
+    assert not re.search(r"samples/s *\d\d:\d\d:\d\d \[rank", text), text
+    assert "leaked semaphore" not in text
     # piped (captured by the refs fixture): periodic plain lines, no bar
     log0 = (refs[2] / "logs" / "rank-0.log").read_text()
     assert f"step {MAX_STEPS}/{MAX_STEPS} loss" in log0 and "ETA" not in log0

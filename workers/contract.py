@@ -4,7 +4,7 @@ Exit codes, the start gate's codes, environment variable names, the per-rank err
 kinds) and the typed train state of a checkpoint (``train_state.json``). Each file format here has one reader and
 one writer, and the readers treat anything malformed as corrupt (None, or CheckpointError), never as a crash.
 
-Base layer: torch-free; imports only :mod:`workers.errors` and :mod:`workers.fsutil`.
+Base layer: torch-free; imports only :mod:`workers.errors`, :mod:`workers.fsutil` and :mod:`workers.rundir`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from workers.errors import CheckpointError, UsageError
 from workers.fsutil import atomic_write
+from workers.rundir import RunDir
 
 # ---------------------------------------------------------------- exit codes and the start gate
 
@@ -136,6 +137,13 @@ class ErrorRecord:
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "DistBackendError:", "DistNetworkError:")
+
+
+def first_failure(paths: RunDir, job_id: str | None = None) -> ErrorRecord | None:
+    """The error record of the rank that failed first (earliest time), of job ``job_id`` when given."""
+    errors = [e for p in paths.error_files() if (e := ErrorRecord.read(p)) is not None]
+    errors = [e for e in errors if job_id is None or e.job_id == job_id]
+    return min(errors, key=lambda e: e.time) if errors else None
 
 
 def _typed(value: Any, types: type | tuple[type, ...]) -> Any:

@@ -5,7 +5,9 @@ a terminal."""
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -129,6 +131,11 @@ class Reporter:
             row["samples_per_s"],
         )  # fmt: skip
 
+    def close(self) -> None:
+        """End the progress bar (if any); the console's log lines go back to plain writes."""
+        if self.progress:
+            self.progress.close()
+
     def _rate(self, step: int, now: float | None = None) -> float:
         elapsed = (now or time.perf_counter()) - self.window_start
         return (step - self.window_step) * self.gbs / max(elapsed, 1e-9)
@@ -143,23 +150,33 @@ class Reporter:
 
 
 class Progress:
-    """A one-line progress bar on a terminal: step/total, ETA, last loss, samples/s (redrawn at most 10×/s)."""
+    """Rank 0's progress bar on a terminal (tqdm): step/total, ETA, last loss, samples/s. While it shows, the
+    console's log lines go through tqdm (``logging_redirect_tqdm``): they print above the bar, which stays at the
+    bottom, instead of being glued to its end. Call :meth:`close` when training ends, however it ends."""
 
     def __init__(self, total: int, start_step: int) -> None:
-        self.total, self.start, self.t0, self.last_draw = total, start_step, time.perf_counter(), 0.0
+        from tqdm import tqdm  # noqa: PLC0415 - only on a terminal
+        from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
+
+        # One process, one bar: a thread lock (tqdm's default also makes a multiprocessing one, whose semaphore a
+        # worker's os._exit would leave for the resource tracker to complain about on the user's terminal).
+        tqdm.set_lock(threading.RLock())
+        size = shutil.get_terminal_size((100, 24))  # a pty may report 0 x 0: tqdm would then hide the bar
+        self.bar = tqdm(
+            total=total, initial=start_step, file=sys.stderr, ascii="-#", mininterval=0.1, smoothing=0.1,
+            ncols=size.columns or 100, nrows=size.lines or 24,
+            bar_format="[{bar:30}] {n_fmt}/{total_fmt} ETA {remaining} {postfix}",
+        )  # fmt: skip
+        self.redirect = logging_redirect_tqdm()
+        self.redirect.__enter__()
+        self.closed = False
 
     def update(self, step: int, rate: float, loss: float) -> None:
-        now = time.perf_counter()
-        if now - self.last_draw < 0.1 and step != self.total:
-            return
-        self.last_draw = now
-        frac = step / self.total
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        per_step = (now - self.t0) / max(step - self.start, 1)
-        eta = per_step * (self.total - step)
-        sys.stderr.write(f"\r[{bar}] {step}/{self.total} ETA {eta:5.0f}s loss {loss:.4f} {rate:8.0f} samples/s")
-        sys.stderr.flush()
+        self.bar.set_postfix_str(f"loss {loss:.4f} {rate:8.0f} samples/s", refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+        if not self.closed:
+            self.closed = True
+            self.bar.close()
+            self.redirect.__exit__(None, None, None)

@@ -118,6 +118,7 @@ class Trainer:
         self.step = 0
         self.wrapped: nn.Module | None = None  # the DDP / compiled module once training starts
         self.tracker: Tracker | None = None
+        self.reporter: Reporter | None = None
         self.sync: StepSync | None = None  # built with the loop; save() needs it
 
     # ------------------------------------------------------------ setup
@@ -233,6 +234,8 @@ class Trainer:
             self.ckpt.close()
             return result
         finally:
+            if self.reporter is not None:
+                self.reporter.close()
             if self.tracker is not None:
                 self.tracker.finish(quick)
 
