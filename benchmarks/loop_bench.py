@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workers.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 GBS, WARM = 64, 10
 
@@ -56,7 +58,7 @@ def ours(base: Path, nproc: int, steps: int, hidden: int, extra: list[str]) -> d
     t0 = time.time()
     _run(cmd)
     t_exit = time.time()
-    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    rows = {r["step"]: r for r in map(json.loads, RunDir(run).metrics.read_text().splitlines())}
     return _times(t0, rows[1]["time"], rows[WARM]["time"], rows[steps]["time"], t_exit, steps)
 
 

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workers.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,15 +56,15 @@ def trial(base: Path, i: int, every: int) -> dict:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     try:
-        _wait(lambda: any(r["step"] >= 50 for r in _rows(run / "metrics.jsonl")), 120, "training to start")
-        pid = json.loads((run / "logs" / "heartbeat-rank-1.json").read_text())["pid"]
+        _wait(lambda: any(r["step"] >= 50 for r in _rows(RunDir(run).metrics)), 120, "training to start")
+        pid = json.loads(RunDir(run).heartbeat_file(1).read_text())["pid"]
         t_kill = time.time()
         os.kill(pid, signal.SIGKILL)
-        first = _wait(lambda: next((r for r in _rows(run / "metrics.jsonl") if r.get("restarts") == 1), None),
+        first = _wait(lambda: next((r for r in _rows(RunDir(run).metrics) if r.get("restarts") == 1), None),
                       120, "the restarted group's first step")  # fmt: skip
-        last_before = max(r["step"] for r in _rows(run / "metrics.jsonl") if r.get("restarts") == 0)
+        last_before = max(r["step"] for r in _rows(RunDir(run).metrics) if r.get("restarts") == 0)
         # metrics.jsonl does not repeat steps it already has: where the restart resumed is in rank 0's log
-        resumed = [ln for ln in (run / "logs" / "rank-0.log").read_text().splitlines() if "resumed from" in ln]
+        resumed = [ln for ln in RunDir(run).rank_log(0).read_text().splitlines() if "resumed from" in ln]
         resumed_at = int(re.search(r"step-(\d{8})", resumed[-1]).group(1))
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # graceful stop of the restarted group, then make sure

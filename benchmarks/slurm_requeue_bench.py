@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workers.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 DEV_CONF = Path(os.environ.get("ORCH_SLURM_DIR", "/tmp/orch-slurm")) / "etc" / "slurm.conf"
 
@@ -63,14 +65,14 @@ def trial(base: Path, i: int) -> dict:
            "tracking.mode=disabled"]  # fmt: skip
     job = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()[0]
     try:
-        _wait(lambda: any(r["step"] >= 50 for r in _rows(run / "metrics.jsonl")), 120, "training to start")
+        _wait(lambda: any(r["step"] >= 50 for r in _rows(RunDir(run).metrics)), 120, "training to start")
         t_signal = time.time()
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
-        events = run / "slurm" / "events.jsonl"
+        events = RunDir(run).slurm_events
         requeue = _wait(lambda: next((e for e in _rows(events) if e["event"] == "requeue"), None), 60, "requeue")
         start = _wait(lambda: next((e for e in _rows(events) if e["event"] == "start" and e["restart"] == 1), None),
                       300, "the requeued start")  # fmt: skip
-        first = _wait(lambda: next((r for r in _rows(run / "metrics.jsonl") if r.get("restarts") == 1), None),
+        first = _wait(lambda: next((r for r in _rows(RunDir(run).metrics) if r.get("restarts") == 1), None),
                       120, "the first requeued step")  # fmt: skip
     finally:
         subprocess.run(["scancel", job], check=False)
@@ -84,7 +86,7 @@ def trial(base: Path, i: int) -> dict:
         "saved_step": requeue["saved_step"],
         "first_step_after": first["step"],
         # steps the first incarnation completed that the checkpoint does not hold (redone after the requeue)
-        "steps_lost": max(r["step"] for r in _rows(run / "metrics.jsonl") if r.get("restarts") == 0)
+        "steps_lost": max(r["step"] for r in _rows(RunDir(run).metrics) if r.get("restarts") == 0)
         - requeue["saved_step"],
     }
 

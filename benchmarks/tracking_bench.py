@@ -31,6 +31,8 @@ from pathlib import Path
 
 import psutil
 
+from workers.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 GBS = 64  # configs/quickstart.yaml
 MODES = {
@@ -87,14 +89,14 @@ def run_once(base: Path, name: str, overrides: list[str], steps: int, hidden: in
     _, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunDir(run).metrics.read_text().splitlines()]
     # Each row's samples_per_s covers the window since the previous row; from step 1 (start-up excluded) on.
     seconds = sum((b["step"] - a["step"]) * GBS / b["samples_per_s"] for a, b in itertools.pairwise(rows))
     # direct cost on rank 0's training thread: reading the values, building the row, the sinks (metrics.jsonl,
     # the queue put to wandb's thread) and the console line. The gather travels with the stop check.
     direct = (rows[-1]["logging_s_total"] - rows[0]["logging_s_total"]) / seconds
     # off the training thread: the orch-wandb process and wandb's service report their CPU time per row
-    found = re.findall(r"([\d.]+) ms of CPU a row", (run / "logs" / "rank-0.log").read_text())
+    found = re.findall(r"([\d.]+) ms of CPU a row", RunDir(run).rank_log(0).read_text())
     wandb_cpu_ms = float(found[-1]) if found else None
     return (rows[-1]["step"] - rows[0]["step"]) / seconds, direct, wandb_cpu_ms
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from workers.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = ROOT / "tests" / "support"  # test tasks: slow steps and the mid-save kill hook
 MAX_STEPS, EVERY = 16, 4
@@ -55,7 +57,7 @@ def _cmd(run: Path, *extra: str) -> list[str]:
 
 
 def _load(run: Path, name: str) -> dict:
-    return torch.load(run / "checkpoints" / f"step-{MAX_STEPS:08d}" / name, map_location="cpu", weights_only=True)
+    return torch.load(RunDir(run).step_dir(MAX_STEPS) / name, map_location="cpu", weights_only=True)
 
 
 def _equal(a, b) -> bool:
@@ -70,7 +72,7 @@ def _equal(a, b) -> bool:
 
 def _heartbeat(run: Path, rank: int) -> dict | None:
     try:
-        return json.loads((run / "logs" / f"heartbeat-rank-{rank}.json").read_text())
+        return json.loads(RunDir(run).heartbeat_file(rank).read_text())
     except (OSError, ValueError):
         return None
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from workers.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
     "train.max_steps=20",
@@ -48,7 +50,7 @@ def launch(run: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def load(run: Path, step: int, name: str) -> dict:
-    return torch.load(run / "checkpoints" / f"step-{step:08d}" / name, map_location="cpu", weights_only=True)
+    return torch.load(RunDir(run).step_dir(step) / name, map_location="cpu", weights_only=True)
 
 
 def equal(a, b) -> bool:
@@ -99,7 +101,7 @@ def main() -> int:
         # bitwise resume on the GPU: drop the final checkpoint, resume from step 10, compare.
         resumed = tmp / f"{precision}-resumed"
         shutil.copytree(run, resumed)
-        shutil.rmtree(resumed / "checkpoints" / f"step-{20:08d}")
+        shutil.rmtree(RunDir(resumed).step_dir(20))
         proc = launch(resumed, f"train.precision={precision}")
         same = (
             proc.returncode == 0
@@ -126,7 +128,7 @@ def _ours(run: Path, *extra: str) -> tuple[float, subprocess.CompletedProcess]:
     proc = launch(run, *BENCH, *extra)
     if proc.returncode:
         return 0.0, proc
-    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    rows = {r["step"]: r for r in map(json.loads, RunDir(run).metrics.read_text().splitlines())}
     return (300 - 10) * 4096 / (rows[300]["time"] - rows[10]["time"]), proc
 
 
