@@ -203,3 +203,17 @@ def test_ckpt_tools_refuse_bad_destinations_and_survive_a_closed_pipe(refs, tmp_
     reader.stdout.close()
     err = reader.stderr.read().decode()
     assert reader.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_read_only_run_dir_is_refused_before_anything_starts(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        code, err = _launch(["launch", "configs/quickstart.yaml", f"run.dir={ro / 'run'}", *QUICK], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "is not writable (permissions or a read-only file system)" in err
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)

@@ -154,3 +154,15 @@ def test_set_aside_folders_are_bounded(refs, tmp_path, caplog):
     kept = sorted(p.name for p in ckpts.glob("*.invalid-*"))
     assert len(kept) == 3 and any(name.startswith(NEWEST) for name in kept), kept
     assert "deleting old set-aside checkpoint" in caplog.text
+
+
+def test_max_steps_is_judged_against_the_checkpoint_really_resumed_from(refs, tmp_path):
+    """A corrupt newest checkpoint (step 12) must not make `train.max_steps=10` look like cutting the run below its
+    step: the valid resume point is step 8, so the run continues from there to step 10."""
+    run = tmp_path / "run"
+    shutil.copytree(refs[2], run)
+    (run / "checkpoints" / NEWEST / "model.pt").write_bytes(b"damaged")
+    proc = launch(run, 1, f"train.max_steps={MAX_STEPS - 2}", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed from {run / 'checkpoints' / OLDER}" in proc.stderr
+    assert (run / "checkpoints" / f"step-{MAX_STEPS - 2:08d}" / "manifest.json").is_file()

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.contract import TrainState
+from workers.contract import TrainState, is_int
 from workers.dist import DistContext
 from workers.errors import CheckpointError, IncompatibleCheckpointError
 from workers.fsutil import HashingWriter, atomic_write, fsync_dir, write_durable
@@ -232,7 +232,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     for name, entry in files.items():
         ok_name = isinstance(name, str) and name and "/" not in name and name not in (".", "..")
         ok_entry = (
-            isinstance(entry, dict) and isinstance(entry.get("size"), int) and not isinstance(entry["size"], bool)
+            isinstance(entry, dict) and is_int(entry.get("size"))
             and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
         )  # fmt: skip
         if not (ok_name and ok_entry):

@@ -146,6 +146,15 @@ def first_failure(paths: RunDir, job_id: str | None = None) -> ErrorRecord | Non
     return min(errors, key=lambda e: e.time) if errors else None
 
 
+def is_int(value: Any) -> bool:
+    """An integer in a JSON file the product reads back (``true`` is not one, though Python says it is)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _typed(value: Any, types: type | tuple[type, ...]) -> Any:
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise TypeError("a boolean where a number is expected")

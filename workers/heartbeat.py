@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from workers.contract import ENV_HEARTBEAT_INTERVAL
+from workers.contract import ENV_HEARTBEAT_INTERVAL, is_int, is_number
 
 
 class Heartbeat:
@@ -88,7 +88,7 @@ def read_heartbeat(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     ok = (
-        isinstance(beat, dict) and isinstance(beat.get("step"), int) and isinstance(beat.get("phase"), str)
-        and isinstance(beat.get("time"), (int, float)) and not isinstance(beat.get("time"), bool)
+        isinstance(beat, dict) and is_int(beat.get("step")) and isinstance(beat.get("phase"), str)
+        and is_number(beat.get("time"))
     )  # fmt: skip
     return beat if ok else None

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from workers.config import Config, config_from_dict
+from workers.contract import is_int
 from workers.fsutil import atomic_write
 from workers.logsetup import setup_logging
 from workers.rundir import RunDir
@@ -77,7 +78,7 @@ def read_metrics(paths: RunDir) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except ValueError:
                 row = None
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+            if isinstance(row, dict) and is_int(row.get("step")):
                 rows.append(row)
             elif line.strip() and number < len(lines):  # a torn last line is a kill's normal trace, not damage
                 skipped += 1
