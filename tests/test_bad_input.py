@@ -74,8 +74,19 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "resume other optimizer": (EXISTING, ["optim.name=sgd"], "holds AdamW state, this run builds SGD"),
     "resume other optimizer, older format": (OLDER_FORMAT, ["optim.name=sgd"], "group 0: it lacks dampening, momentum"),
     "resume other seed": (EXISTING, ["train.seed=5"], "'train.seed' = 5: the checkpoint"),
+    "resume other global batch": (EXISTING, ["data.global_batch_size=48"], "'data.global_batch_size' = 48: the"),
     "resume below its step": (EXISTING, ["train.max_steps=4"], "already at step 12"),
     "resume other dataset": (EXISTING, ["task.args.n=240"], "its dataset's length"),
+    "eval every negative": (FRESH, ["eval.every=-1"], "'eval.every' = -1: must be >= 0"),
+    "eval mode": (FRESH, ["eval.mode=up"], "'eval.mode' = 'up': must be one of min, max"),
+    "eval batch zero": (FRESH, ["eval.batch_size=0"], "'eval.batch_size' = 0"),
+    "eval patience zero": (FRESH, ["eval.patience=0"], "'eval.patience' = 0"),
+    "eval unknown key": (FRESH, ["eval.patiense=3"], "did you mean 'eval.patience'"),
+    "eval needs: a known metric": (
+        FRESH, ["task.args.per_sample_metrics=true", "eval.every=4", "eval.metric=acc"],
+        "'eval.metric' = 'acc': the task's evaluate() does not produce it. HINT: it produces mae, mse",
+    ),
+    "eval needs: an eval set": (FRESH, ["task.args.eval_n=0", "eval.every=4"], "the task has no eval_dataset"),
 }  # fmt: skip
 
 
@@ -132,9 +143,9 @@ def _state(run: Path) -> dict[str, bytes] | None:
 # Found by the workers (or by checks that run while prestarted workers wait): only the real CLI in a subprocess.
 # The others fail in the launcher's first checks, before any process starts: run in this process (same code path,
 # same output) to keep the suite short.
-NEEDS_WORKERS = {name for name in CASES if name.startswith(("resume", "init_from", "factory", "task arg"))} - {
-    "init_from missing"
-}
+NEEDS_WORKERS = {
+    name for name in CASES if name.startswith(("resume", "init_from", "factory", "task arg", "eval needs"))
+} - {"init_from missing"}
 
 
 def _launch(argv: list[str], capsys) -> tuple[int, str]:

@@ -34,6 +34,9 @@ from conftest import (
 )
 
 DEV_CONF = Path(os.environ.get("ORCH_SLURM_DIR", "/tmp/orch-slurm")) / "etc" / "slurm.conf"
+# One cluster of two nodes: these tests run one after another, in one test process (pytest-xdist's loadgroup).
+pytestmark = pytest.mark.xdist_group("slurm")
+
 SLOW = ["task.args.step_sleep_s=0.3"]
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 

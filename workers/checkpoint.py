@@ -280,6 +280,8 @@ class CheckpointPayload:
     model: dict[str, torch.Tensor]
     rest: dict[str, Any]  # optimizer / scheduler / scaler state dicts
     train_state: TrainState
+    keep_also: frozenset[int] = frozenset()  # steps retention must not delete (the best checkpoints)
+    best_step: int | None = None  # the folder ``checkpoints/best`` names after this commit
 
 
 class Checkpointer:
@@ -314,13 +316,16 @@ class Checkpointer:
         scaler: Any,
         train_state: TrainState,
         blocking: bool = True,
+        keep_also: frozenset[int] = frozenset(),
+        best_step: int | None = None,
     ) -> Path:
         """Collective: must be called on all ranks with the same arguments' step.
 
         Blocking (the default; also every final and stop save): rank 0 writes and commits, then all ranks pass a
         barrier, so when it returns the checkpoint is committed. Non-blocking (``async_save``): rank 0 snapshots
         the state to host memory and returns; the commit happens in the background (no barrier needed: the
-        other ranks write nothing). Older checkpoints beyond ``keep`` are deleted only after a commit.
+        other ranks write nothing). Older checkpoints beyond ``keep`` are deleted only after a commit, except the
+        steps in ``keep_also``; ``best_step`` (when its folder exists) is then named by ``checkpoints/best``.
         """
         target = self.paths.step_dir(step)
         if self.ctx.is_main:
@@ -332,7 +337,7 @@ class Checkpointer:
                     "scaler": scaler.state_dict()}  # fmt: skip
             if use_async:  # copy now: the live tensors change with the next step
                 model_state, rest = snapshot(model_state, pin), snapshot(rest, pin)
-            payload = CheckpointPayload(step, model_state, rest, train_state)
+            payload = CheckpointPayload(step, model_state, rest, train_state, keep_also, best_step)
             if use_async:
                 if pin:
                     torch.cuda.current_stream().synchronize()  # the pinned copies must be complete
@@ -367,7 +372,10 @@ class Checkpointer:
                 f"cannot write checkpoint '{target}': {exc.strerror or exc} — older checkpoints are intact. "
                 "HINT: check free space and write permission on run.dir"
             ) from exc
-        self._apply_retention(payload.step)
+        self._apply_retention(payload.step, payload.keep_also)
+        best = self.paths.step_dir(payload.best_step) if payload.best_step is not None else None
+        if best is not None and best.is_dir() and self.paths.best_name() != best.name:
+            atomic_write(self.paths.best, best.name + "\n")
         self.last_commit_s = time.perf_counter() - t0
 
     def _write_folder(self, target: Path, payload: CheckpointPayload) -> None:
@@ -396,10 +404,11 @@ class Checkpointer:
         fsync_dir(self.paths.checkpoints)
         atomic_write(self.paths.latest, target.name + "\n")
 
-    def _apply_retention(self, newest: int) -> None:
-        """Keep the newest ``keep`` committed checkpoints up to ``newest``; never touch uncommitted folders."""
+    def _apply_retention(self, newest: int, keep_also: frozenset[int] = frozenset()) -> None:
+        """Keep the newest ``keep`` committed checkpoints up to ``newest`` and those in ``keep_also``; never touch
+        uncommitted folders."""
         committed = [(s, f) for s, f in self.paths.committed_folders() if s <= newest]
-        for _, folder in committed[self.keep :]:
+        for _, folder in [(s, f) for s, f in committed[self.keep :] if s not in keep_also]:
             # Rename first: a kill in the middle of the delete leaves a .trash- folder, never a half step- one.
             trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
             os.rename(folder, trash)

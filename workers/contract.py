@@ -187,6 +187,7 @@ class TrainState:
     torch: str | None = None
     time: float | None = None
     optimizer: str | None = None  # the optimizer's class name (a resume with another optimizer is refused)
+    selection: dict[str, Any] | None = None  # model selection (workers.selection): best, k best, patience counter
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -217,6 +218,8 @@ class TrainState:
             if f.name in _NON_NEGATIVE and value < 0:
                 raise CheckpointError(f"'{where}': '{f.name}' = {value!r} is negative")
             values[f.name] = value
+        if "selection" in values:
+            check_selection_state(values["selection"], where)
         extra = {k: v for k, v in data.items() if k not in values and k not in _STATE_TYPES}
         return cls(**values, extra=extra)
 
@@ -234,6 +237,19 @@ _STATE_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "global_batch_size": ((int,), True), "seed": ((int,), True), "max_steps": ((int,), False),
     "task": ((str,), False), "tracking_run_id": ((str,), False), "dataset_len": ((int,), False),
     "task_args": ((dict,), False), "torch": ((str,), False), "time": ((int, float), False),
-    "optimizer": ((str,), False),
+    "optimizer": ((str,), False), "selection": ((dict,), False),
 }  # fmt: skip
 _NON_NEGATIVE = {"step", "samples_seen", "world_size", "global_batch_size", "seed", "max_steps", "dataset_len"}
+
+
+def check_selection_state(data: Any, where: str) -> None:
+    """Schema of ``train_state.json``'s ``selection``: CheckpointError naming ``where`` when malformed."""
+    ok = (
+        isinstance(data, dict) and isinstance(data.get("metric"), str) and data.get("mode") in ("min", "max")
+        and (data.get("best_step") is None or is_int(data["best_step"]))
+        and (data.get("best_value") is None or is_number(data["best_value"]))
+        and is_int(data.get("bad_evals")) and isinstance(data.get("ranked"), list)
+        and all(isinstance(e, list) and len(e) == 2 and is_int(e[0]) and is_number(e[1]) for e in data["ranked"])
+    )  # fmt: skip
+    if not ok:
+        raise CheckpointError(f"'{where}': 'selection' is malformed")

@@ -162,3 +162,16 @@ def _die_with_rank(rank_pid: int, _worker_id: int) -> None:
     only looks between samples, so a worker busy in ``__getitem__`` outlived a killed rank for minutes.)"""
     if not die_with_parent(rank_pid):  # the rank died before the request took effect
         os._exit(1)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a collated batch (tensors, tuples, namedtuples, lists, dicts) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple: rebuild it field by field
+        return type(batch)(*(to_device(b, device) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch

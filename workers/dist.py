@@ -89,6 +89,12 @@ class DistContext:
             tensor /= self.world_size
         return tensor
 
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks, in place. Must be called on all ranks; no-op at world size 1."""
+        if self.distributed and self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
     def broadcast_object(self, obj: object) -> object:
         """Rank 0's ``obj`` on every rank. Must be called on all ranks."""
         if not (self.distributed and self.world_size > 1):

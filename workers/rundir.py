@@ -9,7 +9,7 @@ Layout (README.md, "Run directory")::
     config.yaml                      the resolved config of the run
     .lock                            held (flock) by the launch that runs it
     checkpoints/step-00000040/       one committed checkpoint (model.pt, optim.pt, train_state.json, manifest.json)
-    checkpoints/latest               the bare name of the newest committed folder (``best``: reserved for evaluation)
+    checkpoints/latest, best         the bare name of the newest / the best (evaluation) committed folder
     logs/rank-<r>.log                each rank's log
     logs/error-rank-<r>.json         a failed rank's error record (workers.contract.ErrorRecord)
     logs/heartbeat-rank-<r>.json     a rank's liveness (workers.heartbeat)
@@ -51,6 +51,15 @@ def step_folders(ckpt_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = [(s, p) for p in ckpt_dir.iterdir() if (s := step_of(p.name)) is not None and p.is_dir()]
     return sorted(found, reverse=True)
+
+
+def _name_in(pointer: Path) -> str | None:
+    """The step folder name a pointer file (``latest``, ``best``) holds, or None."""
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if step_of(name) is not None else None
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,10 @@ class RunDir:
     def best(self) -> Path:
         return self.checkpoints / "best"
 
+    def best_name(self) -> str | None:
+        """What ``checkpoints/best`` names, or None (absent, unreadable, or not a step folder name)."""
+        return _name_in(self.best)
+
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / step_dir_name(step)
 
@@ -132,11 +145,7 @@ class RunDir:
 
     def latest_name(self) -> str | None:
         """What ``checkpoints/latest`` names, or None (absent, unreadable, or not a step folder name)."""
-        try:
-            name = self.latest.read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            return None
-        return name if step_of(name) is not None else None
+        return _name_in(self.latest)
 
     # ---------------------------------------------------------------- per rank
     @property

@@ -102,13 +102,18 @@ def set_aside_dead_rows(paths: RunDir, start_step: int) -> None:
     the metrics file always describes the run its checkpoints describe. Rank 0, before any row is written."""
     if not paths.metrics.exists():
         return
-    keep, dead = [], []
+    keep, dead, malformed = [], [], 0
     for line in paths.metrics.read_text(errors="replace").splitlines(keepends=True):
         try:
             step = json.loads(line).get("step")
         except (ValueError, AttributeError):
             step = None
-        (dead if isinstance(step, int) and step > start_step else keep).append(line)
+        malformed += not is_int(step) and bool(line.strip())
+        (dead if is_int(step) and step > start_step else keep).append(line)
+    if malformed:  # kept where they are (readers skip them): damage is reported, never "repaired" away
+        log.warning(
+            "%s: skipped %d malformed row(s) (not a JSON object with an integer step)", paths.metrics, malformed
+        )
     if not dead:
         return
     aside = paths.metrics_attempt(len(paths.metrics_attempts()) + 1)
@@ -310,13 +315,13 @@ def wandb_process_main(
         for _ in _rows(conn):  # keep the pipe flowing
             pass
         return
-    meter, logged = _CpuMeter(), 0
+    meter, logged, held = _CpuMeter(), 0, sink.skip_through
     for step, row in _rows(conn):
-        if step <= sink.skip_through:
+        if step <= held:  # wandb holds these steps already (rows come in step order; an eval row shares its step)
             continue
         try:
             sink.log(step, row)
-            sink.skip_through, logged = step, logged + 1
+            logged += 1
         except Exception as exc:
             log.warning("wandb: could not log step %d: %s", step, exc)
     cpu_s = meter.used_s()

@@ -32,12 +32,14 @@ from workers.config import (
     plan_batches,
 )
 from workers.contract import TrainState
-from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all
+from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all, to_device
 from workers.dist import DistContext, maybe_no_sync
 from workers.errors import CheckpointError, ConfigError
+from workers.evaluation import Evaluator
 from workers.heartbeat import Heartbeat, NoHeartbeat
 from workers.reporting import Reporter, StepStats
 from workers.rundir import CONFIG_FILE, RunDir
+from workers.selection import ModelSelection
 from workers.stepsync import StepSync
 from workers.stop import NONE, PREEMPT, REASONS, StopFlag
 from workers.tasks import build_task
@@ -77,18 +79,6 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple: rebuild it field by field
-        return type(batch)(*(_to_device(b, device) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 class Trainer:
@@ -134,6 +124,24 @@ class Trainer:
         )
         fp16 = self.cfg.train.precision == "fp16" and self.ctx.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.evaluator = self._make_evaluator()
+        self.selection = ModelSelection(self.cfg.eval) if self.evaluator is not None else None
+
+    def _make_evaluator(self) -> Evaluator | None:
+        """The task's evaluation, when the config asks for one; its metric names are checked on one batch now,
+        before the first training step (an unknown ``eval.metric`` is a usage error, found at once)."""
+        ecfg = self.cfg.eval
+        if not ecfg.enabled:
+            return None
+        if getattr(self.task, "eval_dataset", None) is None:
+            key, value = ("eval.every", ecfg.every) if ecfg.every else ("eval.at_end", ecfg.at_end)
+            raise ConfigError(
+                f"config key '{key}' = {value!r}: the task has no eval_dataset. HINT: give the task an eval_dataset "
+                "(and optionally evaluate(model, batch)), or turn evaluation off"
+            )
+        evaluator = Evaluator(self.task, self.model, self.ctx, ecfg.batch_size, self.cfg.train.seed, self._autocast)
+        evaluator.probe(ecfg.metric)
+        return evaluator
 
     def _restore(self) -> None:
         self.ckpt.clean_stale_temporaries()
@@ -149,6 +157,12 @@ class Trainer:
                 )  # fmt: skip
             state = self.ckpt.load(folder, self.model, self.optimizer, self.scheduler, self.scaler, saved)
             self.step = state.step
+            if (
+                self.selection is not None
+                and state.selection is not None
+                and not self.selection.restore(state.selection)
+            ):
+                log.warning("eval.metric or eval.mode changed since the checkpoint: model selection starts afresh")
             self._apply_optim_config()
             log.info(
                 "resumed from %s: step %d, %d samples seen, saved at world size %d, now %d",
@@ -245,6 +259,9 @@ class Trainer:
         if self.step >= self.cfg.train.max_steps:
             log.info("nothing to do: the run is at step %d of %d", self.step, self.cfg.train.max_steps)
             return FitResult(self.step, stopped_early=False)
+        if self.selection is not None and self.selection.should_stop:
+            log.info("nothing to do: the run stopped early at step %d (%s)", self.step, self._best_text())
+            return FitResult(self.step, stopped_early=False)
         model = self.wrapped = self._wrap()
         self.tracker = Tracker(self.cfg, self.paths, self.ctx.is_main, self.step)
         self.reporter = Reporter(self.cfg, self.ctx, self.tracker, self.step, self.counts)
@@ -275,9 +292,21 @@ class Trainer:
             log_values = self.reporter.step(self.step, StepStats(loss, grad_norm, lr, step_time, data_wait))
             stopped = sync.step(self.step, step_time, log_values)
             last = stopped or self.step == self.cfg.train.max_steps
-            if last or self.step % self.cfg.train.checkpoint_every == 0:
+            improved = False
+            if not stopped and self._should_evaluate():  # a stop saves first; that step is not evaluated
+                improved = self._evaluate()
+            early = self.selection is not None and self.selection.should_stop
+            last = last or early
+            if last or improved or self.step % self.cfg.train.checkpoint_every == 0:  # a new best is always saved
                 self.heartbeat.update(self.step, "checkpoint")
-                self.save(blocking=last)  # the final and the stop saves are always synchronous
+                self.save(blocking=last)  # the final, early-stop and stop saves are always synchronous
+            if early:
+                log.info(
+                    "early stopping at step %d: eval.%s did not improve by eval.min_delta=%g in %d evals (%s)",
+                    self.step, self.cfg.eval.metric, self.cfg.eval.min_delta, self.selection.bad_evals,
+                    self._best_text(),
+                )  # fmt: skip
+                break
             if stopped:
                 log.info(
                     "%s (%s): all ranks saved step %d and are leaving; no completed step is lost",
@@ -289,6 +318,41 @@ class Trainer:
         sync.flush()
         self.heartbeat.update(self.step, "done")
         return FitResult(self.step, stopped_early=bool(stopped), stop_reason=REASONS[stopped])
+
+    def _selection_state(self) -> dict[str, Any] | None:
+        """The selection as of this save (this step competes for the k best when it was evaluated)."""
+        if self.selection is None:
+            return None
+        self.selection.checkpointed(self.step)
+        return self.selection.state()
+
+    def _should_evaluate(self) -> bool:
+        """The same on every rank: every ``eval.every`` steps, and after the final step with ``eval.at_end``."""
+        ecfg = self.cfg.eval
+        if self.evaluator is None:
+            return False
+        return bool(ecfg.every and self.step % ecfg.every == 0) or (
+            ecfg.at_end and self.step == self.cfg.train.max_steps
+        )
+
+    def _evaluate(self) -> bool:
+        """Evaluate the current weights on the whole eval set; rank 0 logs the row. Returns whether the best
+        improved (the same on every rank: the values are all-reduced). Must be called on all ranks."""
+        self.heartbeat.update(self.step, "eval")  # a slow eval is not a stuck step
+        self.sync.flush()  # the training rows up to this step are written before its eval row
+        result = self.evaluator.run()
+        improved = self.selection.observe(self.step, result.metrics[self.cfg.eval.metric])
+        self.tracker.log(self.step, result.row())
+        shown = ", ".join(f"{k} {v:.6g}" for k, v in result.metrics.items())
+        log.info(
+            "eval at step %d: %s (%d samples, %.2f s)%s", self.step, shown, result.samples, result.time_s,
+            " — new best" if improved else "",
+        )  # fmt: skip
+        return improved
+
+    def _best_text(self) -> str:
+        s = self.selection
+        return f"best eval.{self.cfg.eval.metric} {s.best_value:.6g} at step {s.best_step}"
 
     def _train_step(
         self, model: nn.Module, batches: Iterator, recorder: IndexRecorder | None
@@ -304,7 +368,7 @@ class Trainer:
             data_wait += time.perf_counter() - t0
             if recorder:
                 recorder.record(self.step, micro, indices)
-            batch = _to_device(batch, self.ctx.device)
+            batch = to_device(batch, self.ctx.device)
             seed_all(step_seed(self.cfg.train.seed, self.step, self.ctx.rank, micro), self.ctx.device)
             # Gradients of all but the last micro-step stay local: one all-reduce per optimizer step.
             with maybe_no_sync(model, micro < accum - 1):
@@ -351,11 +415,14 @@ class Trainer:
             torch=torch.__version__,
             time=time.time(),
             optimizer=type(self.optimizer).__name__,
+            selection=self._selection_state(),
         )
         # The wrapped module goes in: the checkpointer peels DDP / torch.compile itself, whatever it is given.
         folder = self.ckpt.save(
-            self.step, self.wrapped, self.optimizer, self.scheduler, self.scaler, state, blocking=blocking
-        )
+            self.step, self.wrapped, self.optimizer, self.scheduler, self.scaler, state, blocking=blocking,
+            keep_also=self.selection.protected_steps if self.selection else frozenset(),
+            best_step=self.selection.best_step if self.selection else None,
+        )  # fmt: skip
         blocked = time.perf_counter() - t0
         done = "committed" if blocking or not self.cfg.train.async_checkpoint else "snapshot taken, writing"
         log.info("checkpoint %s %s; training blocked %.3f s", folder.name, done, blocked)

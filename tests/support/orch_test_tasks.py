@@ -20,6 +20,7 @@ class _Slowed:
         self, inner, step_sleep_s: float, fail_rank: int | None, fail_call: int | None, hold_at_call: int | None = None
     ) -> None:
         self.inner, self.model, self.dataset = inner, inner.model, inner.dataset
+        self.eval_dataset = getattr(inner, "eval_dataset", None)
         self.step_sleep_s, self.fail_rank, self.fail_call, self.calls = step_sleep_s, fail_rank, fail_call, 0
         self.hold_at_call = hold_at_call
 
@@ -105,6 +106,7 @@ def quick(
     hold_at_call: int | None = None,
     block_after_samples: int | None = None,
     block_marker: str | None = None,
+    per_sample_metrics: bool = False,
     **kwargs,
 ):
     if audit_dir:
@@ -118,7 +120,17 @@ def quick(
         task.dataset = _NoisyInputs(task.dataset, augment)
     if block_after_samples is not None:
         task.dataset = _BlockingSamples(task.dataset, block_after_samples, block_marker)
-    return _Slowed(task, step_sleep_s, fail_rank, fail_call, hold_at_call)
+    cls = _Evaluated if per_sample_metrics else _Slowed
+    return cls(task, step_sleep_s, fail_rank, fail_call, hold_at_call)
+
+
+class _Evaluated(_Slowed):
+    """With the task's own ``evaluate``: per-sample squared and absolute errors."""
+
+    def evaluate(self, model, batch):
+        x, y = batch
+        err = model(x) - y
+        return {"mse": (err**2).mean(dim=1), "mae": err.abs().mean(dim=1)}
 
 
 class _NoisyInputs:

@@ -12,6 +12,7 @@ from workers.config.plan import BatchPlan, check_not_past_the_end, check_resume_
 from workers.config.schema import (
     Config,
     DataConfig,
+    EvalConfig,
     LaunchConfig,
     OptimConfig,
     RunConfig,
@@ -23,7 +24,7 @@ from workers.config.schema import (
 from workers.errors import ConfigError
 
 __all__ = [
-    "BatchPlan", "Config", "ConfigError", "DataConfig", "LaunchConfig", "OptimConfig", "RunConfig", "SlurmConfig",
-    "TaskConfig", "TrackingConfig", "TrainConfig", "check_not_past_the_end", "check_resume_compatible",
+    "BatchPlan", "Config", "ConfigError", "DataConfig", "EvalConfig", "LaunchConfig", "OptimConfig", "RunConfig",
+    "SlurmConfig", "TaskConfig", "TrackingConfig", "TrainConfig", "check_not_past_the_end", "check_resume_compatible",
     "config_from_dict", "dump_config", "load_config", "plan_batches",
 ]  # fmt: skip

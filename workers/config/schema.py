@@ -189,6 +189,34 @@ class LaunchConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation on the task's ``eval_dataset``: exact over the whole set on any world size (workers.evaluation)."""
+
+    every: int = 0  # steps between evals; 0: never during training
+    batch_size: int = 32  # samples per eval batch on each rank
+    at_end: bool = False  # also evaluate after the final step
+    metric: str = "loss"  # the metric that selects the best checkpoint (a name the task's evaluate returns)
+    mode: str = "min"  # min | max: which direction of ``metric`` is better
+    keep_best: int = 1  # the best k checkpoints are never deleted by retention
+    patience: int | None = None  # early stopping: evals without an improvement of min_delta; null: off
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_min("eval.every", self.every, 0)
+        check_range("eval.batch_size", self.batch_size, 1, _BIG)
+        check_choice("eval.mode", self.mode, ("min", "max"))
+        if not self.metric.strip():
+            fail("eval.metric", self.metric, "must name a metric", "e.g. loss")
+        check_range("eval.keep_best", self.keep_best, 0, 100_000)
+        check_range("eval.patience", self.patience, 1, 1_000_000)
+        check_min("eval.min_delta", self.min_delta, 0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0 or self.at_end
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Experiment tracking (wandb on rank 0)."""
 
@@ -252,6 +280,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 

@@ -24,21 +24,28 @@ def make_model(d_in: int = 16, hidden: int = 64, d_out: int = 4) -> nn.Module:
     return _mlp(d_in, hidden, d_out)
 
 
-def make_dataset(n: int = 4096, d_in: int = 16, d_out: int = 4, data_seed: int = 1234, noise: float = 0.01):
+def make_dataset(
+    n: int = 4096, d_in: int = 16, d_out: int = 4, data_seed: int = 1234, noise: float = 0.01, eval_n: int = 0
+):
+    """The training set; with ``eval_n``, also ``(train, held_out)``: more samples of the same teacher, drawn after
+    the training set (which they leave unchanged)."""
     gen = torch.Generator().manual_seed(data_seed)
     teacher = _mlp(d_in, 32, d_out)
     with torch.no_grad():
         for p in teacher.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        x = torch.randn(n, d_in, generator=gen)
-        y = teacher(x) + noise * torch.randn(n, d_out, generator=gen)
-    return TensorDataset(x, y)
+        sets = []
+        for count in (n, eval_n) if eval_n else (n,):
+            x = torch.randn(count, d_in, generator=gen)
+            sets.append(TensorDataset(x, teacher(x) + noise * torch.randn(count, d_out, generator=gen)))
+    return (sets[0], sets[1]) if eval_n else sets[0]
 
 
 @dataclass
 class QuickstartTask:
     model: nn.Module
     dataset: TensorDataset
+    eval_dataset: TensorDataset | None = None  # held-out samples of the same teacher (evaluation, eval.every)
     random_samples = False  # __getitem__ is deterministic: no per-sample RNG seeding needed
 
     def loss(self, model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
@@ -47,7 +54,17 @@ class QuickstartTask:
 
 
 def build(
-    n: int = 4096, d_in: int = 16, hidden: int = 64, d_out: int = 4, data_seed: int = 1234, noise: float = 0.01
+    n: int = 4096,
+    d_in: int = 16,
+    hidden: int = 64,
+    d_out: int = 4,
+    data_seed: int = 1234,
+    noise: float = 0.01,
+    eval_n: int = 512,
 ) -> QuickstartTask:
-    """Factory named by ``task.factory: workers.tasks.quickstart:build``."""
-    return QuickstartTask(make_model(d_in, hidden, d_out), make_dataset(n, d_in, d_out, data_seed, noise))
+    """Factory named by ``task.factory: workers.tasks.quickstart:build``. ``eval_n`` held-out samples (drawn after
+    the training set, which they leave unchanged) form the eval set; 0: none."""
+    if not eval_n:
+        return QuickstartTask(make_model(d_in, hidden, d_out), make_dataset(n, d_in, d_out, data_seed, noise))
+    train, held_out = make_dataset(n, d_in, d_out, data_seed, noise, eval_n)
+    return QuickstartTask(make_model(d_in, hidden, d_out), train, held_out)

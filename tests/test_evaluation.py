@@ -1,0 +1,118 @@
+"""Evaluation: exact over the whole eval set on any world size (no padding, no drop), computed the way a single
+process would over the saved weights, and perturbing nothing — a run with eval on ends bitwise equal to eval off."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import launch, load, tensors_equal
+
+EVAL_N, EVAL_BATCH = 1001, 16  # 1001 = 7 * 11 * 13: uneven shares on 2 and 3 ranks, a short last batch
+EVAL = [
+    f"task.args.eval_n={EVAL_N}", "task.args.per_sample_metrics=true", "eval.every=4",
+    f"eval.batch_size={EVAL_BATCH}", "eval.metric=mse", "train.keep_checkpoints=3",
+]  # fmt: skip
+
+
+def _eval_rows(run) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval/samples" in r]
+
+
+def _single_process_metrics(run, step: int) -> dict[str, float]:
+    """What one process computes over the whole eval set with the weights saved at ``step``."""
+    from workers.tasks.quickstart import build
+
+    task = build(n=200, hidden=32, eval_n=EVAL_N)
+    task.model.load_state_dict(load(run, step=step))
+    x, y = task.eval_dataset.tensors
+    with torch.no_grad():
+        err = (task.model(x) - y).double()
+    return {"mse": float((err**2).mean(dim=1).mean()), "mae": float(err.abs().mean(dim=1).mean())}
+
+
+@pytest.fixture(scope="module")
+def eval_runs(tmp_path_factory) -> dict[int, object]:
+    base = tmp_path_factory.mktemp("eval")
+    runs = {ws: base / f"ws{ws}" for ws in (1, 2, 3)}
+    for ws, run in runs.items():
+        launch(run, ws, *EVAL)
+    return runs
+
+
+@pytest.mark.parametrize("ws", [1, 2, 3])
+def test_every_eval_sample_counts_once_and_metrics_match_a_single_process(eval_runs, ws):
+    run = eval_runs[ws]
+    rows = _eval_rows(run)
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    for row in rows:
+        assert row["eval/samples"] == EVAL_N and row["eval/time_s"] > 0
+        expected = _single_process_metrics(run, row["step"])
+        for name, value in expected.items():
+            assert row[f"eval/{name}"] == pytest.approx(value, rel=1e-6), (name, row["step"])
+
+
+def test_world_sizes_agree(eval_runs):
+    by_ws = {ws: _eval_rows(run) for ws, run in eval_runs.items()}
+    for a, b in zip(by_ws[1], by_ws[3], strict=True):
+        assert a["eval/mse"] == pytest.approx(b["eval/mse"], rel=1e-5)
+        assert a["eval/mae"] == pytest.approx(b["eval/mae"], rel=1e-5)
+
+
+def test_eval_perturbs_nothing_with_random_augmentation_and_loader_workers(tmp_path):
+    """Eval on vs off: bitwise the same final model and optimizer state (the augmentation draws from torch's global
+    RNG in __getitem__; the eval's own per-sample seeding must not leak into training)."""
+    common = ["task.args.augment=0.1", "data.num_workers=1", f"task.args.eval_n={EVAL_N}"]
+    off, on = tmp_path / "off", tmp_path / "on"
+    launch(off, 2, *common)
+    launch(on, 2, *common, "eval.every=2", f"eval.batch_size={EVAL_BATCH}", "eval.at_end=true")
+    assert [r["step"] for r in _eval_rows(on)] == [2, 4, 6, 8, 10, 12] and not _eval_rows(off)
+    assert tensors_equal(load(on), load(off))
+    assert tensors_equal(load(on, "optim.pt"), load(off, "optim.pt"))
+
+
+def test_the_default_metric_is_the_loss_weighted_by_batch_size(tmp_path):
+    run = tmp_path / "run"
+    launch(run, 2, f"task.args.eval_n={EVAL_N}", "eval.at_end=true", f"eval.batch_size={EVAL_BATCH}")
+    (row,) = _eval_rows(run)
+    assert row["step"] == 12 and row["eval/samples"] == EVAL_N
+    assert row["eval/loss"] == pytest.approx(_single_process_metrics(run, 12)["mse"], rel=1e-6)
+
+
+SELECT = [f"task.args.eval_n={EVAL_N}", "eval.every=2", f"eval.batch_size={EVAL_BATCH}"]
+
+
+def _state(run, step: int) -> dict:
+    return json.loads((run / "checkpoints" / f"step-{step:08d}" / "train_state.json").read_text())
+
+
+def test_best_is_kept_named_and_continued_across_a_resume(tmp_path):
+    """mode=max on a falling loss: the first eval (step 2) stays the best, so the best is not the newest. It is
+    checkpointed at its step, named by checkpoints/best, survives keep_checkpoints=1, and a resume continues the
+    same selection (the patience counter too)."""
+    run = tmp_path / "run"
+    select = [*SELECT, "eval.mode=max", "train.keep_checkpoints=1", "train.checkpoint_every=100"]
+    launch(run, 2, *select, "train.max_steps=8")
+    assert (run / "checkpoints" / "best").read_text().strip() == "step-00000002"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000008"]
+    selection = _state(run, 8)["selection"]
+    assert selection["best_step"] == 2 and selection["bad_evals"] == 3  # evals at 4, 6, 8 did not improve
+    proc = launch(run, 1, *select, "train.max_steps=12")  # resumed on another world size
+    assert _state(run, 12)["selection"]["bad_evals"] == 5 and _state(run, 12)["selection"]["best_step"] == 2
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000012"]
+    assert (run / "checkpoints" / "best").read_text().strip() == "step-00000002"
+    assert "new best" not in proc.stderr
+
+
+def test_early_stopping_saves_and_ends_with_exit_0_and_a_relaunch_is_done(tmp_path):
+    run = tmp_path / "run"
+    early = [*SELECT, "eval.mode=max", "eval.patience=2"]  # best at step 2; no improvement at 4, 6: stop at 6
+    proc = launch(run, 2, *early)
+    assert "early stopping at step 6" in proc.stderr and "best eval.loss" in proc.stderr and "at step 2" in proc.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    assert not (run / "checkpoints" / "step-00000008").exists()
+    again = launch(run, 2, *early)
+    assert "nothing to do: the run stopped early at step 6" in again.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"

@@ -1,0 +1,171 @@
+"""Exact distributed evaluation: every sample of the task's ``eval_dataset`` exactly once, on any world size.
+
+Rank ``r`` of ``W`` takes the contiguous slice ``[r*N//W, (r+1)*N//W)`` of the ``N`` samples — no padding, no
+drop, uneven shares allowed — in batches of ``eval.batch_size``. The task's ``evaluate(model, batch)`` returns
+*per-sample* values (shape ``[B]``) for each metric name; without it the metric is ``loss``, the task's loss weighted
+by each batch's size. Each rank sums in float64; one all-reduce of ``[sums..., count]`` per eval (no collective
+depends on how many batches a rank has), then ``sum / count``: the mean over the whole set, never a mean of means.
+
+The model runs unwrapped, in ``eval()`` mode, under ``torch.no_grad()`` and the configured autocast, then goes back
+to training mode. Evaluation perturbs nothing: every RNG (torch CPU and CUDA, Python, NumPy) is restored afterwards,
+and an eval sample with a random transform is seeded by its index (like training samples, by their position).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from workers.data import IndexedCollate, IndexedDataset, derive_seed, to_device
+from workers.dist import DistContext
+from workers.errors import ConfigError
+
+try:
+    import numpy as _np
+except ImportError:  # numpy is optional for the orchestrator itself
+    _np = None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One evaluation: the mean of each metric over the whole set, the number of samples, the wall time."""
+
+    metrics: dict[str, float]
+    samples: int
+    time_s: float
+
+    def row(self) -> dict[str, float]:
+        """The metrics row (``eval/<name>``, ``eval/samples``, ``eval/time_s``)."""
+        return {
+            **{f"eval/{k}": v for k, v in self.metrics.items()},
+            "eval/samples": self.samples,
+            "eval/time_s": round(self.time_s, 6),
+        }
+
+
+class Evaluator:
+    """Evaluates ``model`` on ``task.eval_dataset``. Built on every rank; :meth:`run` must be called on all ranks."""
+
+    def __init__(
+        self,
+        task: Any,
+        model: nn.Module,
+        ctx: DistContext,
+        batch_size: int,
+        seed: int,
+        autocast: Callable[[], AbstractContextManager[Any]],
+    ) -> None:
+        self.task, self.model, self.ctx, self.batch_size, self.autocast = task, model, ctx, batch_size, autocast
+        self.dataset = task.eval_dataset
+        self.n = len(self.dataset)
+        if self.n <= 0:
+            raise ConfigError("the task's eval_dataset is empty. HINT: give it samples, or set eval.every=0")
+        seed_samples = bool(getattr(task, "random_samples", True))
+        self.samples = IndexedDataset(self.dataset, derive_seed(seed, "eval"), seed_samples)
+        self.collate = IndexedCollate(getattr(task, "collate_fn", None))
+        self.names: list[str] = []
+
+    def probe(self, metric: str) -> list[str]:
+        """Evaluate one batch (the first of the set, on every rank alike) to learn the metric names, before the first
+        training step; ConfigError when ``metric`` is not one of them. Perturbs nothing. Call on all ranks."""
+        first = list(range(min(self.batch_size, self.n)))
+        with _preserved_state(self.model, self.ctx.device):
+            self.names = sorted(self._evaluate(self._batch(first))[0])
+        if metric not in self.names:
+            raise ConfigError(
+                f"config key 'eval.metric' = {metric!r}: the task's evaluate() does not produce it. "
+                f"HINT: it produces {', '.join(self.names)}"
+            )
+        return self.names
+
+    def run(self) -> EvalResult:
+        """Evaluate the whole set across all ranks. Collective: must be called on all ranks, at the same step."""
+        t0 = time.perf_counter()
+        sums = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=self.ctx.device)
+        with _preserved_state(self.model, self.ctx.device):
+            for batch in self._my_batches():
+                values, count = self._evaluate(batch)
+                if sorted(values) != self.names:
+                    raise ConfigError(
+                        f"the task's evaluate() returned {sorted(values)} for one batch and {self.names} for another. "
+                        "HINT: return the same metric names for every batch"
+                    )
+                sums[:-1] += torch.stack([values[k] for k in self.names])
+                sums[-1] += count
+        self.ctx.all_reduce_sum(sums)
+        total = sums.tolist()
+        count = int(total[-1])
+        return EvalResult({k: total[i] / count for i, k in enumerate(self.names)}, count, time.perf_counter() - t0)
+
+    def _my_batches(self) -> Iterator[Any]:
+        start, end = self.ctx.rank * self.n // self.ctx.world_size, (self.ctx.rank + 1) * self.n // self.ctx.world_size
+        chunks = [list(range(i, min(i + self.batch_size, end))) for i in range(start, end, self.batch_size)]
+        loader = DataLoader(self.samples, batch_sampler=[[(i, i) for i in c] for c in chunks], collate_fn=self.collate)
+        for _, batch in loader:
+            yield batch
+
+    def _batch(self, indices: list[int]) -> Any:
+        return self.collate([self.samples[(i, i)] for i in indices])[1]
+
+    def _evaluate(self, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
+        """Per-metric float64 sums over one batch, and its size."""
+        batch = to_device(batch, self.ctx.device)
+        size = _batch_size(batch)
+        with torch.no_grad(), self.autocast():
+            if hasattr(self.task, "evaluate"):
+                out = self.task.evaluate(self.model, batch)
+            else:
+                out = {"loss": self.task.loss(self.model, batch).reshape(1).expand(size)}
+        if not isinstance(out, Mapping) or not out:
+            raise ConfigError("the task's evaluate() must return a mapping of metric names to per-sample tensors")
+        sums = {}
+        for name, value in out.items():
+            if not isinstance(value, torch.Tensor) or value.ndim != 1 or len(value) != size:
+                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ConfigError(
+                    f"the task's evaluate() returned {shape} for metric {name!r}: expected per-sample values of "
+                    f"shape [{size}]. HINT: return one value per sample, not a mean"
+                )
+            sums[str(name)] = value.detach().double().sum()
+        return sums, size
+
+
+class _preserved_state:
+    """Eval mode inside; afterwards the model's mode and every RNG exactly as before (evaluation draws nothing)."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+
+    def __enter__(self) -> None:
+        self.training = self.model.training
+        self.rng = (torch.random.get_rng_state(), random.getstate(), _np.random.get_state() if _np else None)
+        self.cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.training)
+        torch.random.set_rng_state(self.rng[0])
+        random.setstate(self.rng[1])
+        if _np is not None:
+            _np.random.set_state(self.rng[2])
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+
+
+def _batch_size(batch: Any) -> int:
+    """The number of samples in a collated batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        return _batch_size(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return _batch_size(batch[0])
+    raise ConfigError(f"cannot tell the size of an eval batch of type {type(batch).__name__}")
