@@ -116,3 +116,18 @@ def test_early_stopping_saves_and_ends_with_exit_0_and_a_relaunch_is_done(tmp_pa
     again = launch(run, 2, *early)
     assert "nothing to do: the run stopped early at step 6" in again.stderr
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+
+
+def test_selection_keeps_the_strict_best_ignores_non_finite_values_and_counts_patience():
+    from workers.config import EvalConfig
+    from workers.selection import ModelSelection
+
+    sel = ModelSelection(EvalConfig(every=1, min_delta=0.01, patience=2))
+    assert sel.observe(1, float("nan")) is False and sel.best_step is None  # NaN is never a best
+    assert sel.observe(2, 1.0) is True and sel.bad_evals == 0
+    assert sel.observe(3, 0.995) is True and sel.best_step == 3  # a better value is the best, whatever min_delta
+    assert sel.bad_evals == 1  # ... but not enough of an improvement for patience
+    assert sel.observe(4, float("inf")) is False and sel.should_stop  # two evals without a min_delta improvement
+    restored = ModelSelection(EvalConfig(every=1, min_delta=0.01, patience=2))
+    assert restored.restore(sel.state()) and restored.should_stop and restored.best_step == 3
+    assert not restored.pending_eval(4, due=True) and restored.pending_eval(5, due=True)

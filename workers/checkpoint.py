@@ -372,10 +372,10 @@ class Checkpointer:
                 f"cannot write checkpoint '{target}': {exc.strerror or exc} — older checkpoints are intact. "
                 "HINT: check free space and write permission on run.dir"
             ) from exc
-        self._apply_retention(payload.step, payload.keep_also)
         best = self.paths.step_dir(payload.best_step) if payload.best_step is not None else None
         if best is not None and best.is_dir() and self.paths.best_name() != best.name:
-            atomic_write(self.paths.best, best.name + "\n")
+            atomic_write(self.paths.best, best.name + "\n")  # before retention: it never names a deleted folder
+        self._apply_retention(payload.step, payload.keep_also)
         self.last_commit_s = time.perf_counter() - t0
 
     def _write_folder(self, target: Path, payload: CheckpointPayload) -> None:

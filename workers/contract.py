@@ -248,6 +248,8 @@ def check_selection_state(data: Any, where: str) -> None:
         isinstance(data, dict) and isinstance(data.get("metric"), str) and data.get("mode") in ("min", "max")
         and (data.get("best_step") is None or is_int(data["best_step"]))
         and (data.get("best_value") is None or is_number(data["best_value"]))
+        and (data.get("ref_value") is None or is_number(data["ref_value"]))
+        and (data.get("last_eval_step") is None or is_int(data["last_eval_step"]))
         and is_int(data.get("bad_evals")) and isinstance(data.get("ranked"), list)
         and all(isinstance(e, list) and len(e) == 2 and is_int(e[0]) and is_number(e[1]) for e in data["ranked"])
     )  # fmt: skip

@@ -89,21 +89,28 @@ class Evaluator:
     def run(self) -> EvalResult:
         """Evaluate the whole set across all ranks. Collective: must be called on all ranks, at the same step."""
         t0 = time.perf_counter()
-        sums = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=self.ctx.device)
+        k = len(self.names)
+        sums = torch.zeros(k + 2, dtype=torch.float64, device=self.ctx.device)  # [metric sums..., count, failed]
+        failure: BaseException | None = None
         with _preserved_state(self.model, self.ctx.device):
-            for batch in self._my_batches():
-                values, count = self._evaluate(batch)
-                if sorted(values) != self.names:
-                    raise ConfigError(
-                        f"the task's evaluate() returned {sorted(values)} for one batch and {self.names} for another. "
-                        "HINT: return the same metric names for every batch"
-                    )
-                sums[:-1] += torch.stack([values[k] for k in self.names])
-                sums[-1] += count
+            try:
+                for batch in self._my_batches():
+                    values, count = self._evaluate(batch)
+                    if sorted(values) != self.names:
+                        raise ConfigError(
+                            f"the task's evaluate() returned {sorted(values)} for one batch and {self.names} for "
+                            "another. HINT: return the same metric names for every batch"
+                        )
+                    sums[:k] += torch.stack([values[name] for name in self.names])
+                    sums[k] += count
+            except Exception as exc:  # every rank still joins the one all-reduce, then all fail together
+                failure, sums[k + 1] = exc, 1.0
         self.ctx.all_reduce_sum(sums)
         total = sums.tolist()
-        count = int(total[-1])
-        return EvalResult({k: total[i] / count for i, k in enumerate(self.names)}, count, time.perf_counter() - t0)
+        if total[k + 1]:
+            raise failure or RuntimeError("evaluation failed on another rank (its log says why)")
+        count = int(total[k])
+        return EvalResult({n: total[i] / count for i, n in enumerate(self.names)}, count, time.perf_counter() - t0)
 
     def _my_batches(self) -> Iterator[Any]:
         start, end = self.ctx.rank * self.n // self.ctx.world_size, (self.ctx.rank + 1) * self.n // self.ctx.world_size

@@ -280,6 +280,10 @@ class Trainer:
             self.plan.accum_steps,
             self.plan.micro_batch,
         )
+        if self.selection is not None and self.selection.pending_eval(
+            self.step, self.step > 0 and self._should_evaluate()
+        ):
+            self._evaluate()  # due at the step resumed from, but a stop saved first: evaluated before training on
         stopped = NONE
         while self.step < self.cfg.train.max_steps:
             self.heartbeat.update(self.step, "train")

@@ -207,7 +207,7 @@ class EvalConfig:
         check_choice("eval.mode", self.mode, ("min", "max"))
         if not self.metric.strip():
             fail("eval.metric", self.metric, "must name a metric", "e.g. loss")
-        check_range("eval.keep_best", self.keep_best, 0, 100_000)
+        check_range("eval.keep_best", self.keep_best, 1, 100_000)  # the best itself is always kept
         check_range("eval.patience", self.patience, 1, 1_000_000)
         check_min("eval.min_delta", self.min_delta, 0.0)
 
