@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from workers.config import Config
-from workers.contract import ErrorRecord, FailureKind, Gate
+from workers.contract import ErrorRecord, FailureKind, Gate, is_int
 from workers.entry import spawned_worker
 from workers.fsutil import RunDirLock
 from workers.heartbeat import read_heartbeat
@@ -172,20 +172,24 @@ class SignalRelay:
         self.count += 1
 
 
+_WATCHED = ("train", "eval")  # the phases in which a lack of progress is a hang
+
+
 class HangWatch:
     """Reads the workers' heartbeat files; names a rank that froze or stopped making progress.
 
     - Frozen: a heartbeat file not rewritten for ``timeout_s`` (SIGSTOP, a swapped-out or dead machine). Checked
       across all ranks first: a frozen rank is the cause, the others only wait for it.
-    - Stuck: every rank is in phase ``train`` past its first step of this attempt, and some (step, phase) has not
-      changed for ``timeout_s`` (a stuck collective, a deadlock). Setup, the first step (compilation, warm-up)
-      and checkpoint phases are exempt: they may be slow without being stuck.
+    - Stuck: every rank is in phase ``train`` or ``eval`` past its first step of this attempt, and some
+      (step, phase, tick) has not changed for ``timeout_s`` (a stuck collective, a deadlock; an eval ticks once a
+      batch). Setup, the first step (compilation, warm-up) and checkpoint phases are exempt: they may be slow
+      without being stuck.
     """
 
     def __init__(self, paths: RunDir, nproc: int, timeout_s: float) -> None:
         self.paths = [paths.heartbeat_file(r) for r in range(nproc)]
         self.timeout_s = timeout_s
-        self._progress: dict[int, tuple[tuple[int, str], float]] = {}  # rank -> ((step, phase), since when)
+        self._progress: dict[int, tuple[tuple[int, str, int], float]] = {}  # rank -> ((step, phase, tick), since)
         self._first_step: dict[int, int] = {}  # rank -> the first step it reported in phase train
 
     def find_hung(self, alive: list[int], now: float) -> tuple[int, str] | None:
@@ -199,13 +203,16 @@ class HangWatch:
             age, rank = stale[0]
             return rank, f"no heartbeat for {age:.0f} s at step {beats[rank]['step']} (frozen?)"
         for rank, beat in beats.items():
-            key = (beat["step"], beat["phase"])
+            key = (beat["step"], beat["phase"], beat.get("tick", 0))
             if rank not in self._progress or self._progress[rank][0] != key:
                 self._progress[rank] = (key, now)
-            if beat["phase"] == "train":
+            if is_int(beat.get("first_step")):  # the worker's own word: a fast first step is not missed
+                self._first_step[rank] = beat["first_step"]
+            elif beat["phase"] == "train":
                 self._first_step.setdefault(rank, beat["step"])
         watched = len(beats) == len(alive) and all(
-            b["phase"] == "train" and b["step"] > self._first_step[r] for r, b in beats.items()
+            b["phase"] in _WATCHED and r in self._first_step and b["step"] > self._first_step[r]
+            for r, b in beats.items()
         )
         stuck = sorted((beats[r]["step"], r) for r in beats if now - self._progress[r][1] > self.timeout_s)
         if not (watched and stuck):

@@ -4,6 +4,10 @@ process would over the saved weights, and perturbing nothing — a run with eval
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -131,3 +135,93 @@ def test_selection_keeps_the_strict_best_ignores_non_finite_values_and_counts_pa
     restored = ModelSelection(EvalConfig(every=1, min_delta=0.01, patience=2))
     assert restored.restore(sel.state()) and restored.should_stop and restored.best_step == 3
     assert not restored.pending_eval(4, due=True) and restored.pending_eval(5, due=True)
+
+
+# ---------------------------------------------------------------- signals during an eval
+
+SIG_EVAL = [
+    "task.args.per_sample_metrics=true", "task.args.eval_n=200", "eval.every=3", "eval.batch_size=8",
+    "eval.metric=mse", "tracking.mode=offline",
+]  # fmt: skip
+EVAL_CALLS = 1 + 13  # the probe, then one eval: 100 samples a rank in batches of 8
+
+
+def _wandb_evals(run) -> list[tuple[int, float]]:
+    """(step, eval/mse) of every wandb history row that has an eval, over all the run's offline logs."""
+    from conftest import wandb_view
+
+    from workers.wandb_records import offline_logs, read_records
+
+    rid = wandb_view(run)[0]
+    out = []
+    for path in offline_logs(run, rid):
+        for record in read_records(path):
+            if record.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+                if "eval/mse" in items:
+                    out.append((record.history.step.num, json.loads(items["eval/mse"])))
+    return out
+
+
+def _wait_for(proc, condition, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"no {what} in 120 s"
+        time.sleep(0.01)
+
+
+def test_a_stop_a_kill_and_a_hang_around_evals_lose_nothing_and_log_each_eval_once(tmp_path):
+    """Evals at 3, 6, 9, 12; checkpoints at 4, 8, 12; 2 ranks; wandb offline. Against an uninterrupted run:
+    (1) SIGTERM during the eval of step 6: abandoned, step 6 saved, no eval row; (2) the relaunch evaluates step 6
+    first, then is SIGKILLed while training after the eval of step 9; (3) the next is SIGKILLed during the eval of
+    step 9; (4) the last hangs in the eval of step 12, is detected as hung, restarts and finishes. The final model
+    and optimizer are bitwise equal, and metrics.jsonl and wandb have each eval step exactly once, with the
+    reference's values."""
+    from conftest import QUICK, ROOT, env, latest_name, launch_and_kill
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    launch(ref, 2, *SIG_EVAL)
+    expected = [(r["step"], r["eval/mse"]) for r in _eval_rows(ref)]
+    assert [s for s, _ in expected] == [3, 6, 9, 12]
+
+    def start(*extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "orchestrator", "launch", "configs/quickstart.yaml", "--nproc", "2",
+               f"run.dir={run}", *QUICK, *SIG_EVAL, *extra]  # fmt: skip
+        return subprocess.Popen(cmd, env=env(), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                text=True, start_new_session=True)  # fmt: skip
+
+    def marked(name: str) -> bool:
+        return all((tmp_path / f"{name}-rank{r}").exists() for r in (0, 1))
+
+    # (1) A stop during the eval of step 6 (each batch of it takes 0.3 s in this attempt).
+    proc = start(f"task.args.slow_eval_after={EVAL_CALLS}", "task.args.slow_eval_s=0.3",
+                 f"task.args.slow_eval_marker={tmp_path / 'm1'}")  # fmt: skip
+    _wait_for(proc, lambda: marked("m1"), "eval of step 6")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "eval at step 6 abandoned (stop request)" in err and latest_name(run) == "step-00000006", err
+    assert [r["step"] for r in _eval_rows(run)] == [3]
+
+    # (2) The relaunch evaluates step 6 first; SIGKILL while it trains after the eval of step 9.
+    launch_and_kill(run, 2, *SIG_EVAL, "task.args.step_sleep_s=0.15", kill_after="step-00000008",
+                    until=lambda: 9 in [r["step"] for r in _eval_rows(run)])  # fmt: skip
+    assert [r["step"] for r in _eval_rows(run)] == [3, 6, 9]
+
+    # (3) SIGKILL during the eval of step 9 (the first eval of this start: it resumes from step 8).
+    launch_and_kill(run, 2, *SIG_EVAL, "task.args.slow_eval_after=1", "task.args.slow_eval_s=0.3",
+                    f"task.args.slow_eval_marker={tmp_path / 'm2'}", kill_after="step-00000008",
+                    until=lambda: marked("m2"))  # fmt: skip
+
+    # (4) A hang in the eval of step 12 (an eval batch that never ends): found, the group restarted.
+    proc = start(f"task.args.slow_eval_after={EVAL_CALLS}", "task.args.slow_eval_s=600",
+                 f"task.args.slow_eval_marker={tmp_path / 'm3'}", "launch.max_restarts=1",
+                 "launch.hang_timeout_s=3", "launch.grace_period_s=1")  # fmt: skip
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert marked("m3") and "hung" in err and "at step 12" in err, err
+
+    assert tensors_equal(load(run), load(ref)) and tensors_equal(load(run, "optim.pt"), load(ref, "optim.pt"))
+    assert [(r["step"], r["eval/mse"]) for r in _eval_rows(run)] == expected
+    assert sorted(_wandb_evals(run)) == expected, _wandb_evals(run)

@@ -6,6 +6,10 @@ drop, uneven shares allowed — in batches of ``eval.batch_size``. The task's ``
 by each batch's size. Each rank sums in float64; one all-reduce of ``[sums..., count]`` per eval (no collective
 depends on how many batches a rank has), then ``sum / count``: the mean over the whole set, never a mean of means.
 
+A stop request (``interrupt``) during an eval abandons it: each rank stops at its next batch, the one all-reduce
+still happens (with each rank's stop code in it), and every rank returns the same abandoned result — nothing to
+log; the trainer saves the step and runs that eval first on resume.
+
 The model runs unwrapped, in ``eval()`` mode, under ``torch.no_grad()`` and the configured autocast, then goes back
 to training mode. Evaluation perturbs nothing: every RNG (torch CPU and CUDA, Python, NumPy) is restored afterwards,
 and an eval sample with a random transform is seeded by its index (like training samples, by their position).
@@ -27,11 +31,15 @@ from torch.utils.data import DataLoader
 from workers.data import IndexedCollate, IndexedDataset, derive_seed, to_device
 from workers.dist import DistContext
 from workers.errors import ConfigError
+from workers.stop import PREEMPT, STOP
 
 try:
     import numpy as _np
 except ImportError:  # numpy is optional for the orchestrator itself
     _np = None
+
+
+_STOP_CODES = (STOP, PREEMPT)  # the stop codes an eval can be abandoned for (workers.stop)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,11 @@ class EvalResult:
     metrics: dict[str, float]
     samples: int
     time_s: float
+    stop_code: int = 0  # not 0: a stop request came during the eval (on some rank) and it was abandoned
+
+    @property
+    def abandoned(self) -> bool:
+        return self.stop_code != 0
 
     def row(self) -> dict[str, float]:
         """The metrics row (``eval/<name>``, ``eval/samples``, ``eval/time_s``)."""
@@ -73,28 +86,38 @@ class Evaluator:
         self.collate = IndexedCollate(getattr(task, "collate_fn", None))
         self.names: list[str] = []
 
-    def probe(self, metric: str) -> list[str]:
+    def probe(self, metric: str | None) -> list[str]:
         """Evaluate one batch (the first of the set, on every rank alike) to learn the metric names, before the first
-        training step; ConfigError when ``metric`` is not one of them. Perturbs nothing. Call on all ranks."""
+        training step; ConfigError when ``metric`` (None: any) is not one of them. Perturbs nothing. Local."""
         first = list(range(min(self.batch_size, self.n)))
         with _preserved_state(self.model, self.ctx.device):
             self.names = sorted(self._evaluate(self._batch(first))[0])
-        if metric not in self.names:
+        if metric is not None and metric not in self.names:
             raise ConfigError(
                 f"config key 'eval.metric' = {metric!r}: the task's evaluate() does not produce it. "
                 f"HINT: it produces {', '.join(self.names)}"
             )
         return self.names
 
-    def run(self) -> EvalResult:
-        """Evaluate the whole set across all ranks. Collective: must be called on all ranks, at the same step."""
+    def run(
+        self, interrupt: Callable[[], int] | None = None, progress: Callable[[int], None] | None = None
+    ) -> EvalResult:
+        """Evaluate the whole set across all ranks. Collective: must be called on all ranks, at the same step.
+
+        ``interrupt()`` (this rank's stop code, 0 for none) is asked before each batch: not 0 abandons the eval on
+        every rank (see the module docstring). ``progress(batches_done)`` is called after each batch (liveness)."""
         t0 = time.perf_counter()
         k = len(self.names)
-        sums = torch.zeros(k + 2, dtype=torch.float64, device=self.ctx.device)  # [metric sums..., count, failed]
+        # [metric sums..., count, failed, one vote per stop code]: SUM-reduced, so a code is "any rank asked".
+        sums = torch.zeros(k + 2 + len(_STOP_CODES), dtype=torch.float64, device=self.ctx.device)
         failure: BaseException | None = None
         with _preserved_state(self.model, self.ctx.device):
             try:
-                for batch in self._my_batches():
+                for done, batch in enumerate(self._my_batches()):
+                    code = interrupt() if interrupt is not None else 0
+                    if code:
+                        sums[k + 2 + _STOP_CODES.index(code)] = 1.0
+                        break
                     values, count = self._evaluate(batch)
                     if sorted(values) != self.names:
                         raise ConfigError(
@@ -103,12 +126,17 @@ class Evaluator:
                         )
                     sums[:k] += torch.stack([values[name] for name in self.names])
                     sums[k] += count
+                    if progress is not None:
+                        progress(done + 1)
             except Exception as exc:  # every rank still joins the one all-reduce, then all fail together
                 failure, sums[k + 1] = exc, 1.0
         self.ctx.all_reduce_sum(sums)
         total = sums.tolist()
         if total[k + 1]:
             raise failure or RuntimeError("evaluation failed on another rank (its log says why)")
+        votes = [c for c, v in zip(_STOP_CODES, total[k + 2 :], strict=True) if v]
+        if votes:  # the same on every rank: the strongest code any rank asked for
+            return EvalResult({}, 0, time.perf_counter() - t0, stop_code=max(votes))
         count = int(total[k])
         return EvalResult({n: total[i] / count for i, n in enumerate(self.names)}, count, time.perf_counter() - t0)
 

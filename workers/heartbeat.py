@@ -1,8 +1,10 @@
 """Per-rank liveness for hang detection.
 
-A daemon thread rewrites the rank's heartbeat file (``RunDir.heartbeat_file``: ``{pid, rank, step, phase, time}``)
-every ``interval`` seconds. The launcher reads these files: a heartbeat that stops (a frozen process: SIGSTOP, a
-dead machine) or a step that stops advancing while the phase is ``train`` (a stuck collective, a deadlock) is a hang.
+A daemon thread rewrites the rank's heartbeat file (``RunDir.heartbeat_file``:
+``{pid, rank, step, phase, tick, first_step, time}``) every ``interval`` seconds. The launcher reads these files:
+a heartbeat that stops (a frozen process: SIGSTOP, a dead machine), or progress that stops while the phase is
+``train`` (the step) or ``eval`` (the step and ``tick``, the eval batches done) — a stuck collective, a deadlock —
+is a hang.
 The training loop only assigns two attributes per step; all I/O happens in the thread.
 """
 
@@ -22,7 +24,8 @@ class Heartbeat:
 
     def __init__(self, path: Path, rank: int, interval_s: float = 1.0) -> None:
         self.path, self.rank, self.interval_s = path, rank, interval_s
-        self.step, self.phase = 0, "setup"
+        self.step, self.phase, self.tick = 0, "setup", 0
+        self.first_step: int | None = None  # the step this process first trained from (its warm-up step)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -32,11 +35,15 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def update(self, step: int | None = None, phase: str | None = None) -> None:
+    def update(self, step: int | None = None, phase: str | None = None, tick: int = 0) -> None:
+        """``tick``: progress within the phase (eval batches done), so a long eval is not a stuck step."""
         if step is not None:
             self.step = step
         if phase is not None:
             self.phase = phase
+        if self.first_step is None and self.phase == "train":
+            self.first_step = self.step
+        self.tick = tick
 
     def stop(self) -> None:
         self._stop.set()
@@ -46,7 +53,10 @@ class Heartbeat:
             self._write()
 
     def _write(self) -> None:
-        record = {"pid": os.getpid(), "rank": self.rank, "step": self.step, "phase": self.phase, "time": time.time()}
+        record = {
+            "pid": os.getpid(), "rank": self.rank, "step": self.step, "phase": self.phase, "tick": self.tick,
+            "first_step": self.first_step, "time": time.time(),
+        }  # fmt: skip
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
             tmp.write_text(json.dumps(record))
@@ -61,7 +71,7 @@ class NoHeartbeat:
     def start(self) -> NoHeartbeat:
         return self
 
-    def update(self, step: int | None = None, phase: str | None = None) -> None:
+    def update(self, step: int | None = None, phase: str | None = None, tick: int = 0) -> None:
         pass
 
     def stop(self) -> None:
@@ -89,6 +99,6 @@ def read_heartbeat(path: Path) -> dict | None:
         return None
     ok = (
         isinstance(beat, dict) and is_int(beat.get("step")) and isinstance(beat.get("phase"), str)
-        and is_number(beat.get("time"))
+        and is_number(beat.get("time")) and is_int(beat.get("tick", 0))
     )  # fmt: skip
     return beat if ok else None

@@ -131,6 +131,11 @@ class Reporter:
             row["samples_per_s"],
         )  # fmt: skip
 
+    def show_eval(self, metric: str, value: float) -> None:
+        """The latest eval's value of ``eval.metric``, shown on the progress bar (rank 0, on a terminal)."""
+        if self.progress:
+            self.progress.eval_text = f"eval.{metric} {value:.4g} "
+
     def close(self) -> None:
         """End the progress bar (if any); the console's log lines go back to plain writes."""
         if self.progress:
@@ -150,9 +155,10 @@ class Reporter:
 
 
 class Progress:
-    """Rank 0's progress bar on a terminal (tqdm): step/total, ETA, last loss, samples/s. While it shows, the
-    console's log lines go through tqdm (``logging_redirect_tqdm``): they print above the bar, which stays at the
-    bottom, instead of being glued to its end. Call :meth:`close` when training ends, however it ends."""
+    """Rank 0's progress bar on a terminal (tqdm): step/total, ETA, last loss, latest eval metric, samples/s.
+    While it shows, the console's log lines go through tqdm (``logging_redirect_tqdm``): they print above the bar,
+    which stays at the bottom, instead of being glued to its end.
+    Call :meth:`close` when training ends, however it ends."""
 
     def __init__(self, total: int, start_step: int) -> None:
         from tqdm import tqdm  # noqa: PLC0415 - only on a terminal
@@ -170,9 +176,10 @@ class Progress:
         self.redirect = logging_redirect_tqdm()
         self.redirect.__enter__()
         self.closed = False
+        self.eval_text = ""  # the latest eval's metric, once there is one
 
     def update(self, step: int, rate: float, loss: float) -> None:
-        self.bar.set_postfix_str(f"loss {loss:.4f} {rate:8.0f} samples/s", refresh=False)
+        self.bar.set_postfix_str(f"loss {loss:.4f} {self.eval_text}{rate:8.0f} samples/s", refresh=False)
         self.bar.update(step - self.bar.n)
 
     def close(self) -> None:

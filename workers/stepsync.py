@@ -92,6 +92,12 @@ class StepSync:
             code = max(code, self._finish(previous))
         return code
 
+    @property
+    def agreed_code(self) -> int:
+        """A stop code already agreed by all ranks (read by :meth:`flush`) but not yet returned by :meth:`step`;
+        the same on every rank."""
+        return self.carried
+
     def flush(self) -> None:
         """Finish the exchange in flight (its log row is written now; its stop code is acted on at the next
         ``step``). Local, but must happen at the same step on all ranks: it moves the pace."""

@@ -173,17 +173,26 @@ class WandbSink:
                 "that attempt's values for them (a wandb run cannot be rewound here); this attempt's are in %s",
                 start_step + 1, self.skip_through, paths.metrics.name,
             )  # fmt: skip
-        self._backfill(paths)
+        self.backfilled: dict[int, set[str]] = {}  # step -> the keys back-filled at it
+        self._backfill(paths, start_step)
 
-    def _backfill(self, paths: RunDir) -> None:
-        """A kill can take wandb's unflushed rows with it while the metrics file kept them: log those rows
-        again (same steps, same values) so the wandb run has no gap."""
-        rows = [r for r in read_metrics(paths) if r["step"] > self.skip_through]
+    def _backfill(self, paths: RunDir, start_step: int) -> None:
+        """A kill can take wandb's unflushed rows with it while the metrics file kept them (and the train row of
+        an eval step reaches wandb only with its eval, see Tracker): log those rows again (same steps, same
+        values) so the wandb run has no gap. Only earlier starts' rows (up to ``start_step``): this start's come
+        from the worker, which holds some back on purpose."""
+        rows = [r for r in read_metrics(paths) if self.skip_through < r["step"] <= start_step]
         for row in rows:
-            self.log(row["step"], {k: v for k, v in row.items() if k != "step"})
+            values = {k: v for k, v in row.items() if k != "step"}
+            self.log(row["step"], values)
+            self.backfilled.setdefault(row["step"], set()).update(values)
         if rows:
             log.info("wandb: back-filled steps %d..%d from the metrics file", rows[0]["step"], rows[-1]["step"])
-            self.skip_through = rows[-1]["step"]
+
+    def holds(self, step: int, row: dict[str, Any]) -> bool:
+        """Whether wandb already has this row: its step is one an earlier start persisted, or the back-fill
+        logged these very keys at it (the worker appended a resumed eval's row while the back-fill read the file)."""
+        return step <= self.skip_through or set(row) <= self.backfilled.get(step, set())
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         self.run.log({**row, "global_step": step}, step=step)
@@ -209,9 +218,10 @@ class WandbProcess:
     thread inside the worker it did, and cost the training thread ~1 ms per logged row on 2 cores.) wandb also
     starts there, so training no longer waits for ``wandb.init``.
 
-    The child knows what wandb already holds (:class:`WandbSink`'s ``skip_through``, after back-filling from
-    the metrics file) and drops rows at or below it, so the parent sends every row. Tracking trouble never stops
-    training: if wandb fails to start, the child says so on rank 0's log and drains the queue.
+    The child knows what wandb already holds (:meth:`WandbSink.holds`: the steps earlier starts persisted, and what
+    it back-filled from the metrics file) and drops those rows, so the parent sends every row.
+    Tracking trouble never stops training: if wandb fails to start, the child says so on rank 0's log and drains
+    the queue.
 
     Lifetime: the child ignores the stop signals (they reach the whole process group; the worker saves first and
     then ends it with :meth:`finish`, which waits for wandb to flush), and the kernel kills it if the worker dies.
@@ -315,9 +325,9 @@ def wandb_process_main(
         for _ in _rows(conn):  # keep the pipe flowing
             pass
         return
-    meter, logged, held = _CpuMeter(), 0, sink.skip_through
+    meter, logged = _CpuMeter(), 0
     for step, row in _rows(conn):
-        if step <= held:  # wandb holds these steps already (rows come in step order; an eval row shares its step)
+        if sink.holds(step, row):
             continue
         try:
             sink.log(step, row)
@@ -355,12 +365,21 @@ class _CpuMeter:
 
 
 class Tracker:
-    """Rank 0's metric sinks behind one call; on other ranks it holds nothing and logs nothing."""
+    """Rank 0's metric sinks behind one call; on other ranks it holds nothing and logs nothing.
+
+    An eval step's rows: the metrics file gets the train row at once, then the eval row. wandb gets both together,
+    only once the eval has finished (:meth:`hold_for_eval` ... :meth:`release_held`): a wandb step, once written,
+    cannot take more keys from a later start, so when the eval of a step does not finish in this start (a stop
+    abandons it, a kill), wandb must not have that step yet — the next start back-fills the train row from the
+    metrics file and logs the eval row beside it.
+    """
 
     def __init__(self, cfg: Config, paths: RunDir, is_main: bool, start_step: int = 0) -> None:
         """``start_step``: the step this start resumes from (0 for a fresh start); later rows are a dead attempt's."""
         self.sinks: list[Sink] = []
         self.run_id: str | None = None
+        self.held_step: int | None = None
+        self.held: dict[str, Any] = {}
         if not is_main:
             return
         self.sinks.append(JsonlSink(paths, start_step))
@@ -368,10 +387,27 @@ class Tracker:
             self.run_id = run_id(paths)
             self.sinks.append(WandbProcess(cfg, self.run_id, wandb_mode(cfg), start_step))
 
-    def log(self, step: int, row: dict[str, Any]) -> None:
+    def log(self, step: int, row: dict[str, Any], is_eval: bool = False) -> None:
+        """``is_eval``: an eval row, which may be at the step this start resumed from (an eval that a stop
+        abandoned there runs first on resume; its row is in no sink yet)."""
         for sink in self.sinks:
-            if step > sink.skip_through:
-                sink.log(step, row)
+            if step > sink.skip_through or (is_eval and step == sink.skip_through):
+                if step == self.held_step and isinstance(sink, WandbProcess):
+                    self.held.update(row)
+                else:
+                    sink.log(step, row)
+
+    def hold_for_eval(self, step: int) -> None:
+        """An eval is due at ``step``: its rows reach wandb together, at :meth:`release_held`."""
+        self.held_step, self.held = step, {}
+
+    def release_held(self, send: bool = True) -> None:
+        """Send the held step's rows to wandb as one (``send=False``: the eval did not finish; drop them)."""
+        if send and self.held_step is not None and self.held:
+            for sink in self.sinks:
+                if isinstance(sink, WandbProcess):
+                    sink.log(self.held_step, self.held)
+        self.held_step, self.held = None, {}
 
     def finish(self, quick: bool = False) -> None:
         """End every sink; ``quick`` (after a stop or an error) bounds the wait for wandb to a few seconds."""

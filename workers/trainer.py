@@ -280,11 +280,18 @@ class Trainer:
             self.plan.accum_steps,
             self.plan.micro_batch,
         )
+        stopped = NONE
         if self.selection is not None and self.selection.pending_eval(
             self.step, self.step > 0 and self._should_evaluate()
         ):
-            self._evaluate()  # due at the step resumed from, but a stop saved first: evaluated before training on
-        stopped = NONE
+            # Due at the step resumed from, but a stop saved first: evaluated before training on. That step's
+            # checkpoint exists (``best`` names it at the next commit if it is a new best). A stop or an early stop
+            # decided here ends the run with nothing to save: a relaunch evaluates again and decides the same.
+            _, stopped = self._evaluate()
+            if stopped or self.selection.should_stop:
+                if not stopped:
+                    self._log_early_stop()
+                return FitResult(self.step, stopped_early=bool(stopped), stop_reason=REASONS[stopped])
         while self.step < self.cfg.train.max_steps:
             self.heartbeat.update(self.step, "train")
             self.stop.current_step = self.step + 1  # the step in flight, for the signal handler's note
@@ -294,22 +301,20 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             step_time = time.perf_counter() - t0
             log_values = self.reporter.step(self.step, StepStats(loss, grad_norm, lr, step_time, data_wait))
+            due = self._should_evaluate()
+            if due:
+                self.tracker.hold_for_eval(self.step)  # before this step's train row can be written
             stopped = sync.step(self.step, step_time, log_values)
-            last = stopped or self.step == self.cfg.train.max_steps
             improved = False
-            if not stopped and self._should_evaluate():  # a stop saves first; that step is not evaluated
-                improved = self._evaluate()
-            early = self.selection is not None and self.selection.should_stop
-            last = last or early
+            if due and not stopped:  # a stop saves first; that step is evaluated on resume
+                improved, stopped = self._evaluate()  # a stop during the eval abandons it (same thing)
+            early = not stopped and self.selection is not None and self.selection.should_stop
+            last = bool(stopped) or early or self.step == self.cfg.train.max_steps
             if last or improved or self.step % self.cfg.train.checkpoint_every == 0:  # a new best is always saved
                 self.heartbeat.update(self.step, "checkpoint")
                 self.save(blocking=last)  # the final, early-stop and stop saves are always synchronous
             if early:
-                log.info(
-                    "early stopping at step %d: eval.%s did not improve by eval.min_delta=%g in %d evals (%s)",
-                    self.step, self.cfg.eval.metric, self.cfg.eval.min_delta, self.selection.bad_evals,
-                    self._best_text(),
-                )  # fmt: skip
+                self._log_early_stop()
                 break
             if stopped:
                 log.info(
@@ -339,20 +344,43 @@ class Trainer:
             ecfg.at_end and self.step == self.cfg.train.max_steps
         )
 
-    def _evaluate(self) -> bool:
-        """Evaluate the current weights on the whole eval set; rank 0 logs the row. Returns whether the best
-        improved (the same on every rank: the values are all-reduced). Must be called on all ranks."""
-        self.heartbeat.update(self.step, "eval")  # a slow eval is not a stuck step
+    def _evaluate(self) -> tuple[bool, int]:
+        """Evaluate the current weights on the whole eval set; rank 0 logs the row. Returns (whether the best
+        improved, the stop code that abandoned the eval or NONE) — the same on every rank: both come out of the
+        eval's one all-reduce. Must be called on all ranks."""
+        self.heartbeat.update(self.step, "eval")  # ticks once a batch: a long eval is not a stuck step
         self.sync.flush()  # the training rows up to this step are written before its eval row
-        result = self.evaluator.run()
-        improved = self.selection.observe(self.step, result.metrics[self.cfg.eval.metric])
-        self.tracker.log(self.step, result.row())
+        # A stop abandons the eval (the step is saved, the eval runs first on resume) — except the final one: the
+        # run ends at this step anyway, and an abandoned final eval would never run.
+        final = self.step >= self.cfg.train.max_steps
+        result = self.evaluator.run(
+            interrupt=None if final else (lambda: max(self.stop.code, self.sync.agreed_code)),
+            progress=lambda done: self.heartbeat.update(self.step, "eval", done),
+        )
+        if result.abandoned:
+            self.tracker.release_held(send=False)  # wandb gets this step with its eval, on resume
+            log.info(
+                "eval at step %d abandoned (%s request); it runs first on resume", self.step,
+                REASONS[result.stop_code],
+            )  # fmt: skip
+            return False, result.stop_code
+        value = result.metrics[self.cfg.eval.metric]
+        improved = self.selection.observe(self.step, value)
+        self.tracker.log(self.step, result.row(), is_eval=True)
+        self.tracker.release_held()
+        self.reporter.show_eval(self.cfg.eval.metric, value)
         shown = ", ".join(f"{k} {v:.6g}" for k, v in result.metrics.items())
         log.info(
             "eval at step %d: %s (%d samples, %.2f s)%s", self.step, shown, result.samples, result.time_s,
             " — new best" if improved else "",
         )  # fmt: skip
-        return improved
+        return improved, NONE
+
+    def _log_early_stop(self) -> None:
+        log.info(
+            "early stopping at step %d: eval.%s did not improve by eval.min_delta=%g in %d evals (%s)",
+            self.step, self.cfg.eval.metric, self.cfg.eval.min_delta, self.selection.bad_evals, self._best_text(),
+        )  # fmt: skip
 
     def _best_text(self) -> str:
         s = self.selection

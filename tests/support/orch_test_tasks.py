@@ -107,6 +107,9 @@ def quick(
     block_after_samples: int | None = None,
     block_marker: str | None = None,
     per_sample_metrics: bool = False,
+    slow_eval_after: int | None = None,
+    slow_eval_s: float = 0.2,
+    slow_eval_marker: str | None = None,
     **kwargs,
 ):
     if audit_dir:
@@ -121,13 +124,30 @@ def quick(
     if block_after_samples is not None:
         task.dataset = _BlockingSamples(task.dataset, block_after_samples, block_marker)
     cls = _Evaluated if per_sample_metrics else _Slowed
-    return cls(task, step_sleep_s, fail_rank, fail_call, hold_at_call)
+    task = cls(task, step_sleep_s, fail_rank, fail_call, hold_at_call)
+    task.slow_eval = (slow_eval_after, slow_eval_s, slow_eval_marker)
+    return task
 
 
 class _Evaluated(_Slowed):
-    """With the task's own ``evaluate``: per-sample squared and absolute errors."""
+    """With the task's own ``evaluate``: per-sample squared and absolute errors.
+
+    ``slow_eval``: after ``after`` calls of evaluate() (the probe is one), this process first creates
+    ``<marker>-rank<r>`` (so a test knows an eval is under way) and then sleeps ``s`` seconds per eval batch — only
+    in the process that created the marker: a relaunch evaluates at full speed."""
+
+    eval_calls, slowing = 0, False
 
     def evaluate(self, model, batch):
+        after, sleep_s, marker = getattr(self, "slow_eval", (None, 0.0, None))
+        self.eval_calls += 1
+        if after is not None and self.eval_calls > after:
+            flag = Path(f"{marker}-rank{os.environ.get('RANK', '0')}")
+            if not self.slowing and not flag.exists():
+                self.slowing = True
+                flag.touch()
+            if self.slowing:
+                time.sleep(sleep_s)
         x, y = batch
         err = model(x) - y
         return {"mse": (err**2).mean(dim=1), "mae": err.abs().mean(dim=1)}
