@@ -1,6 +1,7 @@
 """The ``orchestrator`` command line.
 
-``launch`` runs a config locally; ``ckpt inspect`` / ``ckpt export`` read checkpoints. Exit codes: 0 done,
+``launch`` runs a config locally, ``submit`` on SLURM; ``status`` / ``plot`` follow a run; ``eval`` evaluates saved
+weights; ``ckpt inspect`` / ``ckpt export`` read checkpoints. Exit codes: 0 done,
 1 training failed (the report names the rank that failed first), 2 usage or config error (one line, no
 traceback, nothing written).
 """
@@ -63,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="draw loss, learning rate and throughput from the run's metrics to a PNG")
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None, help=f"PNG path (default: RUN_DIR/{RunDir('.').metrics_png.name})")
+
+    evaluate = sub.add_parser(
+        "eval", help="evaluate a run's best (else latest) checkpoint, a checkpoint folder or a weights file"
+    )
+    evaluate.add_argument("path", help="run dir, checkpoint folder, or weights file (then --config)")
+    evaluate.add_argument("--nproc", type=int, default=1, help="worker processes (default 1; any N, same numbers)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--config", default=None, help="the config that builds the model (default: the run's)")
+    evaluate.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
     ckpt = sub.add_parser("ckpt", help="inspect or export checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=_Parser)
@@ -176,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`launch cfg.yaml --nproc 2 a.b=1`): argparse leaves those as extras.
-    if extra and args.command in ("launch", "submit") and all("=" in e and not e.startswith("-") for e in extra):
+    if (
+        extra
+        and args.command in ("launch", "submit", "eval")
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -187,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_submit(args)
         if args.command == "cancel":
             return cmd_cancel(args)
+        if args.command == "eval":
+            from orchestrator import evalcmd  # noqa: PLC0415
+
+            return evalcmd.run(args)
         if args.command in ("status", "plot"):
             from orchestrator import runinfo  # noqa: PLC0415
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.slurm import status_info as slurm_status_info
-from workers.contract import EXIT_OK, EXIT_USAGE, first_failure
+from workers.contract import EXIT_OK, EXIT_USAGE, TrainState, first_failure
+from workers.errors import CheckpointError
 from workers.fsutil import RunDirLock
-from workers.rundir import RunDir
+from workers.rundir import STATE_FILE, RunDir
 from workers.tracking import read_metrics, read_run_id
 
 
@@ -31,20 +32,62 @@ def status(paths: RunDir) -> dict[str, Any]:
     if not paths.config.exists():
         raise FileNotFoundError(f"'{paths.root}' is not a run dir (no {paths.config.name})")
     rows = read_metrics(paths)
-    last = rows[-1] if rows else {}
+    train_rows = [r for r in rows if not _is_eval(r)]
+    last = train_rows[-1] if train_rows else {}
     running = _is_running(paths)
     info = {
         "run_dir": str(paths.root), "state": "running" if running else "not running",
         "step": last.get("step"), "loss": _round(last.get("loss"), 6),
         "samples_per_s": _round(last.get("samples_per_s"), 1), "restarts": last.get("restarts"),
         "world_size": last.get("world_size"), "latest_checkpoint": paths.latest_name(),
-        "wandb_run_id": read_run_id(paths),
+        "wandb_run_id": read_run_id(paths), **_eval_info(paths, rows),
     }  # fmt: skip
     failure = None if running else first_failure(paths)
     if failure is not None:  # the last launch failed: say who, why, and where to read more
         info["state"] = "failed"
         info["failure"] = f"rank {failure.rank}: {failure.message} (log: {paths.rank_log(failure.rank)})"
     return {**info, **slurm_status_info(paths)}
+
+
+def _is_eval(row: dict[str, Any]) -> bool:
+    return "eval/samples" in row
+
+
+def _eval_info(paths: RunDir, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The latest eval (its step and metrics) and the best so far (from the checkpoint ``best`` names); empty
+    for a run without evals."""
+    evals = [r for r in rows if _is_eval(r)]
+    info: dict[str, Any] = {}
+    if evals:
+        last = evals[-1]
+        metrics = {
+            k[5:]: v for k, v in last.items() if k.startswith("eval/") and k not in ("eval/samples", "eval/time_s")
+        }
+        info["last_eval"] = {"step": last["step"], "metrics": metrics}
+    name = paths.best_name()
+    if name is not None:
+        try:
+            selection = TrainState.read(paths.checkpoints / name / STATE_FILE).selection or {}
+        except CheckpointError:
+            selection = {}
+        if selection.get("best_step") is not None:
+            info["best"] = {
+                "metric": selection["metric"], "value": selection["best_value"], "step": selection["best_step"],
+                "checkpoint": name,
+            }  # fmt: skip
+    return info
+
+
+def _text(key: str, value: Any) -> str:
+    """A status value as one line."""
+    if value is None:
+        return "-"
+    if key == "last_eval":
+        shown = ", ".join(f"eval/{k} {v:.6g}" for k, v in value["metrics"].items())
+        return f"step {value['step']}: {shown}"
+    if key == "best":
+        return f"eval/{value['metric']} {value['value']:.6g} at step {value['step']} ({value['checkpoint']})"
+    return str(value)
 
 
 def _round(value: object, digits: int) -> object:
@@ -58,18 +101,20 @@ def plot(paths: RunDir, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    rows = read_metrics(paths)
+    every = read_metrics(paths)
+    rows, evals = [r for r in every if not _is_eval(r)], [r for r in every if _is_eval(r)]
     if not rows:
         raise FileNotFoundError(f"'{paths.metrics}' has no metrics yet")
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
-    for ax, key, label in zip(
-        axes, ("loss", "lr", "samples_per_s"), ("loss", "learning rate", "samples/s"), strict=True
-    ):
+    panels = [("loss", "loss"), ("lr", "learning rate"), ("samples_per_s", "samples/s")]
+    fig, axes = plt.subplots(len(panels) + bool(evals), 1, figsize=(8, 8 + 2.5 * bool(evals)), sharex=True)
+    for ax, (key, label) in zip(axes, panels, strict=False):
         ax.plot(steps, [r.get(key) for r in rows], marker="." if len(rows) < 50 else None)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
+    if evals:
+        _plot_evals(axes[-1], evals, _eval_info(paths, []).get("best"))
     axes[-1].set_xlabel("global step")
     fig.suptitle(str(paths.root))
     fig.tight_layout()
@@ -81,6 +126,20 @@ def plot(paths: RunDir, out: Path) -> Path:
     return out
 
 
+def _plot_evals(ax: Any, evals: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+    """Every eval metric against the step; the best checkpoint's value marked."""
+    names = sorted({k for r in evals for k in r if k.startswith("eval/") and k not in ("eval/samples", "eval/time_s")})
+    for name in names:
+        points = [(r["step"], r[name]) for r in evals if name in r]
+        ax.plot(*zip(*points, strict=True), marker=".", label=name)
+    if best is not None:
+        ax.plot([best["step"]], [best["value"]], marker="*", markersize=14, linestyle="none",
+                label=f"best eval/{best['metric']} (step {best['step']})")  # fmt: skip
+    ax.set_ylabel("eval")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+
+
 def run(args: argparse.Namespace) -> int:
     paths = RunDir(args.run_dir)
     try:
@@ -90,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(info, indent=1))
             else:
                 for key, value in info.items():
-                    print(f"{key.replace('_', ' ')}: {'-' if value is None else value}")
+                    print(f"{key.replace('_', ' ')}: {_text(key, value)}")
         else:
             print(f"wrote {plot(paths, Path(args.out) if args.out else paths.metrics_png)}")
     except FileNotFoundError as exc:

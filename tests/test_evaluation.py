@@ -4,6 +4,7 @@ process would over the saved weights, and perturbing nothing — a run with eval
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import launch, load, tensors_equal
+from conftest import cli, launch, load, tensors_equal
 
 EVAL_N, EVAL_BATCH = 1001, 16  # 1001 = 7 * 11 * 13: uneven shares on 2 and 3 ranks, a short last batch
 EVAL = [
@@ -225,3 +226,69 @@ def test_a_stop_a_kill_and_a_hang_around_evals_lose_nothing_and_log_each_eval_on
     assert tensors_equal(load(run), load(ref)) and tensors_equal(load(run, "optim.pt"), load(ref, "optim.pt"))
     assert [(r["step"], r["eval/mse"]) for r in _eval_rows(run)] == expected
     assert sorted(_wandb_evals(run)) == expected, _wandb_evals(run)
+
+
+# ---------------------------------------------------------------- orchestrator eval
+
+
+def _files(root) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def _eval_cli(*args: str) -> dict:
+    proc = cli("eval", *args, "--json", check=True)
+    return json.loads(proc.stdout)
+
+
+def test_orchestrator_eval_gives_the_runs_numbers_on_any_nproc_and_any_layout_and_writes_nothing(eval_runs, tmp_path):
+    """A run dir (its best checkpoint), the same on 3 ranks, its checkpoint folder, and a `module.`-prefixed copy
+    of the weights with --config: the same numbers as the run's own eval row at that step; nothing written."""
+    run = eval_runs[2]
+    before = _files(run)
+    best = (run / "checkpoints" / "best").read_text().strip()
+    step = int(best.split("-")[1])
+    (row,) = [r for r in _eval_rows(run) if r["step"] == step]
+    one = _eval_cli(str(run))
+    three = _eval_cli(str(run), "--nproc", "3")
+    folder = _eval_cli(str(run / "checkpoints" / best), "--nproc", "2")
+    prefixed = tmp_path / "ddp-weights.pt"
+    torch.save({f"module.{k}": v for k, v in load(run, step=step).items()}, prefixed)
+    copy = _eval_cli(str(prefixed), "--config", str(run / "config.yaml"))
+    assert one["checkpoint"] == str(run / "checkpoints" / best) and one["step"] == step and copy["step"] is None
+    for out in (one, three, folder, copy):
+        assert out["samples"] == EVAL_N and sorted(out["metrics"]) == ["mae", "mse"]
+        for name in ("mse", "mae"):
+            assert out["metrics"][name] == pytest.approx(row[f"eval/{name}"], rel=1e-6), (name, out)
+            assert out["metrics"][name] == pytest.approx(one["metrics"][name], rel=1e-6)
+    assert _files(run) == before, "orchestrator eval wrote into the run dir"
+
+    status = json.loads(cli("status", str(run), "--json", check=True).stdout)  # status and plot show the evals
+    last = _eval_rows(run)[-1]
+    assert status["last_eval"] == {"step": last["step"], "metrics": {"mae": last["eval/mae"], "mse": last["eval/mse"]}}
+    assert status["best"] == {"metric": "mse", "value": row["eval/mse"], "step": step, "checkpoint": best}
+    assert status["loss"] is not None  # the last training row, not the eval row after it
+    png = tmp_path / "plot.png"
+    cli("plot", str(run), "--out", str(png), check=True)
+    assert int.from_bytes(png.read_bytes()[20:24], "big") > 1000  # 4 panels (3 without evals: 800 px high)
+
+
+def test_orchestrator_eval_refuses_bad_input_with_one_line_and_exit_2(eval_runs, tmp_path):
+    run = eval_runs[1]
+    weights = run / "checkpoints" / "best"
+    model = run / "checkpoints" / weights.read_text().strip() / "model.pt"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model.parent, damaged)
+    (damaged / "model.pt").write_bytes(b"not a checkpoint")
+    cases = {
+        (str(model),): "is a weights file",
+        (str(tmp_path / "nowhere"),): "does not exist",
+        (str(run), "--nproc", "0"): "--nproc 0",
+        (str(damaged),): "manifest says",
+        (str(run), "task.args.hidden=8"): "does not fit the task's model",
+        (str(run), "eval.batch_size=0"): "eval.batch_size",
+    }
+    for args, words in cases.items():
+        proc = cli("eval", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and words in lines[0] and lines[0].startswith("orchestrator: error:"), (args, lines)

@@ -12,8 +12,9 @@ import datetime
 import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -177,6 +178,13 @@ def check_precision(precision: str, device_type: str) -> None:
     """fp16 needs CUDA (its GradScaler is CUDA-only); bf16 and fp32 run anywhere. Raises ConfigError."""
     if precision == "fp16" and device_type != "cuda":
         raise ConfigError("config key 'train.precision' = 'fp16': fp16 needs CUDA. HINT: use bf16 or fp32 on CPU")
+
+
+def autocast_for(precision: str, device: torch.device) -> Any:
+    """The forward's autocast context for ``train.precision`` (a fresh one per use): none for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def cpu_threads_per_worker(local_world_size: int, slurm: bool = False) -> int:

@@ -183,6 +183,52 @@ def _pass_gate(gate: Any, launcher_pid: int) -> bool:
     return gate.value == Gate.GO
 
 
+def eval_worker(
+    cfg_dict: dict[str, Any], weights: str, rank: int, world_size: int, port: int, parent_pid: int, conn: Any
+) -> None:
+    """Entry of a worker started by ``orchestrator eval`` (picklable: module-level). Evaluates ``weights`` on its
+    share of the eval set and sends one message back over ``conn``: ``{"ok": True, "result": {...}}`` (rank 0's
+    holds the numbers) or ``{"ok": False, "usage": bool, "error": str}``. Logs to the console only: it writes
+    nothing anywhere."""
+    StopFlag().install()  # a Ctrl-C reaches the whole group: the parent ends the workers itself
+    if not die_with_parent(parent_pid):
+        os._exit(EXIT_FAILED)
+    os.environ.update({
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        ENV_LAUNCHER: "eval",
+    })  # fmt: skip
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"[eval rank {rank}] %(message)s")
+    exit_now(_evaluate_and_report(config_from_dict(cfg_dict), Path(weights), conn))
+
+
+def _evaluate_and_report(cfg: Config, weights: Path, conn: Any) -> int:
+    import torch  # noqa: PLC0415 - the worker's own import
+
+    from workers.dist import DistContext, cpu_threads_per_worker  # noqa: PLC0415
+    from workers.evaljob import evaluate_weights  # noqa: PLC0415
+
+    ctx = None
+    try:
+        ctx = DistContext.from_env(cfg.launch.device)
+        torch.set_num_threads(cpu_threads_per_worker(ctx.local_world_size))
+        ctx.init_process_group(cfg.launch.collective_timeout_s)
+        result = evaluate_weights(cfg, weights, ctx)
+        ctx.barrier()
+        conn.send({"ok": True, "result": {"samples": result.samples, "metrics": result.metrics}})
+        return EXIT_OK
+    except UsageError as exc:
+        conn.send({"ok": False, "usage": True, "error": str(exc)})
+        return EXIT_USAGE
+    except BaseException as exc:
+        conn.send({"ok": False, "usage": False, "error": "".join(traceback.format_exception(exc)).strip()})
+        return EXIT_FAILED
+    finally:
+        if ctx is not None:
+            with contextlib.suppress(Exception):
+                ctx.destroy()
+
+
 # ---------------------------------------------------------------- SLURM
 
 

@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from workers.config import (
 )
 from workers.contract import TrainState
 from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all, to_device
-from workers.dist import DistContext, maybe_no_sync
+from workers.dist import DistContext, autocast_for, maybe_no_sync
 from workers.errors import CheckpointError, ConfigError
 from workers.evaluation import Evaluator
 from workers.heartbeat import Heartbeat, NoHeartbeat
@@ -419,11 +418,7 @@ class Trainer:
         return loss_sum, grad_norm, data_wait
 
     def _autocast(self) -> Any:
-        precision = self.cfg.train.precision
-        if precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
+        return autocast_for(self.cfg.train.precision, self.ctx.device)
 
     def save(self, blocking: bool = True) -> Path:
         """Collective checkpoint of the current step. Must be called on all ranks.
