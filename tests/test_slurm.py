@@ -257,3 +257,15 @@ def test_bad_submissions_exit_2_and_leave_nothing(tmp_path):
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert not run.exists(), f"{args} left {list(run.rglob('*'))}"
+
+
+def test_early_stopping_ends_the_job_without_a_requeue(tmp_path):
+    """eval.patience on SLURM: the job saves at the early stop, exits 0 and is not requeued (it is done)."""
+    run = tmp_path / "run"
+    early = ["task.args.eval_n=64", "eval.every=2", "eval.mode=max", "eval.patience=2"]  # best at 2: stop at 6
+    proc = submit(run, "--tasks-per-node", "2", *early)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split()[0]
+    assert "early stopping at step 6" in proc.stdout, proc.stdout
+    assert [(e["event"], e.get("step")) for e in events(run)] == [("start", None), ("completed", 6)]
+    assert latest_name(run) == "step-00000006" and slurm_state(job) == "COMPLETED"

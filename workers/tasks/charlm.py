@@ -14,15 +14,19 @@ from torch import nn
 from torch.utils.data import Dataset
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
+VALIDATION = Path(__file__).parent / "data" / "tiny_corpus_val.txt"  # held-out text, the same characters
 
 
 class CharDataset(Dataset):
     """Windows of ``block_size + 1`` characters every ``stride`` characters; sample = (input, target)."""
 
-    def __init__(self, text: str, block_size: int, stride: int) -> None:
-        self.vocab = sorted(set(text))
+    def __init__(self, text: str, block_size: int, stride: int, vocab: list[str] | None = None) -> None:
+        """``vocab``: the training set's (for a validation text: characters outside it are dropped)."""
+        self.vocab = vocab if vocab is not None else sorted(set(text))
         lookup = {c: i for i, c in enumerate(self.vocab)}
-        self.tokens = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+        self.tokens = torch.tensor([lookup[c] for c in text if c in lookup], dtype=torch.long)
+        if len(self.tokens) < block_size + 1:
+            raise ValueError(f"the text has {len(self.tokens)} usable characters: fewer than block_size + 1")
         self.block_size, self.stride = block_size, stride
         self._len = (len(self.tokens) - block_size - 1) // stride + 1
 
@@ -72,12 +76,20 @@ class TinyGPT(nn.Module):
 class CharLMTask:
     model: TinyGPT
     dataset: CharDataset
+    eval_dataset: CharDataset | None = None  # non-overlapping windows of the validation text
     random_samples = False  # __getitem__ is deterministic: no per-sample RNG seeding needed
 
     def loss(self, model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
         x, y = batch
         logits = model(x)
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def evaluate(self, model: nn.Module, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per window: the mean next-character cross-entropy (``loss``, nats) and the share predicted right."""
+        x, y = batch
+        logits = model(x)
+        ce = nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # [B, T]
+        return {"loss": ce.mean(dim=1), "accuracy": (logits.argmax(-1) == y).float().mean(dim=1)}
 
 
 def build(
@@ -88,8 +100,12 @@ def build(
     n_layers: int = 2,
     n_heads: int = 4,
     dropout: float = 0.1,
+    val_path: str | None = None,
 ) -> CharLMTask:
-    """Factory named by ``task.factory: workers.tasks.charlm:build``; ``path`` defaults to the shipped corpus."""
+    """Factory named by ``task.factory: workers.tasks.charlm:build``; ``path`` defaults to the shipped corpus,
+    ``val_path`` (the eval set) to the shipped validation text."""
     text = Path(path).read_text(encoding="utf-8") if path else CORPUS.read_text(encoding="utf-8")
     data = CharDataset(text, block_size, stride)
-    return CharLMTask(TinyGPT(len(data.vocab), block_size, d_model, n_layers, n_heads, dropout), data)
+    val_text = Path(val_path).read_text(encoding="utf-8") if val_path else VALIDATION.read_text(encoding="utf-8")
+    val = CharDataset(val_text, block_size, block_size, vocab=data.vocab)
+    return CharLMTask(TinyGPT(len(data.vocab), block_size, d_model, n_layers, n_heads, dropout), data, val)
