@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from workers.data import IndexedCollate, IndexedDataset, derive_seed, to_device
 from workers.dist import DistContext
@@ -81,8 +81,8 @@ class Evaluator:
         self.n = len(self.dataset)
         if self.n <= 0:
             raise ConfigError("the task's eval_dataset is empty. HINT: give it samples, or set eval.every=0")
-        seed_samples = bool(getattr(task, "random_samples", True))
-        self.samples = IndexedDataset(self.dataset, derive_seed(seed, "eval"), seed_samples)
+        self.seed_samples = bool(getattr(task, "random_samples", True))
+        self.samples = IndexedDataset(self.dataset, derive_seed(seed, "eval"), self.seed_samples)
         self.collate = IndexedCollate(getattr(task, "collate_fn", None))
         self.names: list[str] = []
 
@@ -111,25 +111,15 @@ class Evaluator:
         # [metric sums..., count, failed, one vote per stop code]: SUM-reduced, so a code is "any rank asked".
         sums = torch.zeros(k + 2 + len(_STOP_CODES), dtype=torch.float64, device=self.ctx.device)
         failure: BaseException | None = None
-        with _preserved_state(self.model, self.ctx.device):
-            try:
-                for done, batch in enumerate(self._my_batches()):
-                    code = interrupt() if interrupt is not None else 0
-                    if code:
-                        sums[k + 2 + _STOP_CODES.index(code)] = 1.0
-                        break
-                    values, count = self._evaluate(batch)
-                    if sorted(values) != self.names:
-                        raise ConfigError(
-                            f"the task's evaluate() returned {sorted(values)} for one batch and {self.names} for "
-                            "another. HINT: return the same metric names for every batch"
-                        )
-                    sums[:k] += torch.stack([values[name] for name in self.names])
-                    sums[k] += count
-                    if progress is not None:
-                        progress(done + 1)
-            except Exception as exc:  # every rank still joins the one all-reduce, then all fail together
-                failure, sums[k + 1] = exc, 1.0
+        try:
+            with _preserved_state(self.model, self.ctx.device):
+                local, count, code = self._local_sums(interrupt, progress)
+            sums[:k] = local
+            sums[k] = count
+            if code:
+                sums[k + 2 + _STOP_CODES.index(code)] = 1.0
+        except Exception as exc:  # every rank still joins the one all-reduce, then all fail together
+            failure, sums[k + 1] = exc, 1.0
         self.ctx.all_reduce_sum(sums)
         total = sums.tolist()
         if total[k + 1]:
@@ -140,8 +130,44 @@ class Evaluator:
         count = int(total[k])
         return EvalResult({n: total[i] / count for i, n in enumerate(self.names)}, count, time.perf_counter() - t0)
 
+    def _local_sums(
+        self, interrupt: Callable[[], int] | None, progress: Callable[[int], None] | None
+    ) -> tuple[torch.Tensor, int, int]:
+        """This rank's share: the float64 ``[k]`` metric sums, the sample count, and the stop code that cut it
+        short (0: none). On a GPU the per-batch sums stay tensors, added up once at the end (no host sync per
+        batch); on the CPU they are plain float64 numbers (cheaper than tensor ops, same precision)."""
+        host = self.ctx.device.type == "cpu"
+        parts: list[torch.Tensor] = []
+        totals = [0.0] * len(self.names)
+        count, code, names = 0, 0, set(self.names)
+        for done, batch in enumerate(self._my_batches()):
+            code = interrupt() if interrupt is not None else 0
+            if code:
+                break
+            values, size = self._evaluate(batch)
+            if values.keys() != names:
+                raise ConfigError(
+                    f"the task's evaluate() returned {sorted(values)} for one batch and {self.names} for another. "
+                    "HINT: return the same metric names for every batch"
+                )
+            if host:
+                for i, name in enumerate(self.names):
+                    totals[i] += float(values[name])
+            else:
+                parts.append(torch.stack([values[name] for name in self.names]))
+            count += size
+            if progress is not None:
+                progress(done + 1)
+        local = torch.stack(parts).sum(0) if parts else torch.tensor(totals, dtype=torch.float64)
+        return local, count, code
+
     def _my_batches(self) -> Iterator[Any]:
         start, end = self.ctx.rank * self.n // self.ctx.world_size, (self.ctx.rank + 1) * self.n // self.ctx.world_size
+        if not self.seed_samples:  # nothing to seed: the plain loader a user would write over the slice (faster)
+            plain = DataLoader(Subset(self.dataset, range(start, end)), batch_size=self.batch_size,
+                               collate_fn=getattr(self.task, "collate_fn", None))  # fmt: skip
+            yield from plain
+            return
         chunks = [list(range(i, min(i + self.batch_size, end))) for i in range(start, end, self.batch_size)]
         loader = DataLoader(self.samples, batch_sampler=[[(i, i) for i in c] for c in chunks], collate_fn=self.collate)
         for _, batch in loader:
@@ -150,15 +176,17 @@ class Evaluator:
     def _batch(self, indices: list[int]) -> Any:
         return self.collate([self.samples[(i, i)] for i in indices])[1]
 
-    def _evaluate(self, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
-        """Per-metric float64 sums over one batch, and its size."""
+    def _evaluate(self, batch: Any) -> tuple[dict[str, Any], int]:
+        """Per-metric float64 sums over one batch (0-dim tensors, or floats for the default loss on the CPU), and
+        its size."""
         batch = to_device(batch, self.ctx.device)
         size = _batch_size(batch)
         with torch.no_grad(), self.autocast():
-            if hasattr(self.task, "evaluate"):
-                out = self.task.evaluate(self.model, batch)
-            else:
-                out = {"loss": self.task.loss(self.model, batch).reshape(1).expand(size)}
+            if not hasattr(self.task, "evaluate"):  # the batch's mean loss, weighted by its size
+                loss = self.task.loss(self.model, batch).detach()
+                on_host = self.ctx.device.type == "cpu"  # a float on the CPU; a tensor on a GPU (no host sync)
+                return {"loss": float(loss) * size if on_host else loss.double().reshape(()) * size}, size
+            out = self.task.evaluate(self.model, batch)
         if not isinstance(out, Mapping) or not out:
             raise ConfigError("the task's evaluate() must return a mapping of metric names to per-sample tensors")
         sums = {}
