@@ -156,6 +156,40 @@ def tracking_section(r: dict | None) -> tuple[str, list[str]]:
     return "\n".join(lines), summary
 
 
+def eval_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = (
+        "Evaluation: vs a hand-written `torch.no_grad()` loop, and what `eval.every` costs training",
+        "python benchmarks/eval_bench.py --repeats 3 --out benchmarks/results/eval.json",
+    )
+    if r is None:
+        return _missing(title, cmd), []
+    lines = [f"## {title}", "", f"`{cmd}`", "", (NOTES / "eval.md").read_text().strip(), "",
+             "| model | eval samples (batch) | ours samples/s | hand-written samples/s | ratio (goal ≥ 0.95) "
+             "| same loss |",
+             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    summary = []
+    for row in r["throughput"]:
+        ok = "met" if row["met"] else "**not met**"
+        lines.append(f"| hidden {row['hidden']} | {row['eval_samples']} ({row['batch_size']}) | "
+                     f"{_mm(row['ours_samples_per_s'], '{:.0f}')} | "
+                     f"{_mm(row['handwritten_samples_per_s'], '{:.0f}')} | "
+                     f"{_mm(row['ratio'])} ({ok}) | {'yes' if row['same_loss'] else 'NO'} |")  # fmt: skip
+        summary.append(f"| eval throughput vs hand-written no_grad loop, hidden {row['hidden']} | ≥ 0.95 | "
+                       f"{row['ratio']['median']:.3f} | {ok} |")  # fmt: skip
+    tc = r["training_cost"]
+    lines += ["", f"Training throughput with evals ({tc['steps']} steps, {tc['eval_samples']} eval samples in "
+              f"batches of {tc['eval_batch_size']}, world size 2):", "",
+              "| `eval.every` | training samples/s (evals included) | ratio to no eval |",
+              "|---:|---:|---:|"]  # fmt: skip
+    for run in tc["runs"]:
+        every = "0 (off)" if run["every"] == 0 else str(run["every"])
+        lines.append(f"| {every} | {_mm(run['samples_per_s'], '{:.0f}')} | {_mm(run['ratio_to_off'])} |")
+        if run["every"]:
+            summary.append(f"| training cost of eval.every={run['every']} (quickstart) | – | "
+                           f"{run['ratio_to_off']['median']:.3f} of no eval | – |")  # fmt: skip
+    return "\n".join(lines) + "\n", summary
+
+
 def chaos_section(r: dict | None) -> tuple[str, list[str]]:
     title, cmd = (
         "Chaos: random SIGKILLs with restarts",
@@ -188,6 +222,7 @@ def render(results: Path) -> str:
         checkpoint_section(_load(results, "checkpoint")),
         recovery_section(_load(results, "recovery"), _load(results, "slurm_requeue")),
         tracking_section(_load(results, "tracking")),
+        eval_section(_load(results, "eval")),
         chaos_section(_load(results, "chaos")),
     ]
     for text, rows in sections:

@@ -34,6 +34,8 @@ def commands(quick: bool) -> dict[str, list[str]]:
                           "--out", str(RESULTS / "slurm_requeue.json")],
         "tracking": [py, "benchmarks/tracking_bench.py", "--repeats", "1" if quick else "5",
                      "--out", str(RESULTS / "tracking.json")],
+        "eval": [py, "benchmarks/eval_bench.py", "--repeats", "1" if quick else "3",
+                 "--out", str(RESULTS / "eval.json")],
         "chaos": [py, "scripts/chaos.py", "--trials", "5" if quick else "50", "--seed", "0",
                   "--out", str(RESULTS / "chaos.json")],
     }  # fmt: skip
