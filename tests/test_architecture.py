@@ -60,10 +60,21 @@ def test_the_import_contracts_hold_and_catch_a_planted_cycle_and_a_reverse_impor
 
 
 # The run dir's literal names: only workers/rundir.py may spell them (acceptance of the structure issue).
+# A folder name counts where it is used as a path component (`/ "best"`, `"checkpoints/…"`, `joinpath("logs")`):
+# the same words are also plain dict keys ("best", "samples" in an eval result) that name no path.
+_FOLDERS = r"(checkpoints|logs|latest|best|samples|wandb|submitit)"
 RUN_DIR_NAMES = re.compile(
-    r"""["'](checkpoints|logs|latest|best|samples|wandb|submitit)["']|metrics\.jsonl|metrics\.png|error-rank|"""
-    r"""heartbeat-rank|events\.jsonl|jobs\.json|tracking\.json|config\.yaml|["\']\.lock["\']"""
+    rf"""/\s*["']{_FOLDERS}["']|["']/?{_FOLDERS}/{_FOLDERS}|["']/{_FOLDERS}["']|(join|joinpath)\([^)]*["']{_FOLDERS}["']|"""
+    r"""metrics\.jsonl|metrics\.png|error-rank|heartbeat-rank|events\.jsonl|jobs\.json|tracking\.json|"""
+    r"""config\.yaml|["\']\.lock["\']"""
 )
+
+
+def test_the_layout_pattern_tells_a_path_from_a_dict_key():
+    for path_spelling in ('run / "best"', 'root.joinpath("logs")', '"checkpoints/latest"', 'p + "/samples"'):
+        assert RUN_DIR_NAMES.search(path_spelling), path_spelling
+    for key in ('info["best"] = 1', 'out["samples"]', '{"samples": 3}', '"eval/samples"', '"samples/s"'):
+        assert not RUN_DIR_NAMES.search(key), key
 
 
 def test_only_the_run_dir_module_spells_the_run_dirs_layout():
