@@ -72,7 +72,7 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "config nested unknown": (FRESH, ["--config={m}/typo.yaml"], "did you mean 'train.max_steps'"),
     "resume other width": (EXISTING, ["task.args.hidden=64"], "'0.weight' has shape [32, 16] in the weights"),
     "resume other optimizer": (EXISTING, ["optim.name=sgd"], "holds AdamW state, this run builds SGD"),
-    "resume other optimizer, older format": (OLDER_FORMAT, ["optim.name=sgd"], "group 0: it lacks dampening, momentum"),
+    "resume other optimizer, older format": (OLDER_FORMAT, ["optim.name=sgd"], "group 0 lacks dampening, momentum"),
     "resume other seed": (EXISTING, ["train.seed=5"], "'train.seed' = 5: the checkpoint"),
     "resume other global batch": (EXISTING, ["data.global_batch_size=48"], "'data.global_batch_size' = 48: the"),
     "resume below its step": (EXISTING, ["train.max_steps=4"], "already at step 12"),
@@ -87,6 +87,31 @@ CASES: dict[str, tuple[str, list[str], str]] = {
         "'eval.metric' = 'acc': the task's evaluate() does not produce it. HINT: it produces mae, mse",
     ),
     "eval needs: an eval set": (FRESH, ["task.args.eval_n=0", "eval.every=4"], "the task has no eval_dataset"),
+    "no_decay word": (FRESH, ["optim.no_decay=sometimes"], "'optim.no_decay' = 'sometimes': must be one of auto, none"),
+    "no_decay empty list": (FRESH, ["optim.no_decay=[]"], "'optim.no_decay' = []: must be auto, none or a list of"),
+    "nonfinite mode": (FRESH, ["train.nonfinite=maybe"], "'train.nonfinite' = 'maybe': must be one of skip, halt, off"),
+    "nonfinite true": (FRESH, ["train.nonfinite=true"], "'train.nonfinite' = True: must be one of skip, halt, off"),
+    "max nonfinite zero": (FRESH, ["train.max_nonfinite=0"], "'train.max_nonfinite' = 0: must be in [1, 1000000]"),
+    "optimizer needs: no_decay patterns that match": (
+        FRESH, ['optim.no_decay=["nothing.*"]'], "'optim.no_decay' = ['nothing.*']: matches no parameter of the model",
+    ),
+    "optimizer needs: an optimizer": (
+        FRESH, ["task.args.bad_optimizer=junk"], "optimizer(model) returned int, not a torch.optim.Optimizer",
+    ),
+    "optimizer needs: the model's own parameters": (
+        FRESH, ["task.args.bad_optimizer=foreign"], "(group 0, #0, shape [32, 16]) that is not one of the model's",
+    ),
+    "sync_batchnorm needs: a GPU": (FRESH, ["train.sync_batchnorm=true"], "SyncBatchNorm runs on CUDA GPUs only"),
+    "resume model gained a parameter": (EXISTING, ["task.args.extra_param=true"], "the model's 'extra' is missing"),
+    "resume other groups": (
+        EXISTING, ["optim.no_decay=none"], "'0.bias' is in group 1 in the checkpoint, group 0 now",
+    ),
+    "resume task optimizer": (
+        EXISTING, ["task.args.own_optimizer=true"], "holds AdamW state, this run builds TaggedAdamW",
+    ),
+    "resume task scheduler": (
+        EXISTING, ["task.args.own_scheduler=true"], "holds LambdaLR state, this run's schedule is StepLR",
+    ),
 }  # fmt: skip
 
 
@@ -144,7 +169,11 @@ def _state(run: Path) -> dict[str, bytes] | None:
 # The others fail in the launcher's first checks, before any process starts: run in this process (same code path,
 # same output) to keep the suite short.
 NEEDS_WORKERS = {
-    name for name in CASES if name.startswith(("resume", "init_from", "factory", "task arg", "eval needs"))
+    name
+    for name in CASES
+    if name.startswith(
+        ("resume", "init_from", "factory", "task arg", "eval needs", "optimizer needs", "sync_batchnorm")
+    )
 } - {"init_from missing"}
 
 

@@ -14,7 +14,7 @@ from conftest import ROOT
 from workers.checkpoint import strip_wrapper_prefixes
 from workers.config import Config, ConfigError, config_from_dict, dump_config, load_config, plan_batches
 from workers.data import GlobalOrder, StepBatchSampler
-from workers.trainer import lr_factor
+from workers.optim import lr_factor
 
 
 def test_config_loads_overrides_and_round_trips(tmp_path):

@@ -3,7 +3,8 @@
 Layout of one checkpoint, ``checkpoints/step-00000040/``:
 
 - ``model.pt``       the unwrapped model's ``state_dict`` (no ``module.`` / ``_orig_mod.`` keys)
-- ``optim.pt``       ``{"optimizer", "scheduler", "scaler"}`` state dicts
+- ``optim.pt``       ``{"optimizer", "scheduler", "scaler"}`` state dicts; the optimizer's keyed by parameter name
+                     (workers.optim_state; the first format's positions still load)
 - ``train_state.json`` step, samples seen, world size at save, seed, ... (non-tensor state is JSON)
 - ``manifest.json``  size and sha256 of every file above; written last: it is the commit marker
 
@@ -33,6 +34,7 @@ from workers.contract import TrainState, is_int
 from workers.dist import DistContext
 from workers.errors import CheckpointError, IncompatibleCheckpointError
 from workers.fsutil import HashingWriter, atomic_write, fsync_dir, write_durable
+from workers.optim_state import from_named, from_positions, is_named, to_named
 from workers.rundir import MANIFEST_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE, RunDir, step_folders
 
 log = logging.getLogger("workers.checkpoint")
@@ -333,8 +335,8 @@ class Checkpointer:
             pin = self.ctx.device.type == "cuda"
             use_async = self._pool is not None and not blocking
             model_state = unwrap(model).state_dict()
-            rest = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict()}  # fmt: skip
+            rest = {"optimizer": to_named(unwrap(model), optimizer), "scheduler": scheduler.state_dict(),
+                    "scheduler_class": type(scheduler).__name__, "scaler": scaler.state_dict()}  # fmt: skip
             if use_async:  # copy now: the live tensors change with the next step
                 model_state, rest = snapshot(model_state, pin), snapshot(rest, pin)
             payload = CheckpointPayload(step, model_state, rest, train_state, keep_also, best_step)
@@ -484,7 +486,15 @@ class Checkpointer:
         if not (isinstance(rest, Mapping) and isinstance(rest.get("optimizer"), Mapping) and "scheduler" in rest):
             raise CheckpointError(f"'{folder / OPTIM_FILE}' does not hold optimizer and scheduler state")
         _check_optimizer_fits(folder, optimizer, rest["optimizer"], saved.optimizer)
-        optimizer.load_state_dict(rest["optimizer"])
+        convert = from_named if is_named(rest["optimizer"]) else from_positions
+        optimizer.load_state_dict(convert(str(folder), unwrap(model), optimizer, rest["optimizer"]))
+        then, now = rest.get("scheduler_class"), type(scheduler).__name__
+        if isinstance(then, str) and then != now:
+            raise IncompatibleCheckpointError(
+                f"checkpoint '{folder}' holds {then} state, this run's schedule is {now} (was task.scheduler added "
+                "or removed?). HINT: restore the task's scheduler, or start a new run.dir with train.init_from set to "
+                "this checkpoint to take its weights alone"
+            )
         scheduler.load_state_dict(rest["scheduler"])
         if rest.get("scaler"):
             scaler.load_state_dict(rest["scaler"])
@@ -501,9 +511,9 @@ _DEFAULTED_GROUP_KEYS = {
 def _check_optimizer_fits(
     folder: Path, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], saved_class: str | None
 ) -> None:
-    """The saved optimizer state must be of the same kind and layout as the current optimizer's (same class, same
-    number of parameters per group): else IncompatibleCheckpointError instead of a KeyError later. Checkpoints
-    that predate the recorded class are judged by the settings their groups lack."""
+    """The saved optimizer state must be of the same kind as the current optimizer (same class): else
+    IncompatibleCheckpointError instead of a KeyError later. Checkpoints that predate the recorded class are judged by
+    the settings their groups lack. The layout (which parameter in which group) is judged by workers.optim_state."""
     hint = (
         "HINT: restore optim.name, or start a new run.dir with train.init_from set to this checkpoint to take its "
         "weights alone"
@@ -515,22 +525,17 @@ def _check_optimizer_fits(
             f"(was optim.name changed?). {hint}"
         )
     groups = saved.get("param_groups")
-    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
-        raise IncompatibleCheckpointError(
-            f"checkpoint '{folder}' holds optimizer state for {len(groups) if isinstance(groups, list) else 0} "
-            f"parameter group(s), this "
-            f"optimizer has {len(optimizer.param_groups)}. HINT: restore the optimizer settings, or start a new "
-            "run.dir with train.init_from set to this checkpoint to take its weights alone"
-        )
-    for i, (then, now) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+    if not isinstance(groups, list) or not groups:
+        raise CheckpointError(f"'{folder / OPTIM_FILE}' holds no optimizer parameter groups")
+    now = optimizer.param_groups[0]  # every group of one optimizer has the same settings' names
+    for i, then in enumerate(groups):
         if not isinstance(then, Mapping) or not isinstance(then.get("params"), list):
             raise CheckpointError(f"'{folder / OPTIM_FILE}': parameter group {i} is malformed")
         lacking = sorted(set(now) - set(then) - _DEFAULTED_GROUP_KEYS - {"params"})
-        if lacking or len(then["params"]) != len(now["params"]):
-            what = f"it lacks {', '.join(lacking)}" if lacking else "another number of parameters"
+        if lacking:
             raise IncompatibleCheckpointError(
-                f"checkpoint '{folder}' holds optimizer state that does not fit this optimizer (group {i}: {what}; "
-                f"was optim.name changed?). {hint}"
+                f"checkpoint '{folder}' holds optimizer state that does not fit this optimizer (group {i} lacks "
+                f"{', '.join(lacking)}; was optim.name changed?). {hint}"
             )
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.errors import CheckpointError, UsageError
+from workers.errors import CheckpointError, NonFiniteError, UsageError
 from workers.fsutil import atomic_write
 from workers.rundir import RunDir
 
@@ -50,12 +50,15 @@ class FailureKind(str, enum.Enum):
 
     CONFIG = "config"  # a usage error (UsageError): the user must change something
     CHECKPOINT = "checkpoint"  # an unusable checkpoint or weights file, or a failed write
+    NUMERICS = "numerics"  # NaN/inf in training (NonFiniteError): an exact resume would only repeat it
     EXCEPTION = "exception"  # anything else: a restart from the latest checkpoint may heal it
 
     @classmethod
     def of(cls, exc: BaseException) -> FailureKind:
         if isinstance(exc, UsageError):
             return cls.CONFIG
+        if isinstance(exc, NonFiniteError):
+            return cls.NUMERICS
         return cls.CHECKPOINT if isinstance(exc, CheckpointError) else cls.EXCEPTION
 
     @property
@@ -188,6 +191,8 @@ class TrainState:
     time: float | None = None
     optimizer: str | None = None  # the optimizer's class name (a resume with another optimizer is refused)
     selection: dict[str, Any] | None = None  # model selection (workers.selection): best, k best, patience counter
+    nonfinite_skipped: int | None = None  # steps skipped for non-finite gradients so far (train.nonfinite)
+    nonfinite_streak: int | None = None  # consecutive ones up to this step (a resume continues the count)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -237,9 +242,13 @@ _STATE_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "global_batch_size": ((int,), True), "seed": ((int,), True), "max_steps": ((int,), False),
     "task": ((str,), False), "tracking_run_id": ((str,), False), "dataset_len": ((int,), False),
     "task_args": ((dict,), False), "torch": ((str,), False), "time": ((int, float), False),
-    "optimizer": ((str,), False), "selection": ((dict,), False),
+    "optimizer": ((str,), False), "selection": ((dict,), False), "nonfinite_skipped": ((int,), False),
+    "nonfinite_streak": ((int,), False),
 }  # fmt: skip
-_NON_NEGATIVE = {"step", "samples_seen", "world_size", "global_batch_size", "seed", "max_steps", "dataset_len"}
+_NON_NEGATIVE = {
+    "step", "samples_seen", "world_size", "global_batch_size", "seed", "max_steps", "dataset_len",
+    "nonfinite_skipped", "nonfinite_streak",
+}  # fmt: skip
 
 
 def check_selection_state(data: Any, where: str) -> None:

@@ -33,3 +33,9 @@ class IncompatibleCheckpointError(UsageError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint or weights file that cannot be used; the message names the path."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/inf (gradients past ``train.max_nonfinite`` skips, or weights at a save). Every rank
+    raises it at the same step (the decision rests on all-reduced values); never retried: an exact resume would
+    reproduce it. The message names the step, its samples' global stream positions and the last good checkpoint."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from workers.checkpoint import Checkpointer, first_mismatch, load_weights, read_
 from workers.config import (
     BatchPlan,
     Config,
-    OptimConfig,
     check_not_past_the_end,
     check_resume_compatible,
     dump_config,
@@ -33,9 +31,11 @@ from workers.config import (
 from workers.contract import TrainState
 from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all, to_device
 from workers.dist import DistContext, autocast_for, maybe_no_sync
-from workers.errors import CheckpointError, ConfigError
+from workers.errors import CheckpointError, ConfigError, NonFiniteError
 from workers.evaluation import Evaluator
 from workers.heartbeat import Heartbeat, NoHeartbeat
+from workers.optim import apply_on_resume, group_settings
+from workers.optim import build as build_optim
 from workers.reporting import Reporter, StepStats
 from workers.rundir import CONFIG_FILE, RunDir
 from workers.selection import ModelSelection
@@ -59,25 +59,6 @@ class FitResult:
 def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     """The RNG seed of one micro-step: a function of (seed, step, rank, micro) only (invariant 3)."""
     return derive_seed(seed, "step", step, rank, micro)
-
-
-def lr_factor(cfg: OptimConfig, max_steps: int, step: int) -> float:
-    """Multiplier of ``optim.lr`` at global step ``step``: linear warmup, then the decay schedule."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    shape = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
-
-
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 class Trainer:
@@ -115,16 +96,33 @@ class Trainer:
     def _build(self) -> None:
         torch.manual_seed(self.cfg.train.seed)  # the contract: factories run with torch seeded by train.seed
         self.task = build_task(self.cfg.task.factory, dict(self.cfg.task.args))
-        self.model = self.task.model.to(self.ctx.device)
-        self.optimizer = build_optimizer(self.cfg.optim, self.model)
-        max_steps = self.cfg.train.max_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(self.cfg.optim, max_steps, s)
-        )
+        self.model = self._sync_batchnorm(self.task.model.to(self.ctx.device))
+        self.optim = build_optim(self.cfg.optim, self.task, self.model, self.cfg.train.max_steps)
+        self.optimizer, self.scheduler = self.optim.optimizer, self.optim.scheduler
         fp16 = self.cfg.train.precision == "fp16" and self.ctx.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        # fp16's GradScaler skips its own overflow steps; the guard watches every other run.
+        self.guard = NonFiniteGuard(self.cfg, self.plan.global_batch_size) if not fp16 else None
         self.evaluator = self._make_evaluator()
         self.selection = ModelSelection(self.cfg.eval) if self.evaluator is not None else None
+
+    def _sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        """``train.sync_batchnorm``: BatchNorm statistics over the global batch. torch's SyncBatchNorm has CUDA
+        kernels only, so on any other device it is a config error (found before the first step)."""
+        if not self.cfg.train.sync_batchnorm:
+            return model
+        if self.ctx.device.type != "cuda":
+            raise ConfigError(
+                f"config key 'train.sync_batchnorm' = True: torch's SyncBatchNorm runs on CUDA GPUs only, this run is "
+                f"on {self.ctx.device.type}. HINT: set train.sync_batchnorm=false (each rank then normalises over "
+                "its own samples)"
+            )
+        if not self.ctx.distributed:
+            log.info("train.sync_batchnorm: one process, BatchNorm already sees the whole batch")
+            return model
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.task.model = converted  # the task's hooks (optimizer, evaluate) see the model that trains
+        return converted
 
     def _make_evaluator(self) -> Evaluator | None:
         """The task's evaluation, when the config asks for one; its metric names are checked on one batch now,
@@ -154,15 +152,18 @@ class Trainer:
                     "train.max_steps is %d, the run was saved with %d: the LR schedule now decays to step %d",
                     self.cfg.train.max_steps, saved.max_steps, self.cfg.train.max_steps,
                 )  # fmt: skip
+            fresh = group_settings(self.optimizer)  # the settings as built now, before the saved ones replace them
             state = self.ckpt.load(folder, self.model, self.optimizer, self.scheduler, self.scaler, saved)
             self.step = state.step
+            if self.guard is not None:
+                self.guard.restore(state)
             if (
                 self.selection is not None
                 and state.selection is not None
                 and not self.selection.restore(state.selection)
             ):
                 log.warning("eval.metric or eval.mode changed since the checkpoint: model selection starts afresh")
-            self._apply_optim_config()
+            apply_on_resume(self.optim, fresh, self.cfg.optim, self.cfg.train.max_steps)
             log.info(
                 "resumed from %s: step %d, %d samples seen, saved at world size %d, now %d",
                 folder,
@@ -188,23 +189,6 @@ class Trainer:
             )
         unwrap(self.model).load_state_dict(weights, strict=True)
         log.info("initialised weights from %s", source)
-
-    def _apply_optim_config(self) -> None:
-        """After a resume the config's optimizer settings win over the saved ones (with a warning when they
-        differ), and the LR is recomputed for the current global step: an edited ``optim.lr`` or
-        ``train.max_steps`` takes effect at once. Unchanged settings reproduce the saved values bit for bit."""
-        cfg, lr = self.cfg.optim, self.cfg.optim.lr
-        wanted = {"initial_lr": lr, "weight_decay": cfg.weight_decay}
-        wanted.update({"momentum": cfg.momentum} if cfg.name == "sgd" else {"betas": tuple(cfg.betas)})
-        current = lr * lr_factor(cfg, self.cfg.train.max_steps, self.scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
-            for key, value in wanted.items():
-                if key in group and group[key] != value:
-                    log.warning("optimizer %s changed on resume: %r -> %r (config wins)", key, group[key], value)
-                group[key] = value
-            group["lr"] = current
-        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
-        self.scheduler._last_lr = [current] * len(self.optimizer.param_groups)
 
     def _wrap(self) -> nn.Module:
         model = self.model
@@ -297,7 +281,7 @@ class Trainer:
             t0 = time.perf_counter()
             loss, grad_norm, data_wait = self._train_step(model, batches, recorder)
             self.step += 1
-            lr = self.scheduler.get_last_lr()[0]
+            lr = self.optimizer.param_groups[0]["lr"]  # any scheduler keeps it there
             step_time = time.perf_counter() - t0
             log_values = self.reporter.step(self.step, StepStats(loss, grad_norm, lr, step_time, data_wait))
             due = self._should_evaluate()
@@ -411,6 +395,14 @@ class Trainer:
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        elif self.guard is not None:  # the guard needs the norm even when nothing is clipped
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.ctx.device)
+        # The gradients were all-reduced: the norm, and so this decision, is the same on every rank.
+        if self.guard is not None and self.guard.skips(grad_norm, self.step, self.paths):
+            self.optimizer.zero_grad(set_to_none=True)  # the step's samples are consumed; the weights stay
+            self.reporter.note(nonfinite_skipped=float(self.guard.skipped))
+            return loss_sum, grad_norm, data_wait
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -426,6 +418,7 @@ class Trainer:
         ``blocking=False`` lets an async checkpointer commit in the background (see Checkpointer.save).
         """
         t0 = time.perf_counter()
+        self._check_finite_weights()
         if self.sync is not None:  # the rows up to this step are written before the checkpoint that ends them exists
             self.sync.flush()
         state = TrainState(
@@ -443,6 +436,8 @@ class Trainer:
             time=time.time(),
             optimizer=type(self.optimizer).__name__,
             selection=self._selection_state(),
+            nonfinite_skipped=self.guard.skipped if self.guard else None,
+            nonfinite_streak=self.guard.streak if self.guard else None,
         )
         # The wrapped module goes in: the checkpointer peels DDP / torch.compile itself, whatever it is given.
         folder = self.ckpt.save(
@@ -455,6 +450,67 @@ class Trainer:
         log.info("checkpoint %s %s; training blocked %.3f s", folder.name, done, blocked)
         self.reporter.note(ckpt_blocked_s=round(blocked, 6), ckpt_save_s=round(self.ckpt.last_commit_s, 6))
         return folder
+
+    def _check_finite_weights(self) -> None:
+        """No checkpoint with NaN/inf weights is ever committed (retention would then delete the good ones). The
+        weights are the same on every rank, so every rank raises together. Must be called on all ranks."""
+        bad = first_nonfinite(unwrap(self.model))
+        if bad is not None:
+            raise NonFiniteError(
+                f"the weights are not finite at step {self.step} ('{bad}' holds NaN/inf): not saved; "
+                f"{_last_good(self.paths)}. HINT: lower optim.lr, set train.grad_clip, keep train.nonfinite=skip"
+            )
+
+
+def first_nonfinite(model: nn.Module) -> str | None:
+    """The name of the first floating-point parameter or buffer holding NaN/inf, or None (one host sync)."""
+    named = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
+    return next((n for (n, _), ok in zip(named, finite.tolist(), strict=True) if not ok), None)
+
+
+def _last_good(paths: RunDir) -> str:
+    name = paths.latest_name()
+    return f"the last good checkpoint is {name} (checkpoints/latest)" if name else "no checkpoint was committed yet"
+
+
+class NonFiniteGuard:
+    """``train.nonfinite``: what a step with a NaN/inf gradient norm does. The counters are part of the run's state
+    (train_state.json), so a resume continues them and reproduces the same decisions."""
+
+    def __init__(self, cfg: Config, global_batch: int) -> None:
+        self.mode, self.limit, self.global_batch = cfg.train.nonfinite, cfg.train.max_nonfinite, global_batch
+        self.skipped = 0  # steps skipped in the whole run
+        self.streak = 0  # consecutive skipped steps up to now
+
+    def restore(self, state: TrainState) -> None:
+        self.skipped, self.streak = state.nonfinite_skipped or 0, state.nonfinite_streak or 0
+
+    def skips(self, grad_norm: torch.Tensor, step: int, paths: RunDir) -> bool:
+        """Whether the step (0-based ``step``) is skipped; NonFiniteError past ``max_nonfinite`` or with ``halt``.
+        One host sync (the decision needs the value)."""
+        if self.mode == "off" or bool(torch.isfinite(grad_norm)):
+            self.streak = 0
+            return False
+        first, last = step * self.global_batch, (step + 1) * self.global_batch - 1
+        where = f"at step {step + 1} (global stream positions {first}..{last})"
+        self.streak += 1
+        if self.mode == "halt" or self.streak > self.limit:
+            why = "train.nonfinite=halt" if self.mode == "halt" else (
+                f"{self.streak} consecutive non-finite steps, more than train.max_nonfinite={self.limit}"
+            )  # fmt: skip
+            raise NonFiniteError(
+                f"non-finite gradient norm ({float(grad_norm)}) {where}: {why}; {_last_good(paths)}. HINT: find the "
+                "samples with data.record_indices=true; lower optim.lr or set train.grad_clip"
+            )
+        self.skipped += 1
+        log.warning(
+            "non-finite gradient norm (%s) %s: step skipped on every rank (no optimizer step; %d in a row, "
+            "%d in all; train.max_nonfinite=%d)", float(grad_norm), where, self.streak, self.skipped, self.limit,
+        )  # fmt: skip
+        return True
 
 
 class IndexRecorder:

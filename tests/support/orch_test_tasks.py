@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from workers.tasks import charlm, quickstart
 
 
@@ -33,7 +35,8 @@ class _Slowed:
             time.sleep(0.05)  # the run stays where it is until the test has seen what it waits for, then kills it
         if self.step_sleep_s:
             time.sleep(self.step_sleep_s)
-        return self.inner.loss(model, batch)
+        loss = self.inner.loss(model, batch)
+        return loss * float("nan") if getattr(self, "nan_loss", False) else loss
 
 
 def _install_write_audit(audit_dir: str) -> None:
@@ -110,6 +113,13 @@ def quick(
     slow_eval_after: int | None = None,
     slow_eval_s: float = 0.2,
     slow_eval_marker: str | None = None,
+    own_optimizer: bool = False,
+    optimizer_split: int = 1,
+    own_scheduler: bool = False,
+    extra_param: bool = False,
+    poison_index: int | None = None,
+    nan_loss: bool = False,
+    bad_optimizer: str | None = None,
     **kwargs,
 ):
     if audit_dir:
@@ -126,7 +136,53 @@ def quick(
     cls = _Evaluated if per_sample_metrics else _Slowed
     task = cls(task, step_sleep_s, fail_rank, fail_call, hold_at_call)
     task.slow_eval = (slow_eval_after, slow_eval_s, slow_eval_marker)
+    if extra_param:  # the model "gained" a parameter since its checkpoints were written
+        task.model.register_parameter("extra", torch.nn.Parameter(torch.zeros(4)))
+    if poison_index is not None:
+        task.dataset = task.inner.dataset = _Poisoned(task.dataset, poison_index)
+    task.nan_loss = nan_loss
+    if own_optimizer:
+        task.optimizer = lambda model: _two_groups(model, optimizer_split)
+    if bad_optimizer == "junk":  # not an optimizer at all
+        task.optimizer = lambda model: 42
+    if bad_optimizer == "foreign":  # the seed's mistake: an optimizer over another copy of the model
+        task.optimizer = lambda model: torch.optim.SGD(quickstart.make_model(16, 32, 4).parameters(), lr=0.1)
+    if own_scheduler:
+        task.scheduler = lambda optimizer, max_steps: torch.optim.lr_scheduler.StepLR(optimizer, 3, gamma=0.5)
     return task
+
+
+def _two_groups(model, split: int):
+    """A user's optimizer: TaggedAdamW over two groups, the first ``split`` parameter tensors at 4x the lr."""
+    params = list(model.parameters())
+    return TaggedAdamW([{"params": params[:split], "lr": 4e-3}, {"params": params[split:]}], lr=1e-3)
+
+
+class TaggedAdamW(torch.optim.AdamW):
+    """AdamW that also counts its updates of each parameter in its state: a test sees it is the optimizer used and
+    the one saved."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["tagged_updates"] = self.state[p].get("tagged_updates", 0) + 1
+        return loss
+
+
+class _Poisoned:
+    """Sample ``index`` has NaN inputs (one bad record in a user's data); every other sample is unchanged."""
+
+    def __init__(self, dataset, index: int) -> None:
+        self.dataset, self.index = dataset, index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        x, y = self.dataset[index]
+        return (x * float("nan"), y) if index == self.index else (x, y)
 
 
 class _Evaluated(_Slowed):
@@ -163,7 +219,6 @@ class _NoisyInputs:
         return len(self.dataset)
 
     def __getitem__(self, index):
-        import torch
 
         x, y = self.dataset[index]
         return x + self.scale * torch.randn_like(x), y

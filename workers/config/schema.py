@@ -122,9 +122,18 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warmup from 0 to ``lr``
     schedule: str = "cosine"  # after warmup: constant | linear | cosine decay to ``min_lr_ratio * lr``
     min_lr_ratio: float = 0.1
+    # Parameters without weight decay (the built-in optimizers; a task's own optimizer sets its own groups):
+    # auto: biases, norm layers' weights, embeddings and any other 1-d parameter; none: every parameter decays;
+    # or a list of glob patterns of parameter names ("*.bias", "embed.*").
+    no_decay: str | tuple[str, ...] = "auto"
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, ("adamw", "adam", "sgd"))
+        if isinstance(self.no_decay, str):
+            check_choice("optim.no_decay", self.no_decay, ("auto", "none"))
+        elif not self.no_decay or not all(p.strip() for p in self.no_decay):
+            fail("optim.no_decay", list(self.no_decay), "must be auto, none or a list of glob patterns",
+                 'e.g. ["*.bias", "*norm*"]')  # fmt: skip
         check_choice("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
         check_min("optim.lr", self.lr, 0.0)
         check_min("optim.weight_decay", self.weight_decay, 0.0)
@@ -154,6 +163,11 @@ class TrainConfig:
     async_checkpoint: bool = False
     # torch.use_deterministic_algorithms + cuBLAS/cuDNN settings: bitwise-reproducible GPU runs (slower).
     deterministic: bool = False
+    # A step whose (all-reduced) gradient norm is NaN/inf: skip it on every rank (no optimizer or scheduler step,
+    # its samples consumed), halt the run at once, or do nothing (off). fp16's GradScaler handles its own overflows.
+    nonfinite: str | bool = "skip"  # YAML reads a bare `off` as false: that is "off" too
+    max_nonfinite: int = 5  # consecutive skipped steps before the run fails (exit 1)
+    sync_batchnorm: bool = False  # BatchNorm -> SyncBatchNorm across ranks (CUDA only: torch has no CPU kernel)
 
     def __post_init__(self) -> None:
         check_min("train.max_steps", self.max_steps, 1)
@@ -164,6 +178,10 @@ class TrainConfig:
         check_min("train.grad_clip", self.grad_clip, 0.0)
         check_min("train.log_every", self.log_every, 1)
         check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        if self.nonfinite is False:
+            object.__setattr__(self, "nonfinite", "off")
+        check_choice("train.nonfinite", self.nonfinite, ("skip", "halt", "off"))
+        check_range("train.max_nonfinite", self.max_nonfinite, 1, 1_000_000)
 
 
 @dataclass(frozen=True)

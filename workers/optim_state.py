@@ -1,0 +1,126 @@
+"""Optimizer state keyed by parameter *name* (the ``optimizer`` entry of ``optim.pt``; workers.checkpoint owns
+the file, this module the entry's layout).
+
+torch's ``optimizer.state_dict()`` keys each parameter's state by its position in the optimizer (0, 1, 2, ...):
+a model or group change shifts the positions and a resume silently pairs state with the wrong parameter, or
+fails deep inside torch. Here the positions become the model's parameter names:
+
+    {"state": {"net.0.weight": {"step": ..., "exp_avg": ...}, ...},
+     "param_groups": [{"lr": ..., "weight_decay": ..., "params": ["net.0.weight", ...]}, ...]}
+
+so a resume checks names and groups first and names the first mismatch. Checkpoints of the first format (positions;
+tests/fixtures/format1) still load: their positions are the built-in optimizer's, the model's trainable parameters
+in order, in one group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.errors import CheckpointError, IncompatibleCheckpointError
+
+_HINT = (
+    "HINT: restore the model and optimizer settings of this run, or start a new run.dir with train.init_from set to "
+    "this checkpoint to take its weights alone"
+)
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def to_named(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict with positions replaced by the model's parameter names. ``model`` unwrapped."""
+    names = _param_names(model)
+    sd = optimizer.state_dict()
+    position_names = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [{**group, "params": [position_names[i] for i in group["params"]]} for group in sd["param_groups"]]
+    return {"state": {position_names[i]: s for i, s in sd["state"].items()}, "param_groups": groups}
+
+
+def is_named(saved: Mapping[str, Any]) -> bool:
+    groups = saved.get("param_groups")
+    return isinstance(groups, list) and any(
+        isinstance(g, Mapping) and g.get("params") and all(isinstance(p, str) for p in g["params"]) for g in groups
+    )
+
+
+def from_named(
+    where: str, model: nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A state dict that ``optimizer.load_state_dict`` pairs with the right parameters, from the named layout.
+
+    IncompatibleCheckpointError (exit 2) naming the first parameter whose place differs (added, removed, moved to
+    another group), CheckpointError when the entry is malformed."""
+    saved_groups = _groups(where, saved)
+    now = [[_param_names(model)[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    then = [list(g["params"]) for g in saved_groups]
+    problem = _first_layout_mismatch(then, now)
+    if problem:
+        raise IncompatibleCheckpointError(f"checkpoint '{where}': the optimizer state does not fit: {problem}. {_HINT}")
+    position = {name: i for i, name in enumerate(n for group in now for n in group)}
+    state = saved.get("state")
+    if not isinstance(state, Mapping) or any(k not in position for k in state):
+        raise CheckpointError(f"'{where}': the optimizer state names parameters its groups do not list")
+    groups = [{**g, "params": [position[n] for n in names]} for g, names in zip(saved_groups, now, strict=True)]
+    return {"state": {position[n]: s for n, s in state.items()}, "param_groups": groups}
+
+
+def from_positions(
+    where: str, model: nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A first-format entry (positions of the built-in optimizer: the model's trainable parameters in order, one
+    group) as a named one, then loaded like one. The groups' settings are today's optimizer's (a resume applies the
+    current settings anyway); the per-parameter state is the checkpoint's."""
+    saved_groups = _groups(where, saved)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    count = sum(len(g["params"]) for g in saved_groups)
+    if count != len(trainable):
+        raise IncompatibleCheckpointError(
+            f"checkpoint '{where}' holds optimizer state for {count} parameters, the model trains {len(trainable)}. "
+            f"{_HINT}"
+        )
+    by_position = dict(enumerate(trainable))
+    state = saved.get("state")
+    if not isinstance(state, Mapping) or any(k not in by_position for k in state):
+        raise CheckpointError(f"'{where}': the optimizer state is keyed by unknown positions")
+    names = _param_names(model)
+    settings = optimizer.state_dict()["param_groups"]  # today's groups, without their parameters
+    groups = [
+        {**{k: v for k, v in s.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+        for s, g in zip(settings, optimizer.param_groups, strict=True)
+    ]
+    named = {"state": {by_position[i]: s for i, s in state.items()}, "param_groups": groups}
+    return from_named(where, model, optimizer, named)
+
+
+def _groups(where: str, saved: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or not all(
+        isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups
+    ):
+        raise CheckpointError(f"'{where}': the optimizer's parameter groups are malformed")
+    return groups
+
+
+def _first_layout_mismatch(then: list[list[str]], now: list[list[str]]) -> str | None:
+    """The first parameter whose group differs between the checkpoint and the optimizer built now."""
+    group_then = {n: g for g, names in enumerate(then) for n in names}
+    group_now = {n: g for g, names in enumerate(now) for n in names}
+    for g, names in enumerate(now):
+        for name in names:
+            if name not in group_then:
+                return f"'{name}' (group {g} now) has no state in the checkpoint — a parameter the model gained?"
+            if group_then[name] != g:
+                return f"'{name}' is in group {group_then[name]} in the checkpoint, group {g} now"
+    for g, names in enumerate(then):
+        for name in names:
+            if name not in group_now:
+                return f"the checkpoint has state for '{name}' (group {g}), which this optimizer does not hold"
+    if len(then) != len(now):
+        return f"the checkpoint has {len(then)} parameter group(s), this optimizer {len(now)}"
+    return None
