@@ -1,7 +1,7 @@
 """GPU paths that the CPU test suite cannot reach: NCCL at world size 1, CUDA placement, bf16 and fp16 (GradScaler)
-steps, checkpoint save and a bitwise resume on the GPU; then a GPU benchmark (our loop vs the hand-written DDP loop
-in bf16 on one GPU, and checkpoint blocked time sync vs async with pinned memory). Prints a table; exit code 1 if any
-check fails.
+steps, checkpoint save and a bitwise resume on the GPU, the non-finite guard and train.sync_batchnorm; then a GPU
+benchmark (our loop vs the hand-written DDP loop in bf16 on one GPU, and checkpoint blocked time sync vs async with
+pinned memory). Prints a table; exit code 1 if any check fails.
 
 Run with scripts/gpu_check.sh on a machine with at least one CUDA GPU.
 """
@@ -9,6 +9,7 @@ Run with scripts/gpu_check.sh on a machine with at least one CUDA GPU.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -33,7 +34,11 @@ COMMON = [
 rows: list[tuple[str, bool, str]] = []
 
 
-def launch(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+# The test suite's tasks (tests/support/orch_test_tasks.py): a poisoned sample, a model with BatchNorm.
+TEST_TASKS = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "support"), str(ROOT)])}
+
+
+def launch(run: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -46,7 +51,7 @@ def launch(run: Path, *overrides: str) -> subprocess.CompletedProcess:
         *COMMON,
         *overrides,
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=env)
 
 
 def load(run: Path, step: int, name: str) -> dict:
@@ -114,9 +119,33 @@ def main() -> int:
             proc = launch(async_run, f"train.precision={precision}", "train.async_checkpoint=true")
             same = proc.returncode == 0 and equal(load(async_run, 10, "model.pt"), load(run, 10, "model.pt"))
             check("bf16: async (pinned) checkpoint = sync", same, f"exit {proc.returncode}")
+    numerics(tmp)
     benchmark(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     return report()
+
+
+def numerics(tmp: Path) -> None:
+    """The non-finite guard on the GPU (fp32 skips a poisoned sample's steps; under fp16 the GradScaler skips them
+    itself), and train.sync_batchnorm converting a BatchNorm model and training it under NCCL."""
+    poison = ["task.factory=orch_test_tasks:quick", "task.args={n: 256, hidden: 64, poison_index: 3}"]
+    for precision in ("fp32", "fp16"):
+        proc = launch(tmp / f"nonfinite-{precision}", *poison, f"train.precision={precision}", env=TEST_TASKS)
+        skipped = proc.stderr.count("step skipped on every rank")
+        finite = proc.returncode == 0 and all(
+            torch.isfinite(t).all() for t in load(tmp / f"nonfinite-{precision}", 20, "model.pt").values()
+        )
+        expected = skipped > 0 if precision == "fp32" else skipped == 0  # fp16: the scaler's own skips
+        check(f"{precision}: poisoned sample, weights finite", finite and expected, f"exit {proc.returncode}, "
+              f"{skipped} guard skips")  # fmt: skip
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+    proc = launch(tmp / "syncbn", "task.factory=orch_test_tasks:quick", "task.args.batchnorm=true",
+                  "train.sync_batchnorm=true", env=TEST_TASKS)  # fmt: skip
+    converted = "now SyncBatchNorm" in proc.stderr
+    check("sync_batchnorm: converted, trains (NCCL)", proc.returncode == 0 and converted, f"exit {proc.returncode}")
+    if proc.returncode:
+        print(proc.stderr[-3000:], file=sys.stderr)
 
 
 # A GPU-sized step for the benchmark: the quickstart MLP at width 8192 (~67 M parameters) in bf16, batch 4096.

@@ -109,7 +109,7 @@ def build(cfg: OptimConfig, task: Any, model: nn.Module, max_steps: int) -> Buil
             f"the task's optimizer(model) returned {type(optimizer).__name__}, not a torch.optim.Optimizer. "
             f"HINT: {_HOOK_HINT}"
         )
-    names = check_params_of(model, optimizer)
+    check_params_of(model, optimizer)
     own_schedule = getattr(task, "scheduler", None)
     if own_schedule is not None:
         scheduler = own_schedule(optimizer, max_steps)
@@ -121,7 +121,6 @@ def build(cfg: OptimConfig, task: Any, model: nn.Module, max_steps: int) -> Buil
             )
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, max_steps))
-    _log_groups(optimizer, names, own is not None, own_schedule is not None)
     return Built(optimizer, scheduler, own is not None, own_schedule is not None)
 
 
@@ -154,18 +153,21 @@ def check_params_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return names
 
 
-def _log_groups(optimizer: torch.optim.Optimizer, names: dict[int, str], own: bool, own_schedule: bool) -> None:
+def describe(built: Built) -> str:
+    """One log line: the optimizer, the schedule, and each group's size and settings (logged once training starts,
+    so that a run refused before then prints only its one-line error)."""
     parts = []
-    for g, group in enumerate(optimizer.param_groups):
+    for g, group in enumerate(built.optimizer.param_groups):
         count = sum(p.numel() for p in group["params"])
         parts.append(
             f"group {g}: {len(group['params'])} tensors, {count:,} parameters, lr {group['lr']:g}, "
             f"weight_decay {group.get('weight_decay', 0.0):g}"
         )
-    log.info(
-        "optimizer %s (%s), schedule %s: %s", type(optimizer).__name__, "the task's" if own else "built-in",
-        "the task's" if own_schedule else "built-in", "; ".join(parts),
-    )  # fmt: skip
+    whose = {True: "the task's", False: "built-in"}
+    return (
+        f"optimizer {type(built.optimizer).__name__} ({whose[built.task_optimizer]}), "
+        f"schedule {whose[built.task_scheduler]}: {'; '.join(parts)}"
+    )
 
 
 def apply_on_resume(built: Built, fresh_groups: list[dict[str, Any]], cfg: OptimConfig, max_steps: int) -> None:

@@ -120,6 +120,7 @@ def quick(
     poison_index: int | None = None,
     nan_loss: bool = False,
     bad_optimizer: str | None = None,
+    batchnorm: bool = False,
     **kwargs,
 ):
     if audit_dir:
@@ -136,6 +137,10 @@ def quick(
     cls = _Evaluated if per_sample_metrics else _Slowed
     task = cls(task, step_sleep_s, fail_rank, fail_call, hold_at_call)
     task.slow_eval = (slow_eval_after, slow_eval_s, slow_eval_marker)
+    if batchnorm:  # a BatchNorm layer after the first projection (train.sync_batchnorm on a GPU)
+        inner = task.model
+        task.model = task.inner.model = torch.nn.Sequential(inner[0], torch.nn.BatchNorm1d(inner[0].out_features),
+                                                             *inner[1:])  # fmt: skip
     if extra_param:  # the model "gained" a parameter since its checkpoints were written
         task.model.register_parameter("extra", torch.nn.Parameter(torch.zeros(4)))
     if poison_index is not None:
