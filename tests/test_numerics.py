@@ -56,6 +56,14 @@ def test_a_poisoned_sample_is_skipped_by_every_rank_on_any_world_size_and_across
     w1, w2 = load(runs[1]), load(runs[2])
     assert all(torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-7) for k in w2)
 
+    # With BatchNorm, the poisoned forward also wrecked the running statistics of the rank that held it: a skipped
+    # step puts the buffers back, so the saved model is finite and the skips are the same.
+    bn = tmp_path / "batchnorm"
+    proc = launch(bn, 2, poison, "task.args.batchnorm=true")
+    assert _skips(proc.stderr) == expected
+    saved = load(bn)
+    assert "1.running_var" in saved and _finite(saved)
+
     killed = tmp_path / "killed"  # killed after step 4, relaunched: it replays step 6's skip from the checkpoint
     launch_and_kill(killed, 2, poison, "task.args.step_sleep_s=0.1", kill_after=f"step-{EVERY:08d}")
     relaunched = launch(killed, 2, poison)

@@ -104,3 +104,46 @@ def test_a_checkpoint_of_the_first_format_resumes_to_the_same_bits(tmp_path):
     assert tensors_equal(torch.load(final / "model.pt", weights_only=True), then)
     rewritten = torch.load(final / "optim.pt", weights_only=True)["optimizer"]
     assert "0.weight" in rewritten["state"]  # today's checkpoints name the state
+
+
+def test_tied_weights_and_malformed_optimizer_state():
+    from torch import nn
+
+    from workers.checkpoint import _check_optimizer_fits
+    from workers.errors import CheckpointError
+    from workers.optim_state import from_named, from_positions, to_named
+
+    class Tied(nn.Module):  # the head registered before the embedding it shares its weight with
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(8, 20, bias=False)
+            self.embed = nn.Embedding(20, 8)
+            self.embed.weight = self.head.weight
+            self.proj = nn.Linear(8, 8)
+
+    model = Tied()
+    groups = builtin_optimizer(OptimConfig(weight_decay=0.1), model).param_groups
+    assert [p.shape for p in groups[0]["params"]] == [torch.Size([8, 8])]  # proj.weight only
+    assert any(p is model.head.weight for p in groups[1]["params"])  # the tied embedding is not decayed
+
+    # A task optimizer may give one group a key of its own: a resume is not refused for it.
+    opt = torch.optim.AdamW(
+        [{"params": [model.head.weight], "name": "tied"}, {"params": list(model.proj.parameters())}]
+    )
+    _check_optimizer_fits(Path("ckpt"), opt, opt.state_dict(), "AdamW")
+    good = to_named(model, opt)
+    assert from_named("ckpt", model, opt, good)["param_groups"][0]["params"] == [0]
+
+    bad_entries = [
+        {**good, "param_groups": [good["param_groups"][0], {**good["param_groups"][1], "params": [["proj.weight"]]}]},
+        {**good, "param_groups": [{**good["param_groups"][0], "params": ["head.weight", "head.weight"]},
+                                  good["param_groups"][1]]},
+        {**good, "state": {"head.weight": 5}},
+        {**good, "state": {"nothing": {}}},
+    ]  # fmt: skip
+    for entry in bad_entries:
+        with pytest.raises(CheckpointError):
+            from_named("ckpt", model, opt, entry)
+    for positions in ([0.0, 1, 2], [0, 0, 1]):
+        with pytest.raises(CheckpointError):
+            from_positions("ckpt", model, opt, {"state": {}, "param_groups": [{"params": positions}]})

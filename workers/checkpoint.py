@@ -336,7 +336,7 @@ class Checkpointer:
             use_async = self._pool is not None and not blocking
             model_state = unwrap(model).state_dict()
             rest = {"optimizer": to_named(unwrap(model), optimizer), "scheduler": scheduler.state_dict(),
-                    "scheduler_class": type(scheduler).__name__, "scaler": scaler.state_dict()}  # fmt: skip
+                    "scheduler_class": _schedule_kind(scheduler), "scaler": scaler.state_dict()}  # fmt: skip
             if use_async:  # copy now: the live tensors change with the next step
                 model_state, rest = snapshot(model_state, pin), snapshot(rest, pin)
             payload = CheckpointPayload(step, model_state, rest, train_state, keep_also, best_step)
@@ -488,7 +488,7 @@ class Checkpointer:
         _check_optimizer_fits(folder, optimizer, rest["optimizer"], saved.optimizer)
         convert = from_named if is_named(rest["optimizer"]) else from_positions
         optimizer.load_state_dict(convert(str(folder), unwrap(model), optimizer, rest["optimizer"]))
-        then, now = rest.get("scheduler_class"), type(scheduler).__name__
+        then, now = rest.get("scheduler_class"), _schedule_kind(scheduler)
         if isinstance(then, str) and then != now:
             raise IncompatibleCheckpointError(
                 f"checkpoint '{folder}' holds {then} state, this run's schedule is {now} (was task.scheduler added "
@@ -527,16 +527,21 @@ def _check_optimizer_fits(
     groups = saved.get("param_groups")
     if not isinstance(groups, list) or not groups:
         raise CheckpointError(f"'{folder / OPTIM_FILE}' holds no optimizer parameter groups")
-    now = optimizer.param_groups[0]  # every group of one optimizer has the same settings' names
+    settings = set(optimizer.defaults)  # every group has the optimizer's settings; a task may add keys to some
     for i, then in enumerate(groups):
         if not isinstance(then, Mapping) or not isinstance(then.get("params"), list):
             raise CheckpointError(f"'{folder / OPTIM_FILE}': parameter group {i} is malformed")
-        lacking = sorted(set(now) - set(then) - _DEFAULTED_GROUP_KEYS - {"params"})
+        lacking = sorted(settings - set(then) - _DEFAULTED_GROUP_KEYS - {"params"})
         if lacking:
             raise IncompatibleCheckpointError(
                 f"checkpoint '{folder}' holds optimizer state that does not fit this optimizer (group {i} lacks "
                 f"{', '.join(lacking)}; was optim.name changed?). {hint}"
             )
+
+
+def _schedule_kind(scheduler: Any) -> str:
+    """The scheduler's class, and whether it is the task's (a task's own LambdaLR is not the built-in one)."""
+    return type(scheduler).__name__ + ("" if getattr(scheduler, "builtin_schedule", False) else " (the task's)")
 
 
 def _set_aside(folder: Path) -> None:

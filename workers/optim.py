@@ -64,12 +64,10 @@ def no_decay_names(model: nn.Module, rule: str | tuple[str, ...]) -> set[str]:
     if rule == "none":
         return set()
     if rule == "auto":
-        names = set()
-        for module_name, module in model.named_modules():
-            for name, param in module.named_parameters(recurse=False):
-                if isinstance(module, _NO_DECAY_MODULES) or param.ndim < 2:  # norms, embeddings, biases, scales
-                    names.add(f"{module_name}.{name}" if module_name else name)
-        return names
+        # By identity: a weight tied between an embedding and a head has one name (the first module's), whichever
+        # module registered it first.
+        plain = {id(p) for m in model.modules() if isinstance(m, _NO_DECAY_MODULES) for p in m.parameters(False)}
+        return {n for n, p in model.named_parameters() if id(p) in plain or p.ndim < 2}
     return {name for name, _ in model.named_parameters() if any(fnmatch.fnmatchcase(name, p) for p in rule)}
 
 
@@ -111,6 +109,11 @@ def build(cfg: OptimConfig, task: Any, model: nn.Module, max_steps: int) -> Buil
         )
     check_params_of(model, optimizer)
     own_schedule = getattr(task, "scheduler", None)
+    if own_schedule is not None and not callable(own_schedule):
+        raise ConfigError(
+            f"the task's 'scheduler' is {type(own_schedule).__name__}, not a function. HINT: task.scheduler("
+            "optimizer, max_steps) must return e.g. torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max_steps)"
+        )
     if own_schedule is not None:
         scheduler = own_schedule(optimizer, max_steps)
         missing = [m for m in ("step", "state_dict", "load_state_dict") if not callable(getattr(scheduler, m, None))]
@@ -121,6 +124,7 @@ def build(cfg: OptimConfig, task: Any, model: nn.Module, max_steps: int) -> Buil
             )
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, max_steps))
+        scheduler.builtin_schedule = True  # tells it from a task's own LambdaLR (checkpoint.py records which)
     return Built(optimizer, scheduler, own is not None, own_schedule is not None)
 
 

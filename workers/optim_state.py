@@ -15,6 +15,7 @@ in order, in one group.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 
 from workers.errors import CheckpointError, IncompatibleCheckpointError
+
+log = logging.getLogger("workers.optim_state")
 
 _HINT = (
     "HINT: restore the model and optimizer settings of this run, or start a new run.dir with train.init_from set to "
@@ -43,9 +46,11 @@ def to_named(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, An
 
 
 def is_named(saved: Mapping[str, Any]) -> bool:
+    """Whether the entry names its parameters (else it is of the first format, or malformed: the loaders judge)."""
     groups = saved.get("param_groups")
     return isinstance(groups, list) and any(
-        isinstance(g, Mapping) and g.get("params") and all(isinstance(p, str) for p in g["params"]) for g in groups
+        isinstance(g, Mapping) and isinstance(g.get("params"), list) and any(isinstance(p, str) for p in g["params"])
+        for g in groups
     )
 
 
@@ -56,16 +61,14 @@ def from_named(
 
     IncompatibleCheckpointError (exit 2) naming the first parameter whose place differs (added, removed, moved to
     another group), CheckpointError when the entry is malformed."""
-    saved_groups = _groups(where, saved)
+    saved_groups = _groups(where, saved, str)
     now = [[_param_names(model)[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     then = [list(g["params"]) for g in saved_groups]
     problem = _first_layout_mismatch(then, now)
     if problem:
         raise IncompatibleCheckpointError(f"checkpoint '{where}': the optimizer state does not fit: {problem}. {_HINT}")
     position = {name: i for i, name in enumerate(n for group in now for n in group)}
-    state = saved.get("state")
-    if not isinstance(state, Mapping) or any(k not in position for k in state):
-        raise CheckpointError(f"'{where}': the optimizer state names parameters its groups do not list")
+    state = _state(where, saved, position)
     groups = [{**g, "params": [position[n] for n in names]} for g, names in zip(saved_groups, now, strict=True)]
     return {"state": {position[n]: s for n, s in state.items()}, "param_groups": groups}
 
@@ -76,7 +79,7 @@ def from_positions(
     """A first-format entry (positions of the built-in optimizer: the model's trainable parameters in order, one
     group) as a named one, then loaded like one. The groups' settings are today's optimizer's (a resume applies the
     current settings anyway); the per-parameter state is the checkpoint's."""
-    saved_groups = _groups(where, saved)
+    saved_groups = _groups(where, saved, int)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     count = sum(len(g["params"]) for g in saved_groups)
     if count != len(trainable):
@@ -85,9 +88,13 @@ def from_positions(
             f"{_HINT}"
         )
     by_position = dict(enumerate(trainable))
-    state = saved.get("state")
-    if not isinstance(state, Mapping) or any(k not in by_position for k in state):
-        raise CheckpointError(f"'{where}': the optimizer state is keyed by unknown positions")
+    state = _state(where, saved, by_position)
+    if len(optimizer.param_groups) > len(saved_groups) and any(g.get("weight_decay") for g in saved_groups):
+        log.warning(
+            "checkpoint '%s' (first format) decayed every parameter in one group; this run leaves biases, norms and "
+            "embeddings out of weight decay (optim.no_decay=auto). HINT: set optim.no_decay=none to continue exactly "
+            "as saved", where,
+        )  # fmt: skip
     names = _param_names(model)
     settings = optimizer.state_dict()["param_groups"]  # today's groups, without their parameters
     groups = [
@@ -98,13 +105,32 @@ def from_positions(
     return from_named(where, model, optimizer, named)
 
 
-def _groups(where: str, saved: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def _groups(where: str, saved: Mapping[str, Any], key: type) -> list[Mapping[str, Any]]:
+    """The saved groups, each listing its parameters as ``key`` (names: str; first format: int positions), every
+    parameter once. Anything else is a CheckpointError (a corrupt or forged file), never a crash later."""
     groups = saved.get("param_groups")
     if not isinstance(groups, list) or not all(
         isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups
     ):
         raise CheckpointError(f"'{where}': the optimizer's parameter groups are malformed")
+    listed = [p for g in groups for p in g["params"]]
+    if not all(type(p) is key for p in listed) or len(set(listed)) != len(listed):
+        raise CheckpointError(
+            f"'{where}': the optimizer's parameter groups must list each parameter once, by "
+            f"{'name' if key is str else 'position'}"
+        )
     return groups
+
+
+def _state(where: str, saved: Mapping[str, Any], known: Mapping[Any, Any]) -> Mapping[Any, Mapping[str, Any]]:
+    """The per-parameter state: keyed by parameters the groups list, each a mapping of names to values."""
+    state = saved.get("state")
+    if not isinstance(state, Mapping) or not all(type(k) in (str, int) and k in known for k in state):
+        raise CheckpointError(f"'{where}': the optimizer state is keyed by parameters its groups do not list")
+    for key, value in state.items():
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise CheckpointError(f"'{where}': the optimizer state of {key!r} is not a mapping of names to values")
+    return state
 
 
 def _first_layout_mismatch(then: list[list[str]], now: list[list[str]]) -> str | None:
