@@ -190,6 +190,33 @@ def eval_section(r: dict | None) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", summary
 
 
+def guard_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = (
+        "The non-finite guard: `train.nonfinite: skip` vs `off`",
+        "python benchmarks/guard_bench.py --repeats 4 --out benchmarks/results/guard.json",
+    )
+    if r is None:
+        return _missing(title, cmd), []
+    lines = [f"## {title}", "", f"`{cmd}`", "", (NOTES / "guard.md").read_text().strip(), "",
+             "| model | `train.grad_clip` | step (µs) | guard's work (µs) | cost (goal ≤ 1 % at hidden 512) |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    summary = []
+    for row in r["per_step"]:
+        ok = "" if row["goal"] == "-" else (" (met)" if row["met"] else " (**not met**)")
+        lines.append(f"| hidden {row['hidden']} | {row['grad_clip']:g} | {row['step_us']:.0f} | "
+                     f"{row['guard_us']:.2f} | {100 * row['cost']:.2f} %{ok} |")  # fmt: skip
+        if row["hidden"] == 512:
+            clip = "clipping on (default)" if row["grad_clip"] else "clipping off"
+            summary.append(f"| non-finite guard per step, hidden 512, {clip} | ≤ 1 % | {100 * row['cost']:.2f} % | "
+                           f"{'met' if row['met'] else '**not met**'} |")  # fmt: skip
+    lines += ["", "End to end (world size 2, training samples/s):", "",
+              "| model | skip | off | ratio skip / off |", "|---|---:|---:|---:|"]  # fmt: skip
+    for row in r["end_to_end"]:
+        lines.append(f"| hidden {row['hidden']} | {_mm(row['skip_samples_per_s'], '{:.0f}')} | "
+                     f"{_mm(row['off_samples_per_s'], '{:.0f}')} | {_mm(row['ratio'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n", summary
+
+
 def chaos_section(r: dict | None) -> tuple[str, list[str]]:
     title, cmd = (
         "Chaos: random SIGKILLs with restarts",
@@ -223,6 +250,7 @@ def render(results: Path) -> str:
         recovery_section(_load(results, "recovery"), _load(results, "slurm_requeue")),
         tracking_section(_load(results, "tracking")),
         eval_section(_load(results, "eval")),
+        guard_section(_load(results, "guard")),
         chaos_section(_load(results, "chaos")),
     ]
     for text, rows in sections:
