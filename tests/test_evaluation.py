@@ -140,9 +140,11 @@ def test_selection_keeps_the_strict_best_ignores_non_finite_values_and_counts_pa
 
 # ---------------------------------------------------------------- signals during an eval
 
+# eval.mode=max on a falling mse: only the first eval is a new best, so no eval after it adds a checkpoint at its step
+# (a new best is always saved) — the kills below wait for windows between checkpoints that such a save would close.
 SIG_EVAL = [
     "task.args.per_sample_metrics=true", "task.args.eval_n=200", "eval.every=3", "eval.batch_size=8",
-    "eval.metric=mse", "tracking.mode=offline",
+    "eval.metric=mse", "eval.mode=max", "tracking.mode=offline",
 ]  # fmt: skip
 EVAL_CALLS = 1 + 13  # the probe, then one eval: 100 samples a rank in batches of 8
 

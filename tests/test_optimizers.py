@@ -53,7 +53,7 @@ def test_a_tasks_optimizer_and_scheduler_are_used_saved_by_name_and_resume_bitwi
         factor = lr_factor(OptimConfig(warmup_steps=3), MAX_STEPS, MAX_STEPS)
         assert lrs == [4e-3 * factor, 1e-3 * factor]
     else:  # StepLR(3, 0.5) alone decides: 12 steps halve the lr four times, no warmup or cosine on top
-        assert saved["scheduler_class"] == "StepLR"
+        assert saved["scheduler_class"] == "StepLR (the task's)"
         assert lrs == [4e-3 * 0.5**4, 1e-3 * 0.5**4]
 
     run = tmp_path / "killed"

@@ -460,8 +460,8 @@ class Trainer:
 
     def _check_finite_weights(self) -> None:
         """No checkpoint with NaN/inf weights is ever committed (retention would then delete the good ones). Rank 0's
-        state is what gets written (and what DDP broadcasts as buffers): rank 0 looks, every rank gets its answer and
-        raises together. Must be called on all ranks."""
+        state is what gets written: rank 0 looks, every rank gets its answer and raises together (one broadcast a
+        save; sharded parameters will differ by rank). Must be called on all ranks."""
         bad = self.ctx.broadcast_object(first_nonfinite(unwrap(self.model)) if self.ctx.is_main else None)
         if bad is not None:
             raise NonFiniteError(
@@ -481,8 +481,9 @@ def total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 
 def first_nonfinite(model: nn.Module) -> str | None:
-    """The name of the first floating-point parameter or buffer holding NaN/inf, or None (one host sync)."""
-    named = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
+    """The name of the first floating-point parameter holding NaN/inf, or None (one host sync). Parameters only:
+    buffers may hold inf by design (a causal mask of -inf), and a skipped step restores them anyway."""
+    named = [(n, t) for n, t in model.named_parameters() if t.is_floating_point()]
     if not named:
         return None
     finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
