@@ -2,7 +2,7 @@
 
 Compares, for training states of about 10 MB, 100 MB and 1 GB (model + AdamW moments):
 - ``torch.save``: one plain ``torch.save({"model", "optim"}, path)`` (no fsync, no manifest, no atomic commit);
-- ``sync``: our Checkpointer, blocking (serialise, sha256, fsync, rename, ``latest``);
+- ``sync``: our Checkpointer, blocking (serialise, checksum (xxh3_128), fsync, rename, ``latest``);
 - ``async``: our Checkpointer with ``async_save``: blocked only for the copy to host memory; committed later.
 Also the disk's raw sequential write speed (write + fsync of the same number of bytes) and the load time.
 

@@ -190,6 +190,24 @@ def eval_section(r: dict | None) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", summary
 
 
+def checksum_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = (
+        "The checkpoint write path without the disk: the checksum's cost",
+        "python benchmarks/checksum_bench.py --repeats 5 --out benchmarks/results/checksum.json",
+    )
+    if r is None:
+        return _missing(title, cmd), []
+    lines = [f"## {title}", "", f"`{cmd}`", "", (NOTES / "checksum.md").read_text().strip(), "",
+             f"| `torch.save` of {r['state_mb']:.0f} MB to /dev/null through | MB/s |", "|---|---:|"]  # fmt: skip
+    for name, rate in r["mb_per_s"].items():
+        lines.append(f"| {name} | {_mm(rate, '{:.0f}')} |")
+    now = next(v for k, v in r["mb_per_s"].items() if "now" in k)
+    alone = r["mb_per_s"]["torch.save alone"]
+    summary = [f"| checksummed serialisation vs torch.save alone (no disk) | – | "
+               f"{now['median'] / alone['median']:.2f} | – |"]  # fmt: skip
+    return "\n".join(lines) + "\n", summary
+
+
 def guard_section(r: dict | None) -> tuple[str, list[str]]:
     title, cmd = (
         "The non-finite guard: `train.nonfinite: skip` vs `off`",
@@ -247,6 +265,7 @@ def render(results: Path) -> str:
     sections = [
         loop_section(_load(results, "loop")),
         checkpoint_section(_load(results, "checkpoint")),
+        checksum_section(_load(results, "checksum")),
         recovery_section(_load(results, "recovery"), _load(results, "slurm_requeue")),
         tracking_section(_load(results, "tracking")),
         eval_section(_load(results, "eval")),

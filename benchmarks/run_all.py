@@ -36,6 +36,8 @@ def commands(quick: bool) -> dict[str, list[str]]:
                      "--out", str(RESULTS / "tracking.json")],
         "eval": [py, "benchmarks/eval_bench.py", "--repeats", "1" if quick else "3",
                  "--out", str(RESULTS / "eval.json")],
+        "checksum": [py, "benchmarks/checksum_bench.py", "--repeats", "2" if quick else "5",
+                     "--out", str(RESULTS / "checksum.json")],
         "guard": [py, "benchmarks/guard_bench.py", "--repeats", "1" if quick else "4",
                   "--out", str(RESULTS / "guard.json")],
         "chaos": [py, "scripts/chaos.py", "--trials", "5" if quick else "50", "--seed", "0",

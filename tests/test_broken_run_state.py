@@ -49,7 +49,8 @@ def _state_with(**changes) -> Callable[[Path], None]:
 
 
 CHECKPOINT_DAMAGE: dict[str, Callable[[Path], None]] = {
-    "manifest entry without sha256": lambda f: _edit_files(f, lambda files: files["model.pt"].pop("sha256")),
+    "manifest entry without checksum": lambda f: _edit_files(f, lambda files: files["model.pt"].pop("xxh3_128")),
+    "manifest checksum too short": lambda f: _edit_files(f, lambda files: files["model.pt"].update(xxh3_128="ab")),
     "manifest entry is a string": lambda f: _edit_files(f, lambda files: files.update({"optim.pt": "abc"})),
     "manifest size is a string": lambda f: _edit_files(f, lambda files: files["model.pt"].update(size="12")),
     "manifest files is a list": lambda f: _set_manifest(f, {**_manifest(f), "files": list(_manifest(f)["files"])}),

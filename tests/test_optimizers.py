@@ -13,6 +13,7 @@ Resumes whose model or groups changed are in the bad-input table (tests/test_bad
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,10 @@ def test_a_checkpoint_of_the_first_format_resumes_to_the_same_bits(tmp_path):
     assert tensors_equal(torch.load(final / "model.pt", weights_only=True), then)
     rewritten = torch.load(final / "optim.pt", weights_only=True)["optimizer"]
     assert "0.weight" in rewritten["state"]  # today's checkpoints name the state
+    # The fixture's manifest has sha256 checksums (it verified, or it would not have resumed); today's, xxh3_128.
+    old = json.loads((FIXTURE / "step-00000004" / "manifest.json").read_text())["files"]
+    new = json.loads((final / "manifest.json").read_text())["files"]
+    assert all("sha256" in e for e in old.values()) and all(set(e) == {"size", "xxh3_128"} for e in new.values())
 
 
 def test_tied_weights_and_malformed_optimizer_state():

@@ -6,7 +6,8 @@ Layout of one checkpoint, ``checkpoints/step-00000040/``:
 - ``optim.pt``       ``{"optimizer", "scheduler", "scaler"}`` state dicts; the optimizer's keyed by parameter name
                      (workers.optim_state; the first format's positions still load)
 - ``train_state.json`` step, samples seen, world size at save, seed, ... (non-tensor state is JSON)
-- ``manifest.json``  size and sha256 of every file above; written last: it is the commit marker
+- ``manifest.json``  size and checksum (xxh3_128; sha256 in older ones) of every file above; written last: it is
+                     the commit marker
 
 A save writes everything into ``checkpoints/.tmp-step-…``, fsyncs, renames the folder into place, then
 replaces ``checkpoints/latest`` atomically. A folder without a valid manifest does not exist for resume.
@@ -15,7 +16,6 @@ Everything is loaded with ``weights_only=True``; nothing here unpickles arbitrar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +33,7 @@ from torch import nn
 from workers.contract import TrainState, is_int
 from workers.dist import DistContext
 from workers.errors import CheckpointError, IncompatibleCheckpointError
-from workers.fsutil import HashingWriter, atomic_write, fsync_dir, write_durable
+from workers.fsutil import HashingWriter, atomic_write, digest_of, file_digest, fsync_dir, write_durable
 from workers.optim_state import from_named, from_positions, is_named, to_named
 from workers.rundir import MANIFEST_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE, RunDir, step_folders
 
@@ -199,7 +199,7 @@ def snapshot(obj: Any, pin: bool = False) -> Any:
 
 
 def verify(folder: Path) -> dict[str, Any]:
-    """Check a committed checkpoint against its manifest (sizes and sha256); return the manifest.
+    """Check a committed checkpoint against its manifest (sizes and checksums); return the manifest.
 
     Raises CheckpointError naming the folder and the first problem found.
     """
@@ -212,14 +212,16 @@ def verify(folder: Path) -> dict[str, Any]:
             raise CheckpointError(f"'{folder}' is missing {name}")
         if path.stat().st_size != entry["size"]:
             raise CheckpointError(f"'{path}' has {path.stat().st_size} bytes, manifest says {entry['size']}")
-        if _sha256_file(path) != entry["sha256"]:
-            raise CheckpointError(f"'{path}' does not match its sha256 in the manifest (corrupt)")
+        algorithm, expected = digest_of(entry)
+        if file_digest(path, algorithm) != expected:
+            raise CheckpointError(f"'{path}' does not match its checksum ({algorithm}) in the manifest (corrupt)")
     read_train_state(folder)  # hashes match, but the state must also read by schema (a forged or buggy file)
     return manifest
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest, checked by schema: ``files`` maps a plain file name to ``{"size": int, "sha256": hex}``, and
+    """The manifest, checked by schema: ``files`` maps a plain file name to ``{"size": int, <digest>: hex}`` (digest:
+    xxh3_128, or sha256 in checkpoints written before), and
     lists the three files every checkpoint has. Anything else is a CheckpointError (the folder is corrupt)."""
     path = folder / MANIFEST_FILE
     try:
@@ -235,23 +237,14 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         ok_name = isinstance(name, str) and name and "/" not in name and name not in (".", "..")
         ok_entry = (
             isinstance(entry, dict) and is_int(entry.get("size"))
-            and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
+            and digest_of(entry) is not None
         )  # fmt: skip
         if not (ok_name and ok_entry):
-            raise CheckpointError(f"'{path}' is malformed: entry {name!r} is not {{size, sha256}} of a file")
+            raise CheckpointError(f"'{path}' is malformed: entry {name!r} is not {{size, checksum}} of a file")
     for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
         if name not in files:
             raise CheckpointError(f"'{folder}' manifest does not list {name}")
     return manifest
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    """sha256 of a file read in 16 MiB chunks (a 10 GB optimizer state must not need 10 GB of RAM)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_latest_valid(ckpt_dir: Path, warn: bool = True) -> Path | None:

@@ -5,7 +5,37 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import xxhash
+
+# Checksums of manifest entries (one owner: this module). New entries carry xxh3_128 (~5 GB/s here against
+# sha256's ~1.3 GB/s, which held a synchronous save to a third of the disk's bandwidth); entries of checkpoints
+# written before carry sha256 and still verify. A checksum guards against corruption (torn, truncated, bit-rotten
+# files); it is no signature — whoever can write a checkpoint can write its manifest, so loading stays safe by
+# other means (weights_only=True, restricted unpicklers).
+DIGESTS: dict[str, tuple[Any, int]] = {"xxh3_128": (xxhash.xxh3_128, 32), "sha256": (hashlib.sha256, 64)}
+NEW_DIGEST = "xxh3_128"
+
+
+def digest_of(entry: dict[str, Any]) -> tuple[str, str] | None:
+    """(algorithm, hex digest) of a manifest entry, or None when it has no well-formed one."""
+    for name, (_, length) in DIGESTS.items():
+        value = entry.get(name)
+        if isinstance(value, str) and len(value) == length:
+            return name, value
+    return None
+
+
+def file_digest(path: Path, algorithm: str = NEW_DIGEST, chunk: int = 1 << 24) -> str:
+    """The file's digest, read in 16 MiB chunks (a 10 GB optimizer state must not need 10 GB of RAM)."""
+    digest = DIGESTS[algorithm][0]()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -18,12 +48,12 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_durable(path: Path, data: bytes) -> dict[str, int | str]:
-    """Write ``data`` to ``path``, flush and fsync; return ``{"size", "sha256"}`` (a manifest entry)."""
+    """Write ``data`` to ``path``, flush and fsync; return ``{"size", NEW_DIGEST}`` (a manifest entry)."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"size": len(data), NEW_DIGEST: DIGESTS[NEW_DIGEST][0](data).hexdigest()}
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -92,23 +122,46 @@ class RunDirLock:
             self._fd = None
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """The threads that checksum big chunks while they are written (shared: the training thread's saves and the
+    background commit's never need more than one each)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checksum")
+    return _POOL
+
+
 class HashingWriter:
-    """A write-only file object that hashes (sha256) and counts what passes through it to ``f``.
+    """A write-only file object that hashes (``NEW_DIGEST``) and counts what passes through it to ``f``.
 
     Lets ``torch.save`` stream straight to disk while the manifest entry is computed on the way: no second
     in-memory copy of the state, no second read of the file.
     """
 
     def __init__(self, f) -> None:
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self.f, self.digest, self.size = f, DIGESTS[NEW_DIGEST][0](), 0
+
+    _PARALLEL_BYTES = 1 << 20  # below this, handing the chunk to another thread costs more than it saves
 
     def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.f.write(data)
+        size = memoryview(data).nbytes
+        self.size += size
+        if size < self._PARALLEL_BYTES:
+            self.digest.update(data)
+            return self.f.write(data)
+        # Hash and write the same chunk at once (both release the GIL); the chunk is neither changed nor freed
+        # before this call returns, and chunks are hashed in order because each waits for its own.
+        hashed = _hash_pool().submit(self.digest.update, data)
+        try:
+            return self.f.write(data)
+        finally:
+            hashed.result()
 
     def flush(self) -> None:
         self.f.flush()
 
     def entry(self) -> dict[str, int | str]:
-        return {"size": self.size, "sha256": self.sha.hexdigest()}
+        return {"size": self.size, NEW_DIGEST: self.digest.hexdigest()}
