@@ -135,9 +135,9 @@ def _schedule(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
     return lambda step: lr_factor(cfg, max_steps, step)
 
 
-def check_params_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+def check_params_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every parameter the optimizer holds belongs to ``model``, once: else ConfigError (the seed's lesson: an
-    optimizer built over another copy of the model trains nothing that is saved). Returns id(param) -> name."""
+    optimizer built over another copy of the model trains nothing that is saved)."""
     names = {id(p): n for n, p in model.named_parameters()}
     seen: set[int] = set()
     for g, group in enumerate(optimizer.param_groups):
@@ -154,7 +154,6 @@ def check_params_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
                     "in one group only"
                 )
             seen.add(id(param))
-    return names
 
 
 def describe(built: Built) -> str:

@@ -62,7 +62,8 @@ def from_named(
     IncompatibleCheckpointError (exit 2) naming the first parameter whose place differs (added, removed, moved to
     another group), CheckpointError when the entry is malformed."""
     saved_groups = _groups(where, saved, str)
-    now = [[_param_names(model)[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    names = _param_names(model)
+    now = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     then = [list(g["params"]) for g in saved_groups]
     problem = _first_layout_mismatch(then, now)
     if problem:

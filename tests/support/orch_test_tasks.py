@@ -176,14 +176,22 @@ class TaggedAdamW(torch.optim.AdamW):
         return loss
 
 
-class _Poisoned:
-    """Sample ``index`` has NaN inputs (one bad record in a user's data); every other sample is unchanged."""
+class _Wrapped:
+    """A dataset wrapper: the same length, each subclass changes ``__getitem__``."""
 
-    def __init__(self, dataset, index: int) -> None:
-        self.dataset, self.index = dataset, index
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+
+class _Poisoned(_Wrapped):
+    """Sample ``index`` has NaN inputs (one bad record in a user's data); every other sample is unchanged."""
+
+    def __init__(self, dataset, index: int) -> None:
+        super().__init__(dataset)
+        self.index = index
 
     def __getitem__(self, index):
         x, y = self.dataset[index]
@@ -214,30 +222,25 @@ class _Evaluated(_Slowed):
         return {"mse": (err**2).mean(dim=1), "mae": err.abs().mean(dim=1)}
 
 
-class _NoisyInputs:
+class _NoisyInputs(_Wrapped):
     """Random augmentation inside __getitem__ (draws from torch's global RNG, as user code would)."""
 
     def __init__(self, dataset, scale: float) -> None:
-        self.dataset, self.scale = dataset, scale
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+        super().__init__(dataset)
+        self.scale = scale
 
     def __getitem__(self, index):
-
         x, y = self.dataset[index]
         return x + self.scale * torch.randn_like(x), y
 
 
-class _BlockingSamples:
+class _BlockingSamples(_Wrapped):
     """After ``after`` samples in one process, ``__getitem__`` blocks (a loader worker stuck reading a file),
     first creating ``<marker>-rank<r>`` so a test knows it is blocked."""
 
     def __init__(self, dataset, after: int, marker: str | None) -> None:
-        self.dataset, self.after, self.marker, self.served = dataset, after, marker, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+        super().__init__(dataset)
+        self.after, self.marker, self.served = after, marker, 0
 
     def __getitem__(self, index):
         self.served += 1
