@@ -9,6 +9,13 @@ Layout of one checkpoint, ``checkpoints/step-00000040/``:
 - ``manifest.json``  size and checksum (xxh3_128; sha256 in older ones) of every file above; written last: it is
                      the commit marker
 
+A sharded (``train.parallel: fsdp``) checkpoint is the same folder, but the model's and the optimizer's tensors are a
+DCP checkpoint under ``dcp/`` (workers.dcp_io: one shard file per rank, ``.metadata``), ``optim.pt`` holds the
+rest of the optimizer entry (groups, non-tensor state) and the scheduler and scaler, and ``model.pt`` (the full
+model, written by rank 0) is there per ``train.export_model``. Every rank writes its shard, fsyncs and reports
+its files' checksums; rank 0 then writes the rest and the manifest covering every file, renames, moves ``latest``.
+Either kind resumes into either mode on any world size: DCP reshards, a full state is sliced (workers.parallel).
+
 A save writes everything into ``checkpoints/.tmp-step-…``, fsyncs, renames the folder into place, then
 replaces ``checkpoints/latest`` atomically. A folder without a valid manifest does not exist for resume.
 Everything is loaded with ``weights_only=True``; nothing here unpickles arbitrary objects.
@@ -30,16 +37,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers import dcp_io
 from workers.contract import TrainState, is_int
+from workers.dcp_io import DCP_DIR, METADATA, MODEL_PREFIX, OPTIM_PREFIX
 from workers.dist import DistContext
 from workers.errors import CheckpointError, IncompatibleCheckpointError
-from workers.fsutil import HashingWriter, atomic_write, digest_of, file_digest, fsync_dir, write_durable
-from workers.optim_state import from_named, from_positions, is_named, to_named
+from workers.fsutil import NEW_DIGEST, HashingWriter, atomic_write, digest_of, file_digest, fsync_dir, write_durable
+from workers.optim_state import from_named, from_positions, is_named, join_tensors, split_tensors, tensor_keys, to_named
+from workers.parallel import all_gather_objects, checkpoint_group, full_model_state, is_sharded, like, staged
 from workers.rundir import MANIFEST_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE, RunDir, step_folders
 
 log = logging.getLogger("workers.checkpoint")
 
 FORMAT_VERSION = 1
+DCP_METADATA = f"{DCP_DIR}/{METADATA}"  # the manifest entry that makes a checkpoint a sharded one
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 __all__ = ["CheckpointError", "Checkpointer", "find_latest_valid", "load_weights", "read_train_state", "verify"]
 
@@ -149,7 +160,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         ckpt = find_latest_valid(run.checkpoints) if run.checkpoints.is_dir() else path
         if ckpt is None:
             raise CheckpointError(f"'{path}' holds no valid checkpoint")
-        verify(ckpt)
+        files = verify(ckpt)["files"]
+        if MODEL_FILE not in files:  # a sharded checkpoint without the exported model: its shards, gathered here
+            return dcp_io.read_full(ckpt / DCP_DIR, MODEL_PREFIX)
         path = ckpt / MODEL_FILE
     obj = _safe_load(path)
     if not _is_state_dict(obj) and isinstance(obj, Mapping):
@@ -215,6 +228,15 @@ def verify(folder: Path) -> dict[str, Any]:
         algorithm, expected = digest_of(entry)
         if file_digest(path, algorithm) != expected:
             raise CheckpointError(f"'{path}' does not match its checksum ({algorithm}) in the manifest (corrupt)")
+    if DCP_METADATA in manifest["files"]:  # only now, its checksum matched: read (restricted) and check its files
+        metadata = dcp_io.read_metadata(folder / DCP_DIR)
+        unlisted = [
+            f for f in dcp_io.shard_files(folder / DCP_DIR, metadata) if f"{DCP_DIR}/{f}" not in manifest["files"]
+        ]
+        if unlisted:
+            raise CheckpointError(
+                f"'{folder}': its DCP metadata names {DCP_DIR}/{unlisted[0]}, which the manifest lacks"
+            )
     read_train_state(folder)  # hashes match, but the state must also read by schema (a forged or buggy file)
     return manifest
 
@@ -234,17 +256,27 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(files, dict):
         raise CheckpointError(f"'{path}' is malformed: no 'files' mapping")
     for name, entry in files.items():
-        ok_name = isinstance(name, str) and name and "/" not in name and name not in (".", "..")
+        ok_name = isinstance(name, str) and _plain_name(name.removeprefix(f"{DCP_DIR}/"))
         ok_entry = (
             isinstance(entry, dict) and is_int(entry.get("size"))
             and digest_of(entry) is not None
         )  # fmt: skip
         if not (ok_name and ok_entry):
             raise CheckpointError(f"'{path}' is malformed: entry {name!r} is not {{size, checksum}} of a file")
-    for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
+    for name in (OPTIM_FILE, STATE_FILE, MODEL_FILE if DCP_METADATA not in files else DCP_METADATA):
         if name not in files:
             raise CheckpointError(f"'{folder}' manifest does not list {name}")
     return manifest
+
+
+def _plain_name(name: str) -> bool:
+    """A file name that stays in its folder (no separators, not . or ..)."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    """Whether a (verified) folder is a sharded one: its manifest lists DCP metadata."""
+    return DCP_METADATA in _read_manifest(folder)["files"]
 
 
 def find_latest_valid(ckpt_dir: Path, warn: bool = True) -> Path | None:
@@ -272,7 +304,7 @@ class CheckpointPayload:
     """What one checkpoint holds, as host-side objects ready to serialise."""
 
     step: int
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] | None  # None: a sharded checkpoint without the exported model.pt
     rest: dict[str, Any]  # optimizer / scheduler / scaler state dicts
     train_state: TrainState
     keep_also: frozenset[int] = frozenset()  # steps retention must not delete (the best checkpoints)
@@ -295,8 +327,12 @@ class Checkpointer:
         keep: int = 2,
         async_save: bool = False,
         extra_files: dict[str, bytes] | None = None,
+        parallel: str = "ddp",
     ) -> None:
         self.paths, self.ctx, self.keep, self.async_save = paths, ctx, keep, async_save
+        self.sharded = parallel == "fsdp"  # every rank writes its shards (DCP), rank 0 the rest
+        self._group: Any = None  # fsdp: the checkpoint process group and the temporary folder's id, made at the
+        self._tmp_id: str | None = None  # first save (collectively)
         self.extra_files = extra_files or {}  # e.g. the resolved config, saved in every checkpoint
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt") if async_save else None
         self._in_flight: Future | None = None
@@ -313,6 +349,7 @@ class Checkpointer:
         blocking: bool = True,
         keep_also: frozenset[int] = frozenset(),
         best_step: int | None = None,
+        export_model: bool = True,
     ) -> Path:
         """Collective: must be called on all ranks with the same arguments' step.
 
@@ -321,8 +358,16 @@ class Checkpointer:
         the state to host memory and returns; the commit happens in the background (no barrier needed: the
         other ranks write nothing). Older checkpoints beyond ``keep`` are deleted only after a commit, except the
         steps in ``keep_also``; ``best_step`` (when its folder exists) is then named by ``checkpoints/best``.
+
+        Sharded (``parallel="fsdp"``): every rank takes part in the write (its shards) and, non-blocking, stages
+        its shards to host memory and writes them in its own background thread; ``export_model`` adds the full
+        ``model.pt`` (gathered now, on all ranks).
         """
         target = self.paths.step_dir(step)
+        if self.sharded:
+            return self._save_sharded(target, model, optimizer, scheduler, scaler, train_state, blocking,
+                                      CheckpointPayload(step, None, {}, train_state, keep_also, best_step),
+                                      export_model)  # fmt: skip
         if self.ctx.is_main:
             self.wait()  # at most one save in flight; also surfaces a failed background write
             pin = self.ctx.device.type == "cuda"
@@ -357,37 +402,120 @@ class Checkpointer:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
 
+    # ------------------------------------------------------------ sharded saves
+
+    def _save_sharded(
+        self,
+        target: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        scaler: Any,
+        train_state: TrainState,
+        blocking: bool,
+        payload: CheckpointPayload,
+        export_model: bool,
+    ) -> Path:
+        """See :meth:`save`. All ranks, in the training thread: gather what is to be written (the full model is an
+        all-gather), then write now or hand it to this rank's background thread."""
+        self.wait()  # at most one save in flight, on every rank alike
+        if self._tmp_id is None:  # one id for the temporary folders of this launch, the same on every rank
+            self._group = checkpoint_group(self.ctx)
+            self._tmp_id = str(self.ctx.broadcast_object(f"{os.getpid()}"))
+        bare = unwrap(model)
+        meta, optim_tensors = split_tensors(to_named(bare, optimizer))
+        flat = {MODEL_PREFIX + k: v for k, v in bare.state_dict().items()}
+        flat.update({OPTIM_PREFIX + k: v for k, v in optim_tensors.items()})
+        use_async = self._pool is not None and not blocking
+        full = full_model_state(model, self.ctx) if export_model else None
+        if self.ctx.is_main:
+            payload.rest = {"optimizer": meta, "scheduler": scheduler.state_dict(),
+                            "scheduler_class": _schedule_kind(scheduler), "scaler": scaler.state_dict()}  # fmt: skip
+            payload.model = full
+        if use_async:  # copies now: the live tensors change with the next step
+            flat, payload.rest = staged(flat), snapshot(payload.rest)
+            if full is not None and not is_sharded(bare):
+                payload.model = snapshot(full)  # unsharded, the "full" state is the live tensors
+            self._in_flight = self._pool.submit(self._commit_sharded, target, flat, payload)
+        else:
+            self._commit_sharded(target, flat, payload)
+        return target
+
+    def _commit_sharded(self, target: Path, flat: dict[str, torch.Tensor], payload: CheckpointPayload) -> None:
+        """All ranks (training thread, or each rank's background thread): DCP writes every rank's shards into the
+        temporary folder; each rank fsyncs and checksums its own files and all report to rank 0, which writes the rest
+        and commits. Ends with every rank knowing whether the commit happened (a failure on one raises on all).
+        Collectives run on the checkpoint group only, never on training's."""
+        t0 = time.perf_counter()
+        tmp = self.paths.checkpoints / f".tmp-{target.name}-{self._tmp_id}"
+        problem: str | None = None
+        try:
+            (tmp / DCP_DIR).mkdir(parents=True, exist_ok=True)  # every rank: no one removes what another wrote
+            dcp_io.save(flat, tmp / DCP_DIR, self._group)  # collective; creates the folder on each rank as needed
+            mine = dcp_io.own_files(tmp / DCP_DIR, self.ctx.rank)
+            dcp_io.fsync_files(mine)
+            entries = {f"{DCP_DIR}/{p.name}": {"size": p.stat().st_size, NEW_DIGEST: file_digest(p)} for p in mine}
+        except OSError as exc:
+            entries, problem = {}, str(_write_error(target, exc))
+        reports = all_gather_objects((entries, problem), self._group)
+        problem = next((p for _, p in reports if p), None)
+        if self.ctx.is_main:
+            if problem is None:
+                try:
+                    fsync_dir(tmp / DCP_DIR)
+                    files = {name: e for ents, _ in reports for name, e in ents.items()}
+                    self._write_folder(target, tmp, payload, files)
+                except OSError as exc:
+                    problem = str(_write_error(target, exc))
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        problem = all_gather_objects(problem, self._group)[0]  # rank 0's verdict, on every rank
+        if problem is not None:
+            raise CheckpointError(problem)
+        if self.ctx.is_main:
+            self._after_commit(payload)
+        self.last_commit_s = time.perf_counter() - t0
+
     def _commit(self, target: Path, payload: CheckpointPayload) -> None:
         """Rank 0: write everything into a temporary folder, fsync, rename into place, update ``latest``."""
         t0 = time.perf_counter()
         try:
-            self._write_folder(target, payload)
+            tmp = self._fresh_tmp(target, str(os.getpid()))
+            self._write_folder(target, tmp, payload, {})
         except OSError as exc:
-            raise CheckpointError(
-                f"cannot write checkpoint '{target}': {exc.strerror or exc} — older checkpoints are intact. "
-                "HINT: check free space and write permission on run.dir"
-            ) from exc
+            raise _write_error(target, exc) from exc
+        self._after_commit(payload)
+        self.last_commit_s = time.perf_counter() - t0
+
+    def _after_commit(self, payload: CheckpointPayload) -> None:
+        """Rank 0, after a commit: ``best``, then retention."""
         best = self.paths.step_dir(payload.best_step) if payload.best_step is not None else None
         if best is not None and best.is_dir() and self.paths.best_name() != best.name:
             atomic_write(self.paths.best, best.name + "\n")  # before retention: it never names a deleted folder
         self._apply_retention(payload.step, payload.keep_also)
-        self.last_commit_s = time.perf_counter() - t0
 
-    def _write_folder(self, target: Path, payload: CheckpointPayload) -> None:
+    def _fresh_tmp(self, target: Path, tmp_id: str) -> Path:
+        """Rank 0: an empty temporary folder for ``target`` (a leftover of the same name is removed)."""
         self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
-        tmp = self.paths.checkpoints / f".tmp-{target.name}-{os.getpid()}"
+        tmp = self.paths.checkpoints / f".tmp-{target.name}-{tmp_id}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        return tmp
+
+    def _write_folder(self, target: Path, tmp: Path, payload: CheckpointPayload, files: dict[str, Any]) -> None:
+        """Rank 0: write its files into ``tmp`` (``files``: entries of what other ranks wrote there already), the
+        manifest last, fsync, rename into place, update ``latest``. A failure removes ``tmp``."""
         try:
-            files = {
-                MODEL_FILE: save_torch_durable(tmp / MODEL_FILE, payload.model),
-                OPTIM_FILE: save_torch_durable(tmp / OPTIM_FILE, payload.rest),
-                STATE_FILE: write_durable(tmp / STATE_FILE, payload.train_state.to_json().encode()),
-            }
+            if payload.model is not None:
+                files[MODEL_FILE] = save_torch_durable(tmp / MODEL_FILE, payload.model)
+            files[OPTIM_FILE] = save_torch_durable(tmp / OPTIM_FILE, payload.rest)
+            files[STATE_FILE] = write_durable(tmp / STATE_FILE, payload.train_state.to_json().encode())
             files.update({name: write_durable(tmp / name, data) for name, data in self.extra_files.items()})
             # The manifest goes last: its presence (and matching hashes) is what makes the folder count.
             manifest = {"format": FORMAT_VERSION, "step": payload.step, "files": files}
+            if self.sharded:
+                manifest.update(parallel="fsdp", world_size=self.ctx.world_size)
             write_durable(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
             fsync_dir(tmp)
         except BaseException:
@@ -465,22 +593,19 @@ class Checkpointer:
     ) -> TrainState:
         """Restore model, optimizer, scheduler and scaler from ``folder``; return its train state."""
         saved = saved or read_train_state(folder)
-        weights = _safe_load(folder / MODEL_FILE)  # an unsafe or corrupt file: CheckpointError, not a config error
-        if not _is_state_dict(weights):
-            raise CheckpointError(f"'{folder / MODEL_FILE}' holds no model state_dict (names to tensors)")
-        problem = first_mismatch(unwrap(model), weights)
-        if problem:  # another architecture than the one saved: the user's to fix, not a crash
-            raise IncompatibleCheckpointError(
-                f"checkpoint '{folder}' does not fit the model that task.factory/task.args build: {problem}. "
-                "HINT: restore the task settings of this run, or use a new run.dir"
-            )
-        unwrap(model).load_state_dict(weights, strict=True)
-        rest = _safe_load(folder / OPTIM_FILE)
+        bare = unwrap(model)
+        rest = _safe_load(folder / OPTIM_FILE)  # an unsafe or corrupt file: CheckpointError, not a config error
         if not (isinstance(rest, Mapping) and isinstance(rest.get("optimizer"), Mapping) and "scheduler" in rest):
             raise CheckpointError(f"'{folder / OPTIM_FILE}' does not hold optimizer and scheduler state")
         _check_optimizer_fits(folder, optimizer, rest["optimizer"], saved.optimizer)
-        convert = from_named if is_named(rest["optimizer"]) else from_positions
-        optimizer.load_state_dict(convert(str(folder), unwrap(model), optimizer, rest["optimizer"]))
+        if is_sharded_checkpoint(folder):
+            named = self._load_shards(folder, bare, rest["optimizer"])
+        else:
+            _load_full_model(folder, bare, _safe_load(folder / MODEL_FILE))
+            named = rest["optimizer"]
+        convert = from_named if is_named(named) else from_positions
+        state = convert(str(folder), bare, optimizer, named)
+        optimizer.load_state_dict(_laid_out_like(state, optimizer))
         then, now = rest.get("scheduler_class"), _schedule_kind(scheduler)
         if isinstance(then, str) and then != now:
             raise IncompatibleCheckpointError(
@@ -492,6 +617,74 @@ class Checkpointer:
         if rest.get("scaler"):
             scaler.load_state_dict(rest["scaler"])
         return saved
+
+    def _load_shards(self, folder: Path, bare: nn.Module, entry: Mapping[str, Any]) -> dict[str, Any]:
+        """Load a sharded checkpoint's model into ``bare`` (in place, resharded to its layout) and return the named
+        optimizer entry with its tensors. Collective when distributed: all ranks read what their layout needs."""
+        where = str(folder / DCP_DIR)
+        metadata = dcp_io.read_metadata(folder / DCP_DIR)  # restricted; verify() checked its checksum first
+        shapes = dcp_io.tensor_shapes(metadata, MODEL_PREFIX)
+        _check_model_fits(folder, bare, {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in shapes.items()})
+        model_sd = bare.state_dict()
+        targets = {MODEL_PREFIX + k: v for k, v in model_sd.items() if isinstance(v, torch.Tensor)}
+        optim_shapes = dcp_io.tensor_shapes(metadata, OPTIM_PREFIX)
+        params = dict(bare.named_parameters())
+        for name, keys in tensor_keys(where, entry).items():
+            for key in keys:
+                if f"{name}/{key}" not in optim_shapes:
+                    raise CheckpointError(f"'{where}' lacks the optimizer's {key!r} of {name!r}")
+                size, dtype = optim_shapes[f"{name}/{key}"]
+                p = params.get(name)
+                same = p is not None and tuple(p.shape) == tuple(size)  # laid out like its parameter (sharded too)
+                targets[f"{OPTIM_PREFIX}{name}/{key}"] = (
+                    torch.empty_like(p, dtype=dtype) if same else torch.empty(size, dtype=dtype)
+                )
+        dcp_io.load(targets, folder / DCP_DIR, distributed=self.ctx.distributed)
+        bare.load_state_dict(model_sd, strict=True)  # filled in place; this runs the wrappers' load hooks too
+        tensors = {k[len(OPTIM_PREFIX) :]: v for k, v in targets.items() if k.startswith(OPTIM_PREFIX)}
+        return join_tensors(where, entry, tensors)
+
+
+def _check_model_fits(folder: Path, bare: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    problem = first_mismatch(bare, weights)
+    if problem:  # another architecture than the one saved: the user's to fix, not a crash
+        raise IncompatibleCheckpointError(
+            f"checkpoint '{folder}' does not fit the model that task.factory/task.args build: {problem}. "
+            "HINT: restore the task settings of this run, or use a new run.dir"
+        )
+
+
+def _load_full_model(folder: Path, bare: nn.Module, weights: Any) -> None:
+    """Load a full state dict into ``bare``, sliced to its shards when it is sharded (no communication)."""
+    if not _is_state_dict(weights):
+        raise CheckpointError(f"'{folder / MODEL_FILE}' holds no model state_dict (names to tensors)")
+    _check_model_fits(folder, bare, weights)
+    load_full_weights(bare, weights)
+
+
+def load_full_weights(bare: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """``bare.load_state_dict(weights)`` for a full state, whether ``bare`` is sharded or not. Fit checked first."""
+    if is_sharded(bare):
+        now = bare.state_dict()
+        weights = {k: like(v, now[k]) if isinstance(now.get(k), torch.Tensor) else v for k, v in weights.items()}
+    bare.load_state_dict(weights, strict=True)
+
+
+def _laid_out_like(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Optimizer state (positions) with each full tensor of a parameter's shape sharded like that parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not is_sharded_params(params):
+        return state
+    for index, values in state["state"].items():
+        p = params[index]
+        state["state"][index] = {k: like(v, p) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+    return state
+
+
+def is_sharded_params(params: list[torch.Tensor]) -> bool:
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415
+
+    return any(isinstance(p, DTensor) for p in params)
 
 
 # Group settings a newer torch adds (and fills in on load) or an optimizer defaults: their absence is no mismatch.
@@ -530,6 +723,13 @@ def _check_optimizer_fits(
                 f"checkpoint '{folder}' holds optimizer state that does not fit this optimizer (group {i} lacks "
                 f"{', '.join(lacking)}; was optim.name changed?). {hint}"
             )
+
+
+def _write_error(target: Path, exc: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"cannot write checkpoint '{target}': {exc.strerror or exc} — older checkpoints are intact. "
+        "HINT: check free space and write permission on run.dir"
+    )
 
 
 def _schedule_kind(scheduler: Any) -> str:

@@ -193,6 +193,7 @@ class TrainState:
     selection: dict[str, Any] | None = None  # model selection (workers.selection): best, k best, patience counter
     nonfinite_skipped: int | None = None  # steps skipped for non-finite gradients so far (train.nonfinite)
     nonfinite_streak: int | None = None  # consecutive ones up to this step (a resume continues the count)
+    parallel: str | None = None  # train.parallel at save: "ddp" (model.pt + optim.pt) | "fsdp" (shards under dcp/)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -243,7 +244,7 @@ _STATE_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "task": ((str,), False), "tracking_run_id": ((str,), False), "dataset_len": ((int,), False),
     "task_args": ((dict,), False), "torch": ((str,), False), "time": ((int, float), False),
     "optimizer": ((str,), False), "selection": ((dict,), False), "nonfinite_skipped": ((int,), False),
-    "nonfinite_streak": ((int,), False),
+    "nonfinite_streak": ((int,), False), "parallel": ((str,), False),
 }  # fmt: skip
 _NON_NEGATIVE = {
     "step", "samples_seen", "world_size", "global_batch_size", "seed", "max_steps", "dataset_len",

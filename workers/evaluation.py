@@ -75,8 +75,13 @@ class Evaluator:
         batch_size: int,
         seed: int,
         autocast: Callable[[], AbstractContextManager[Any]],
+        lockstep: bool = False,
     ) -> None:
+        """``lockstep``: every forward is a collective (a sharded model all-gathers its parameters), so every rank
+        runs the same number of batches — a rank with fewer repeats one and discards it — and a stop request is agreed
+        before each batch (one small all-reduce), instead of each rank stopping on its own."""
         self.task, self.model, self.ctx, self.batch_size, self.autocast = task, model, ctx, batch_size, autocast
+        self.lockstep = lockstep and ctx.world_size > 1
         self.dataset = task.eval_dataset
         self.n = len(self.dataset)
         if self.n <= 0:
@@ -140,11 +145,15 @@ class Evaluator:
         parts: list[torch.Tensor] = []
         totals = [0.0] * len(self.names)
         count, code, names = 0, 0, set(self.names)
-        for done, batch in enumerate(self._my_batches()):
+        for done, (batch, counted) in enumerate(self._batches()):
             code = interrupt() if interrupt is not None else 0
+            if self.lockstep:  # agreed: the strongest code any rank has (a MAX via SUM of one-hot votes)
+                code = self._agreed(code)
             if code:
                 break
             values, size = self._evaluate(batch)
+            if not counted:  # lockstep padding: run for the collective, counted nowhere
+                continue
             if values.keys() != names:
                 raise ConfigError(
                     f"the task's evaluate() returned {sorted(values)} for one batch and {self.names} for another. "
@@ -160,6 +169,33 @@ class Evaluator:
                 progress(done + 1)
         local = torch.stack(parts).sum(0) if parts else torch.tensor(totals, dtype=torch.float64)
         return local, count, code
+
+    def _batches(self) -> Iterator[tuple[Any, bool]]:
+        """This rank's batches, each with whether it counts; lockstep pads with repeats of the first batch up to the
+        most any rank has."""
+        done = 0
+        first = None
+        for batch in self._my_batches():
+            first = batch if first is None else first
+            done += 1
+            yield batch, True
+        if self.lockstep:
+            most = max(-(-self._slice_len(r) // self.batch_size) for r in range(self.ctx.world_size))
+            if done < most and first is None:  # this rank's slice is empty: pad with the set's first batch
+                first = self._batch(list(range(min(self.batch_size, self.n))))
+            for _ in range(most - done):
+                yield first, False
+
+    def _agreed(self, code: int) -> int:
+        votes = torch.zeros(len(_STOP_CODES), dtype=torch.float64, device=self.ctx.device)
+        if code:
+            votes[_STOP_CODES.index(code)] = 1.0
+        self.ctx.all_reduce_sum(votes)
+        agreed = [c for c, v in zip(_STOP_CODES, votes.tolist(), strict=True) if v]
+        return max(agreed) if agreed else 0
+
+    def _slice_len(self, rank: int) -> int:
+        return (rank + 1) * self.n // self.ctx.world_size - rank * self.n // self.ctx.world_size
 
     def _my_batches(self) -> Iterator[Any]:
         start, end = self.ctx.rank * self.n // self.ctx.world_size, (self.ctx.rank + 1) * self.n // self.ctx.world_size

@@ -151,3 +151,43 @@ def _first_layout_mismatch(then: list[list[str]], now: list[list[str]]) -> str |
     if len(then) != len(now):
         return f"the checkpoint has {len(then)} parameter group(s), this optimizer {len(now)}"
     return None
+
+
+def split_tensors(named: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A named entry as (the entry without its tensors, ``{"<param name>/<state key>": tensor}``): a sharded
+    checkpoint keeps the tensors in DCP (each rank its shards) and the rest in ``optim.pt``. The entry records which
+    keys it left out (``tensor_keys``), so :func:`join_tensors` can tell a missing tensor from one never saved."""
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, Any]] = {}
+    keys: dict[str, list[str]] = {}
+    for name, values in named["state"].items():
+        state[name] = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
+        keys[name] = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+        tensors.update({f"{name}/{k}": values[k] for k in keys[name]})
+    return {"state": state, "param_groups": named["param_groups"], "tensor_keys": keys}, tensors
+
+
+def tensor_keys(where: str, entry: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The ``tensor_keys`` of a split entry, checked (CheckpointError when malformed)."""
+    keys = entry.get("tensor_keys")
+    if not isinstance(keys, Mapping) or not all(
+        isinstance(n, str) and isinstance(ks, list) and all(isinstance(k, str) for k in ks) for n, ks in keys.items()
+    ):
+        raise CheckpointError(f"'{where}': the optimizer entry does not say which state its shards hold")
+    return {n: list(ks) for n, ks in keys.items()}
+
+
+def join_tensors(where: str, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The named entry again, from :func:`split_tensors`' two parts."""
+    state = entry.get("state")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"'{where}': the optimizer state is malformed")
+    joined = {n: dict(v) if isinstance(v, Mapping) else v for n, v in state.items()}
+    for name, ks in tensor_keys(where, entry).items():
+        if not isinstance(joined.get(name), dict):
+            raise CheckpointError(f"'{where}': the optimizer state of {name!r} is malformed")
+        for k in ks:
+            if f"{name}/{k}" not in tensors:
+                raise CheckpointError(f"'{where}': the shards lack the optimizer's {k!r} of {name!r}")
+            joined[name][k] = tensors[f"{name}/{k}"]
+    return {"state": joined, "param_groups": entry.get("param_groups")}

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from workers.checkpoint import Checkpointer, first_mismatch, load_weights, read_train_state, unwrap
+from workers.checkpoint import Checkpointer, first_mismatch, load_full_weights, load_weights, read_train_state, unwrap
 from workers.config import (
     BatchPlan,
     Config,
@@ -31,12 +32,13 @@ from workers.config import (
 )
 from workers.contract import TrainState
 from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all, to_device
-from workers.dist import DistContext, autocast_for, maybe_no_sync
+from workers.dist import DistContext, autocast_for
 from workers.errors import CheckpointError, ConfigError, NonFiniteError
 from workers.evaluation import Evaluator
 from workers.heartbeat import Heartbeat, NoHeartbeat
 from workers.optim import apply_on_resume, describe, group_settings
 from workers.optim import build as build_optim
+from workers.parallel import first_nonfinite_sharded, gradient_sync, is_sharded, replicated, shard
 from workers.reporting import Reporter, StepStats
 from workers.rundir import CONFIG_FILE, RunDir
 from workers.selection import ModelSelection
@@ -85,7 +87,9 @@ class Trainer:
             keep=cfg.train.keep_checkpoints,
             async_save=cfg.train.async_checkpoint,
             extra_files={CONFIG_FILE: dump_config(cfg).encode()},  # each checkpoint knows how it was made
+            parallel=cfg.train.parallel,
         )
+        self.sharded = False  # FSDP2 sharded the model (fsdp with a process group)
         self.step = 0
         self.wrapped: nn.Module | None = None  # the DDP / compiled module once training starts
         self.tracker: Tracker | None = None
@@ -98,6 +102,10 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)  # the contract: factories run with torch seeded by train.seed
         self.task = build_task(self.cfg.task.factory, dict(self.cfg.task.args))
         self.model = self._sync_batchnorm(self.task.model.to(self.ctx.device))
+        if self.cfg.train.parallel == "fsdp":  # before the optimizer: it must hold the sharded parameters
+            tcfg = self.cfg.train
+            self.model = shard(self.model, self.task, self.ctx, tcfg.precision, tcfg.reshard_after_forward)
+            self.sharded = is_sharded(self.model)
         self.optim = build_optim(self.cfg.optim, self.task, self.model, self.cfg.train.max_steps)
         self.optimizer, self.scheduler = self.optim.optimizer, self.optim.scheduler
         fp16 = self.cfg.train.precision == "fp16" and self.ctx.device.type == "cuda"
@@ -141,7 +149,8 @@ class Trainer:
                 f"config key '{key}' = {value!r}: the task has no eval_dataset. HINT: give the task an eval_dataset "
                 "(and optionally evaluate(model, batch)), or turn evaluation off"
             )
-        evaluator = Evaluator(self.task, self.model, self.ctx, ecfg.batch_size, self.cfg.train.seed, self._autocast)
+        evaluator = Evaluator(self.task, self.model, self.ctx, ecfg.batch_size, self.cfg.train.seed, self._autocast,
+                              lockstep=self.sharded)  # fmt: skip
         evaluator.probe(ecfg.metric)
         return evaluator
 
@@ -192,14 +201,14 @@ class Trainer:
                 f"config key 'train.init_from' = {source!r}: does not fit the task's model: {problem}. "
                 "HINT: check task.factory / task.args, or the file"
             )
-        unwrap(self.model).load_state_dict(weights, strict=True)
+        load_full_weights(unwrap(self.model), weights)  # sliced to this rank's shards when sharded
         log.info("initialised weights from %s", source)
 
     def _wrap(self) -> nn.Module:
         model = self.model
         if self.cfg.train.compile:
             model = torch.compile(model)
-        if self.ctx.distributed:
+        if self.ctx.distributed and self.cfg.train.parallel == "ddp":  # fsdp: sharded in place by _build
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         return model
@@ -393,7 +402,7 @@ class Trainer:
             batch = to_device(batch, self.ctx.device)
             seed_all(step_seed(self.cfg.train.seed, self.step, self.ctx.rank, micro), self.ctx.device)
             # Gradients of all but the last micro-step stay local: one all-reduce per optimizer step.
-            with maybe_no_sync(model, micro < accum - 1):
+            with gradient_sync(model, sync=micro == accum - 1):
                 with self._autocast():  # forward under autocast; backward outside it, as torch.amp advises
                     loss = self.task.loss(model, batch) / accum
                 self.scaler.scale(loss).backward()
@@ -401,7 +410,7 @@ class Trainer:
         grad_norm = None
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            grad_norm = replicated(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip))
         elif self.guard is not None and self.guard.active:  # the guard needs the norm even when nothing is clipped
             grad_norm = total_norm([p.grad for p in self.model.parameters() if p.grad is not None], self.ctx.device)
         # The gradients were all-reduced: the norm, and so this decision, is the same on every rank.
@@ -417,7 +426,8 @@ class Trainer:
         return loss_sum, grad_norm, data_wait
 
     def _autocast(self) -> Any:
-        return autocast_for(self.cfg.train.precision, self.ctx.device)
+        # A sharded model computes in its MixedPrecisionPolicy's dtype (workers.parallel): no autocast around it.
+        return autocast_for("fp32" if self.sharded else self.cfg.train.precision, self.ctx.device)
 
     def save(self, blocking: bool = True) -> Path:
         """Collective checkpoint of the current step. Must be called on all ranks.
@@ -445,12 +455,15 @@ class Trainer:
             selection=self._selection_state(),
             nonfinite_skipped=self.guard.skipped if self.guard else None,
             nonfinite_streak=self.guard.streak if self.guard else None,
+            parallel=self.cfg.train.parallel,
         )
+        final = self.step >= self.cfg.train.max_steps or (self.selection is not None and self.selection.should_stop)
+        export = {"every": True, "final": final, "never": False}[self.cfg.train.export_model]
         # The wrapped module goes in: the checkpointer peels DDP / torch.compile itself, whatever it is given.
         folder = self.ckpt.save(
             self.step, self.wrapped, self.optimizer, self.scheduler, self.scaler, state, blocking=blocking,
             keep_also=self.selection.protected_steps if self.selection else frozenset(),
-            best_step=self.selection.best_step if self.selection else None,
+            best_step=self.selection.best_step if self.selection else None, export_model=export,
         )  # fmt: skip
         blocked = time.perf_counter() - t0
         done = "committed" if blocking or not self.cfg.train.async_checkpoint else "snapshot taken, writing"
@@ -462,7 +475,10 @@ class Trainer:
         """No checkpoint with NaN/inf weights is ever committed (retention would then delete the good ones). Rank 0's
         state is what gets written: rank 0 looks, every rank gets its answer and raises together (one broadcast a
         save; sharded parameters will differ by rank). Must be called on all ranks."""
-        bad = self.ctx.broadcast_object(first_nonfinite(unwrap(self.model)) if self.ctx.is_main else None)
+        if self.sharded:  # each rank holds other shards: all look, one all-reduce
+            bad = first_nonfinite_sharded(unwrap(self.model), self.ctx)
+        else:
+            bad = self.ctx.broadcast_object(first_nonfinite(unwrap(self.model)) if self.ctx.is_main else None)
         if bad is not None:
             raise NonFiniteError(
                 f"the weights are not finite at step {self.step} ('{bad}' holds NaN/inf): not saved; "
@@ -475,6 +491,8 @@ def total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     device and dtype, without its per-call grouping (~40 % of its time on a small model)."""
     if not grads:
         return torch.zeros((), device=device)
+    if any(isinstance(g, DTensor) for g in grads):  # sharded: local norms, reduced across ranks by DTensor
+        return replicated(nn.utils.get_total_norm(grads))
     if len({(g.device, g.dtype) for g in grads}) > 1:
         return nn.utils.get_total_norm(grads)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

@@ -168,6 +168,13 @@ class TrainConfig:
     nonfinite: str | bool = "skip"  # YAML reads a bare `off` as false: that is "off" too
     max_nonfinite: int = 5  # consecutive skipped steps before the run fails (exit 1)
     sync_batchnorm: bool = False  # BatchNorm -> SyncBatchNorm across ranks (CUDA only: torch has no CPU kernel)
+    # ddp: every rank holds the whole model, gradients and optimizer state. fsdp: FSDP2 shards all three over the
+    # ranks (task.shard_units names the units; default: the model's direct children holding parameters) and
+    # checkpoints are sharded (torch.distributed.checkpoint under dcp/), resumable on any world size in either mode.
+    parallel: str = "ddp"
+    reshard_after_forward: bool = True  # fsdp: free the gathered parameters after forward (less memory, more comms)
+    # fsdp: when the full, unwrapped model.pt is written beside the shards: every checkpoint, the final one, never.
+    export_model: str = "final"
 
     def __post_init__(self) -> None:
         check_min("train.max_steps", self.max_steps, 1)
@@ -182,6 +189,11 @@ class TrainConfig:
             object.__setattr__(self, "nonfinite", "off")
         check_choice("train.nonfinite", self.nonfinite, ("skip", "halt", "off"))
         check_range("train.max_nonfinite", self.max_nonfinite, 1, 1_000_000)
+        check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
+        check_choice("train.export_model", self.export_model, ("every", "final", "never"))
+        if self.parallel == "fsdp" and self.sync_batchnorm:
+            fail("train.sync_batchnorm", True, "is not supported with train.parallel=fsdp",
+                 "set train.sync_batchnorm=false, or train.parallel=ddp")  # fmt: skip
 
 
 @dataclass(frozen=True)

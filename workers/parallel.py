@@ -1,0 +1,189 @@
+"""How the model is spread over the ranks: DDP (replicated) or FSDP2 (sharded). One place for what differs.
+
+With ``train.parallel: fsdp`` every unit of ``task.shard_units(model)`` (default: the model's direct children that
+hold parameters) and then the root get ``fully_shard`` over an explicit 1-d device mesh of all ranks — on the CPU
+``init_device_mesh("cpu", ...)``: a default mesh on a GPU machine with a gloo group goes wrong (pytorch 132471).
+Parameters, gradients and optimizer state are then DTensors sharded on dim 0; everything here that looks at them
+(norms, finiteness, state dicts) works on the local shards and reduces across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from workers.dist import DistContext
+from workers.errors import ConfigError
+
+log = logging.getLogger("workers.parallel")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 sharded this model (its parameters are DTensors)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard_units(task: Any, model: nn.Module) -> list[nn.Module]:
+    """The modules that get their own ``fully_shard`` (each one all-gathers and frees its parameters on its own):
+    ``task.shard_units(model)`` when the task has it, else the direct children holding parameters."""
+    hook = getattr(task, "shard_units", None)
+    units = (
+        list(hook(model)) if hook is not None else [c for c in model.children() if any(True for _ in c.parameters())]
+    )
+    owned = {id(m) for m in model.modules()}
+    for unit in units:
+        if not isinstance(unit, nn.Module) or id(unit) not in owned or unit is model:
+            raise ConfigError(
+                f"task.shard_units returned {type(unit).__name__}: each unit must be a submodule of the model (not the "
+                "model itself). HINT: return e.g. model.blocks (the transformer layers)"
+            )
+    return units
+
+
+def mixed_precision(precision: str) -> Any:
+    """FSDP's policy for ``train.precision``: parameters in bf16/fp16 for compute, gradients reduced in fp32 —
+    FSDP's own mixed precision instead of autocast. None for fp32."""
+    if precision == "fp32":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: PLC0415 - only fsdp runs need it
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def shard(model: nn.Module, task: Any, ctx: DistContext, precision: str, reshard_after_forward: bool) -> nn.Module:
+    """Apply FSDP2 in place (units first, then the root) and return the model. Must be called on all ranks, before
+    the optimizer is built (it must hold the sharded parameters). Without a process group (one process, no
+    launcher) there is nothing to shard over: the model stays whole; checkpoints are still of the sharded kind."""
+    if not ctx.distributed:
+        log.info("train.parallel=fsdp in a single process: nothing to shard over (checkpoints are still sharded)")
+        return model
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    policy = mixed_precision(precision)
+    if policy is not None:
+        options["mp_policy"] = policy
+    units = shard_units(task, model)
+    for unit in units:
+        fully_shard(unit, **options)
+    fully_shard(model, **options)
+    log.info("fsdp: %d unit(s) + root sharded over %d ranks (%s)", len(units), ctx.world_size,
+             f"{precision} parameters, fp32 reductions" if policy else "fp32")  # fmt: skip
+    return model
+
+
+def autocast_needed(parallel: str, sharded: bool) -> bool:
+    """A sharded model computes in its MixedPrecisionPolicy's dtype: no autocast around it."""
+    return not (parallel == "fsdp" and sharded)
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Accumulation micro-steps without a collective: DDP's ``no_sync``; FSDP2's ``set_requires_gradient_sync``
+    (no reduce-scatter until the last micro-step). ``sync=True`` is a no-op."""
+    if sync:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        with nullcontext():
+            yield
+
+
+def replicated(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a value every rank holds in full (a DTensor norm is Replicate: its local tensor)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (the tensor itself when it is not a DTensor)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def first_nonfinite_sharded(model: nn.Module, ctx: DistContext) -> str | None:
+    """The first floating-point parameter holding NaN/inf on *any* rank (each checks its shards; one all-reduce),
+    the same answer on every rank. Must be called on all ranks."""
+    named = [(n, local(p)) for n, p in model.named_parameters() if p.is_floating_point()]
+    if not named:
+        return None
+    bad = torch.stack([(~torch.isfinite(t)).any() if t.numel() else torch.zeros((), dtype=torch.bool)
+                       for _, t in named]).float().to(ctx.device)  # fmt: skip
+    ctx.all_reduce_sum(bad)
+    return next((n for (n, _), b in zip(named, bad.tolist(), strict=True) if b), None)
+
+
+def like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor) laid out as ``target``: sharded the same way when ``target`` is a DTensor of the same
+    global shape (each rank keeps its slice; no communication), else unchanged."""
+    if isinstance(target, DTensor) and not isinstance(value, DTensor) and tuple(value.shape) == tuple(target.shape):
+        return distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    return value
+
+
+def full_model_state(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor] | None:
+    """The whole, unwrapped model state on rank 0's CPU (None on the others): what ``model.pt`` holds. Collective
+    (parameters are all-gathered) when sharded; must be called on all ranks."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if ctx.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: PLC0415
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if ctx.is_main else None
+
+
+def staged(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A host copy of a flat state (DTensors keep their layout, their local shard copied): what an async sharded
+    save writes while training changes the live tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in flat.items():
+        if isinstance(t, DTensor):
+            out[key] = DTensor.from_local(t.to_local().detach().to("cpu", copy=True), t.device_mesh, t.placements,
+                                          run_check=False, shape=t.shape, stride=t.stride())  # fmt: skip
+        else:
+            out[key] = t.detach().to("cpu", copy=True)
+    return out
+
+
+def checkpoint_group(ctx: DistContext) -> Any:
+    """A gloo process group of all ranks for checkpoint collectives (DCP planning, digests): a background save
+    runs them beside training's own collectives, which must not share a group. Collective: all ranks call it once."""
+    if not ctx.distributed:
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def all_gather_objects(obj: Any, group: Any) -> list[Any]:
+    """Every rank's ``obj`` (in rank order) on every rank. Collective over ``group``; ``[obj]`` without one."""
+    if group is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def barrier(group: Any) -> None:
+    """Barrier over ``group`` (no-op without one). Must be called on all ranks."""
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def parameters_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes this rank holds of ``tensors`` (local shards of DTensors)."""
+    return sum(local(t).numel() * t.element_size() for t in tensors)
