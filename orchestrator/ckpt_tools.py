@@ -11,7 +11,15 @@ from typing import Any
 
 import torch
 
-from workers.checkpoint import CheckpointError, find_latest_valid, load_weights, read_train_state, verify
+from workers import dcp_io
+from workers.checkpoint import (
+    DCP_DIR,
+    CheckpointError,
+    find_latest_valid,
+    load_weights,
+    read_train_state,
+    verify,
+)
 from workers.contract import EXIT_OK, EXIT_USAGE
 from workers.fsutil import atomic_write
 from workers.rundir import MODEL_FILE, RunDir
@@ -27,11 +35,14 @@ def _weights_summary(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 def _describe_folder(folder: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"path": str(folder)}
+    manifest: dict[str, Any] = {}
     try:
-        verify(folder)
+        manifest = verify(folder)
         info["complete"], info["problem"] = True, None
     except CheckpointError as exc:
         info["complete"], info["problem"] = False, str(exc)
+        if isinstance(exc, dcp_io.UnsafeCheckpointError):  # e.g. a pickle payload in DCP's metadata: never read
+            info["safe"] = False
     try:
         state = read_train_state(folder)
         info.update(
@@ -42,6 +53,11 @@ def _describe_folder(folder: Path) -> dict[str, Any]:
         )
     except CheckpointError:
         pass
+    if manifest.get("parallel") == "fsdp":  # sharded: its layout, read from the (verified, restricted) metadata
+        info.update(parallel="fsdp", saved_world_size=manifest.get("world_size"), **dcp_io.layout(folder / DCP_DIR))
+        info["shard_files"] = [f"{DCP_DIR}/{f}" for f in info["shard_files"]]
+    elif manifest:
+        info["parallel"] = "ddp"
     if (folder / MODEL_FILE).is_file() and info["complete"]:
         try:
             info.update(_weights_summary(load_weights(folder / MODEL_FILE)), safe=True)
@@ -79,6 +95,13 @@ def _print_folder(info: dict[str, Any], indent: str = "") -> None:
     ):
         if info.get(key) is not None:
             print(f"{indent}  {label}: {info[key]}")
+    if info.get("parallel"):
+        print(f"{indent}  parallel: {info['parallel']}" + (" (sharded)" if info["parallel"] == "fsdp" else ""))
+    if "shard_files" in info:
+        files = ", ".join(info["shard_files"])
+        print(f"{indent}  shards: {len(info['shard_files'])} files, {info['shard_bytes']:,} bytes ({files})")
+        exported = (Path(info["path"]) / MODEL_FILE).is_file()
+        print(f"{indent}  model.pt: {'yes' if exported else 'no (ckpt export gathers the shards into one file)'}")
     if "parameters" in info:
         print(f"{indent}  parameters: {info['parameters']:,} in {info['tensors']} tensors ({info['bytes']:,} bytes)")
 

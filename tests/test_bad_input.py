@@ -101,6 +101,15 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "optimizer needs: the model's own parameters": (
         FRESH, ["task.args.bad_optimizer=foreign"], "(group 0, #0, shape [32, 16]) that is not one of the model's",
     ),
+    "parallel mode": (FRESH, ["train.parallel=fsdp2"], "'train.parallel' = 'fsdp2': must be one of ddp, fsdp"),
+    "export_model mode": (FRESH, ["train.export_model=sometimes"], "'train.export_model' = 'sometimes': must be one"),
+    "reshard_after_forward word": (FRESH, ["train.reshard_after_forward=maybe"], "'train.reshard_after_forward'"),
+    "fsdp with sync_batchnorm": (
+        FRESH, ["train.parallel=fsdp", "train.sync_batchnorm=true"], "is not supported with train.parallel=fsdp",
+    ),
+    "fsdp needs: shard units inside the model": (
+        FRESH, ["train.parallel=fsdp", "task.args.bad_shard_units=true"], "each unit must be a submodule of the model",
+    ),
     "sync_batchnorm needs: a GPU": (FRESH, ["train.sync_batchnorm=true"], "SyncBatchNorm runs on CUDA GPUs only"),
     "resume model gained a parameter": (EXISTING, ["task.args.extra_param=true"], "the model's 'extra' is missing"),
     "resume other groups": (
@@ -172,7 +181,7 @@ NEEDS_WORKERS = {
     name
     for name in CASES
     if name.startswith(
-        ("resume", "init_from", "factory", "task arg", "eval needs", "optimizer needs", "sync_batchnorm")
+        ("resume", "init_from", "factory", "task arg", "eval needs", "optimizer needs", "sync_batchnorm", "fsdp needs")
     )
 } - {"init_from missing"}
 

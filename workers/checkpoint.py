@@ -44,7 +44,15 @@ from workers.dist import DistContext
 from workers.errors import CheckpointError, IncompatibleCheckpointError
 from workers.fsutil import NEW_DIGEST, HashingWriter, atomic_write, digest_of, file_digest, fsync_dir, write_durable
 from workers.optim_state import from_named, from_positions, is_named, join_tensors, split_tensors, tensor_keys, to_named
-from workers.parallel import all_gather_objects, checkpoint_group, full_model_state, is_sharded, like, staged
+from workers.parallel import (
+    all_gather_objects,
+    any_sharded,
+    checkpoint_group,
+    full_model_state,
+    is_sharded,
+    like,
+    staged,
+)
 from workers.rundir import MANIFEST_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE, RunDir, step_folders
 
 log = logging.getLogger("workers.checkpoint")
@@ -280,11 +288,16 @@ def is_sharded_checkpoint(folder: Path) -> bool:
 
 
 def find_latest_valid(ckpt_dir: Path, warn: bool = True) -> Path | None:
-    """The newest checkpoint that passes :func:`verify`; broken newer ones are skipped with a warning."""
+    """The newest checkpoint that passes :func:`verify`; broken newer ones are skipped with a warning.
+
+    An unsafe one (a pickle payload whose checksums match: forged, never the trace of a crash) is not skipped but
+    raised: falling back to an older checkpoint would hide an attack on the run dir."""
     for _, folder in step_folders(ckpt_dir):
         try:
             verify(folder)
             return folder
+        except dcp_io.UnsafeCheckpointError:
+            raise
         except CheckpointError as exc:
             if warn:
                 log.warning("skipping checkpoint %s: %s", folder.name, exc)
@@ -673,18 +686,12 @@ def load_full_weights(bare: nn.Module, weights: Mapping[str, torch.Tensor]) -> N
 def _laid_out_like(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Optimizer state (positions) with each full tensor of a parameter's shape sharded like that parameter."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if not is_sharded_params(params):
+    if not any_sharded(params):
         return state
     for index, values in state["state"].items():
         p = params[index]
         state["state"][index] = {k: like(v, p) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
     return state
-
-
-def is_sharded_params(params: list[torch.Tensor]) -> bool:
-    from torch.distributed.tensor import DTensor  # noqa: PLC0415
-
-    return any(isinstance(p, DTensor) for p in params)
 
 
 # Group settings a newer torch adds (and fills in on load) or an optimizer defaults: their absence is no mismatch.

@@ -18,6 +18,7 @@ import io
 import os
 import pathlib
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,10 @@ def load(targets: dict[str, torch.Tensor], folder: Path, distributed: bool) -> N
     whatever layout the targets have. Collective when ``distributed`` (all ranks, same keys). Keys the checkpoint
     lacks are a CheckpointError (the caller checks fit first, with better messages)."""
     try:
-        dcp.load(targets, storage_reader=_SafeReader(str(folder)), planner=_TensorsOnlyPlanner(),
-                 no_dist=not distributed)  # fmt: skip
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(targets, storage_reader=_SafeReader(str(folder)), planner=_TensorsOnlyPlanner(),
+                     no_dist=not distributed)  # fmt: skip
     except CheckpointError:
         raise
     except Exception as exc:  # DCP wraps rank failures in CheckpointException
@@ -200,3 +203,19 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def layout(folder: Path) -> dict[str, Any]:
+    """What ``ckpt inspect`` shows of a verified ``dcp/`` folder: its shard files with their total size, and the
+    model's tensors (count, parameters, bytes) as the metadata lists them — nothing is loaded."""
+    metadata = read_metadata(folder)
+    files = shard_files(folder, metadata)
+    model = tensor_shapes(metadata, MODEL_PREFIX)
+    numel = {k: torch.Size(size).numel() for k, (size, _) in model.items()}
+    return {
+        "shard_files": files,
+        "shard_bytes": sum((folder / f).stat().st_size for f in files),
+        "tensors": len(model),
+        "parameters": sum(numel.values()),
+        "bytes": sum(n * dtype.itemsize for n, (_, (_, dtype)) in zip(numel.values(), model.items(), strict=True)),
+    }

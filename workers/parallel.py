@@ -27,16 +27,27 @@ log = logging.getLogger("workers.parallel")
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether FSDP2 sharded this model (its parameters are DTensors)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any_sharded(model.parameters())
+
+
+def any_sharded(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (a sharded parameter)."""
+    return any(isinstance(t, DTensor) for t in tensors)
 
 
 def shard_units(task: Any, model: nn.Module) -> list[nn.Module]:
     """The modules that get their own ``fully_shard`` (each one all-gathers and frees its parameters on its own):
     ``task.shard_units(model)`` when the task has it, else the direct children holding parameters."""
     hook = getattr(task, "shard_units", None)
-    units = (
-        list(hook(model)) if hook is not None else [c for c in model.children() if any(True for _ in c.parameters())]
-    )
+    if hook is None:
+        return [c for c in model.children() if any(True for _ in c.parameters())]
+    returned = hook(model)
+    if isinstance(returned, nn.Module) or not isinstance(returned, Iterable):
+        raise ConfigError(
+            f"task.shard_units(model) returned {type(returned).__name__}, not a list of submodules. "
+            "HINT: return e.g. list(model.blocks) (the transformer layers)"
+        )
+    units = list(returned)
     owned = {id(m) for m in model.modules()}
     for unit in units:
         if not isinstance(unit, nn.Module) or id(unit) not in owned or unit is model:
@@ -62,6 +73,7 @@ def shard(model: nn.Module, task: Any, ctx: DistContext, precision: str, reshard
     """Apply FSDP2 in place (units first, then the root) and return the model. Must be called on all ranks, before
     the optimizer is built (it must hold the sharded parameters). Without a process group (one process, no
     launcher) there is nothing to shard over: the model stays whole; checkpoints are still of the sharded kind."""
+    units = shard_units(task, model)  # checked in one process too: the mistake shows before the cluster run
     if not ctx.distributed:
         log.info("train.parallel=fsdp in a single process: nothing to shard over (checkpoints are still sharded)")
         return model
@@ -73,18 +85,12 @@ def shard(model: nn.Module, task: Any, ctx: DistContext, precision: str, reshard
     policy = mixed_precision(precision)
     if policy is not None:
         options["mp_policy"] = policy
-    units = shard_units(task, model)
     for unit in units:
         fully_shard(unit, **options)
     fully_shard(model, **options)
     log.info("fsdp: %d unit(s) + root sharded over %d ranks (%s)", len(units), ctx.world_size,
              f"{precision} parameters, fp32 reductions" if policy else "fp32")  # fmt: skip
     return model
-
-
-def autocast_needed(parallel: str, sharded: bool) -> bool:
-    """A sharded model computes in its MixedPrecisionPolicy's dtype: no autocast around it."""
-    return not (parallel == "fsdp" and sharded)
 
 
 @contextmanager

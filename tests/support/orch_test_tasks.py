@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,17 +72,32 @@ def _install_write_audit(audit_dir: str) -> None:
     sys.addaudithook(hook)
 
 
-def _install_die_in_save(marker: str, step: int) -> None:
-    """SIGKILL this process (rank 0, the writer) in the middle of writing checkpoint ``step``, once:
-    after model.pt is written, while optim.pt is being opened. ``marker`` records that it happened."""
+def _install_die_in_save(marker: str, step: int, rank: int) -> None:
+    """SIGKILL rank ``rank`` in the middle of writing checkpoint ``step``, once. Rank 0 of a DDP run (the writer):
+    after model.pt is written, while optim.pt is being opened. Another rank (a sharded run, where every rank writes
+    its shard under dcp/): once its shard file has its first bytes, before the rest. ``marker`` records that it
+    happened (for a shard: its size at the kill)."""
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
     target = f".tmp-step-{step:08d}-"
+    name = "optim.pt" if rank == 0 else f"__{rank}_0.distcp"
+
+    def kill_when_written(path: str) -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (os.path.exists(path) and os.path.getsize(path) > 0):
+            time.sleep(0.0001)
+        with open(marker, "w") as f:
+            f.write(str(os.path.getsize(path)))
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def hook(event: str, args: tuple) -> None:
         path = str(args[0]) if event == "open" else ""
-        writing = target in path and path.endswith("optim.pt") and "w" in str(args[1])
+        writing = target in path and path.endswith(name) and "w" in str(args[1])
         if writing and not os.path.exists(marker):
-            open(marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
+            if rank == 0:
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            threading.Thread(target=kill_when_written, args=(path,), daemon=True).start()
 
     sys.addaudithook(hook)
 
@@ -104,6 +120,7 @@ def quick(
     audit_dir: str | None = None,
     die_in_save: str | None = None,
     die_in_save_step: int = 8,
+    die_in_save_rank: int = 0,
     augment: float = 0.0,
     forbid_import: str | None = None,
     hold_at_call: int | None = None,
@@ -121,12 +138,13 @@ def quick(
     nan_loss: bool = False,
     bad_optimizer: str | None = None,
     batchnorm: bool = False,
+    bad_shard_units: bool = False,
     **kwargs,
 ):
     if audit_dir:
         _install_write_audit(audit_dir)
     if die_in_save:
-        _install_die_in_save(die_in_save, die_in_save_step)
+        _install_die_in_save(die_in_save, die_in_save_step, die_in_save_rank)
     if forbid_import:
         sys.meta_path.insert(0, _Forbid(forbid_import))
     task = quickstart.build(**kwargs)
@@ -141,6 +159,8 @@ def quick(
         inner = task.model
         task.model = task.inner.model = torch.nn.Sequential(inner[0], torch.nn.BatchNorm1d(inner[0].out_features),
                                                              *inner[1:])  # fmt: skip
+    if bad_shard_units:  # the model itself is no unit of itself
+        task.shard_units = lambda model: [model]
     if extra_param:  # the model "gained" a parameter since its checkpoints were written
         task.model.register_parameter("extra", torch.nn.Parameter(torch.zeros(4)))
     if poison_index is not None:
