@@ -235,26 +235,69 @@ def guard_section(r: dict | None) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", summary
 
 
-def chaos_section(r: dict | None) -> tuple[str, list[str]]:
-    title, cmd = (
-        "Chaos: random SIGKILLs with restarts",
-        ("python scripts/chaos.py --trials 50 --seed 0 --out benchmarks/results/chaos.json"),
-    )
+def _rank_of(trial: dict, sharded: bool) -> str:
+    """' of rank N' for a sharded run's mid-save trial (rank 1 dies in its shard, rank 0 in its files)."""
+    return f" of rank {trial['rank']}" if sharded and trial["mode"] == "mid-save" else ""
+
+
+def chaos_section(r: dict | None, parallel: str = "ddp") -> tuple[str, list[str]]:
+    sharded = parallel == "fsdp"
+    title = "Chaos: random SIGKILLs with restarts" + (", sharded (fsdp)" if sharded else "")
+    cmd = (f"python scripts/chaos.py --trials {24 if sharded else 50} --seed 0"
+           + (" --parallel fsdp --out benchmarks/results/chaos-fsdp.json" if sharded
+              else " --out benchmarks/results/chaos.json"))  # fmt: skip
     if r is None:
         return _missing(title, cmd), []
     modes: dict[str, int] = {}
     for t in r["trials"]:
-        key = f"{t['mode']} {'async' if t['async'] else 'sync'}"
+        key = f"{t['mode']}{_rank_of(t, sharded)} {'async' if t['async'] else 'sync'}"
         modes[key] = modes.get(key, 0) + 1
     secs = sorted(t["seconds"] for t in r["trials"])
-    lines = [f"## {title}", "", f"`{cmd}`", "", (NOTES / "chaos.md").read_text().strip(), "",
+    note = NOTES / ("chaos-fsdp.md" if sharded else "chaos.md")
+    lines = [f"## {title}", "", f"`{cmd}`", "", note.read_text().strip(), "",
              f"**{r['survived']}/{r['total']} survived** (seed {r['seed']}; a rank was really killed in "
              f"{r['killed']}/{r['total']}). Trials: " + ", ".join(f"{n} × {k}" for k, n in sorted(modes.items()))
              + f". Each took {secs[0]:.1f}–{secs[-1]:.1f} s (median {secs[len(secs) // 2]:.1f} s), restart included.",
              ""]  # fmt: skip
     ok = "met" if r["survived"] == r["total"] else "**not met**"
-    return "\n".join(lines), [f"| chaos: random SIGKILLs, bitwise-equal finish | all | {r['survived']}/{r['total']} "
+    what = "chaos (fsdp): random SIGKILLs, rank 1 mid-shard too" if sharded else "chaos: random SIGKILLs"
+    return "\n".join(lines), [f"| {what}, bitwise-equal finish | all | {r['survived']}/{r['total']} "
                               f"| {ok} |"]  # fmt: skip
+
+
+def sharded_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = (
+        "Sharded training (fsdp) vs ddp: memory per rank, checkpoints, step speed",
+        "python benchmarks/sharded_bench.py --repeats 3 --out benchmarks/results/sharded.json",
+    )
+    if r is None:
+        return _missing(title, cmd), []
+    lines = [f"## {title}", "", f"`{cmd}`", "", (NOTES / "sharded.md").read_text().strip(), "",
+             "Bytes per rank of parameters + gradients + AdamW state after one step (the largest rank):", "",
+             "| world size | ddp | fsdp | fsdp / ddp | goal ≤ 1/ws + 10 % | peak RSS ddp / fsdp |",
+             "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    summary = []
+    for row in r["memory"]:
+        ddp, fsdp = row["ddp"][0]["total"], max(x["total"] for x in row["fsdp"])
+        ok = "met" if row["met"] else "**not met**"
+        rss = f"{row['ddp'][0]['peak_rss'] / 1e6:.0f} / {max(x['peak_rss'] for x in row['fsdp']) / 1e6:.0f} MB"
+        lines.append(f"| {row['world_size']} | {ddp / 1e6:.1f} MB | {fsdp / 1e6:.1f} MB | "
+                     f"{row['fsdp_over_ddp']:.3f} | {row['goal']:.3f} ({ok}) | {rss} |")  # fmt: skip
+        summary.append(f"| fsdp memory per rank (params+grads+optim), ws {row['world_size']} | ≤ "
+                       f"{row['goal']:.3f} of ddp | {row['fsdp_over_ddp']:.3f} | {ok} |")  # fmt: skip
+    lines += ["", "Checkpoints at world size 2, seconds (median; the slowest rank):", "",
+              "| state | mode | sync save (blocked = committed) | async: blocked | async: committed | load |",
+              "|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    for row in r["checkpoint"]:
+        for mode in ("ddp", "fsdp"):
+            x = row[mode]
+            lines.append(f"| {row['state_mb']:.0f} MB | {mode} | {x['sync_s']:.3f} | {x['async_blocked_s']:.3f} | "
+                         f"{x['async_total_s']:.3f} | {x['load_s']:.3f} |")  # fmt: skip
+    t = r["throughput"]
+    speed = f"ddp {t['ddp']:.1f} steps/s, fsdp {t['fsdp']:.1f} steps/s ({t['fsdp'] / t['ddp']:.2f}×"
+    lines += ["", f"Step throughput at world size 2 (4 × 1024 MLP, batch 64 a rank): {speed}; reported, not a goal "
+              "on CPU).", ""]  # fmt: skip
+    return "\n".join(lines), summary
 
 
 NOTES = ROOT / "benchmarks" / "notes"
@@ -271,6 +314,8 @@ def render(results: Path) -> str:
         eval_section(_load(results, "eval")),
         guard_section(_load(results, "guard")),
         chaos_section(_load(results, "chaos")),
+        sharded_section(_load(results, "sharded")),
+        chaos_section(_load(results, "chaos-fsdp"), parallel="fsdp"),
     ]
     for text, rows in sections:
         parts.append(text)

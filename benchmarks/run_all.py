@@ -40,6 +40,10 @@ def commands(quick: bool) -> dict[str, list[str]]:
                      "--out", str(RESULTS / "checksum.json")],
         "guard": [py, "benchmarks/guard_bench.py", "--repeats", "1" if quick else "4",
                   "--out", str(RESULTS / "guard.json")],
+        "sharded": [py, "benchmarks/sharded_bench.py", "--repeats", "1" if quick else "3",
+                    "--out", str(RESULTS / "sharded.json")],
+        "chaos-fsdp": [py, "scripts/chaos.py", "--trials", "3" if quick else "24", "--seed", "0", "--parallel",
+                       "fsdp", "--out", str(RESULTS / "chaos-fsdp.json")],
         "chaos": [py, "scripts/chaos.py", "--trials", "5" if quick else "50", "--seed", "0",
                   "--out", str(RESULTS / "chaos.json")],
     }  # fmt: skip

@@ -82,7 +82,9 @@ def _folder_target(folder: Path, config: Path) -> Target:
         step = read_train_state(folder).step
     except CheckpointError as exc:
         raise ConfigError(f"{exc}. HINT: orchestrator ckpt inspect {folder}") from None
-    return Target(folder / MODEL_FILE, config, step, folder)
+    # a sharded checkpoint without the exported model.pt: the folder itself (its shards, gathered by load_weights)
+    weights = folder / MODEL_FILE if (folder / MODEL_FILE).is_file() else folder
+    return Target(weights, config, step, folder)
 
 
 def check(cfg: Config, nproc: int) -> None:

@@ -1,7 +1,10 @@
 """Chaos test: SIGKILL a random rank at a random moment — including in the middle of a checkpoint write, sync or
 async — of a run with launch.max_restarts, and check that it still finishes bitwise equal to an uninterrupted run.
 
-    python scripts/chaos.py --trials 50 [--seed 0] [--out benchmarks/results/chaos.json]
+    python scripts/chaos.py --trials 50 [--seed 0] [--parallel ddp|fsdp] [--out benchmarks/results/chaos.json]
+
+With ``--parallel fsdp`` every rank writes its own shard of each checkpoint, and a mid-save kill may hit rank 1
+while it writes its shard (after its first bytes); the comparison covers the sharded optimizer state too.
 
 Prints one line per trial and ``survived/total``; writes the trials as JSON.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from workers import dcp_io
 from workers.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +64,13 @@ def _load(run: Path, name: str) -> dict:
     return torch.load(RunDir(run).step_dir(MAX_STEPS) / name, map_location="cpu", weights_only=True)
 
 
+def _final_state(run: Path) -> tuple:
+    """Model, optimizer file and (sharded runs) the gathered optimizer tensors of the final checkpoint."""
+    folder = RunDir(run).step_dir(MAX_STEPS)
+    shards = dcp_io.read_full(folder / "dcp", dcp_io.OPTIM_PREFIX) if (folder / "dcp").is_dir() else {}
+    return _load(run, "model.pt"), _load(run, "optim.pt"), shards
+
+
 def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
@@ -77,16 +88,19 @@ def _heartbeat(run: Path, rank: int) -> dict | None:
         return None
 
 
-def trial(rng: random.Random, base: Path, index: int, ref: tuple[dict, dict]) -> dict:
+def trial(rng: random.Random, base: Path, index: int, ref: tuple, parallel: str) -> dict:
     run = base / f"trial-{index}"
     mode = rng.choice(["step", "step", "mid-save"])
     use_async = rng.random() < 0.5
-    extra = ["task.args.step_sleep_s=0.05"] + (["train.async_checkpoint=true"] if use_async else [])
+    extra = ["task.args.step_sleep_s=0.05", f"train.parallel={parallel}"]
+    extra += ["train.async_checkpoint=true"] if use_async else []
     record = {"trial": index, "mode": mode, "async": use_async}
-    if mode == "mid-save":  # rank 0 kills itself inside a random checkpoint write
+    if mode == "mid-save":  # a rank kills itself inside a random checkpoint write (fsdp: rank 1 in its shard too)
         step = rng.choice(range(EVERY, MAX_STEPS + 1, EVERY))
-        extra += [f"task.args.die_in_save={base / f'died-{index}'}", f"task.args.die_in_save_step={step}"]
-        record.update(rank=0, step=step)
+        rank = rng.randrange(2) if parallel == "fsdp" else 0
+        extra += [f"task.args.die_in_save={base / f'died-{index}'}", f"task.args.die_in_save_step={step}",
+                  f"task.args.die_in_save_rank={rank}"]  # fmt: skip
+        record.update(rank=rank, step=step)
     t0 = time.monotonic()
     proc = subprocess.Popen(
         _cmd(run, *extra),
@@ -121,7 +135,7 @@ def trial(rng: random.Random, base: Path, index: int, ref: tuple[dict, dict]) ->
     record["exit"] = proc.returncode
     record.setdefault("killed", mode == "mid-save" and (base / f"died-{index}").exists())
     ok = proc.returncode == 0 and (record["restarts"] >= 1 or not record["killed"])
-    ok = ok and _equal(_load(run, "model.pt"), ref[0]) and _equal(_load(run, "optim.pt"), ref[1])
+    ok = ok and _equal(_final_state(run), ref)
     record["survived"] = bool(ok)
     if not ok:
         record["stderr_tail"] = err[-2000:]
@@ -132,16 +146,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="train.parallel of every run")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         base = Path(tmp)
-        subprocess.run(_cmd(base / "reference"), cwd=ROOT, env=_env(), check=True, capture_output=True)
-        ref = (_load(base / "reference", "model.pt"), _load(base / "reference", "optim.pt"))
+        reference = _cmd(base / "reference", f"train.parallel={args.parallel}")
+        subprocess.run(reference, cwd=ROOT, env=_env(), check=True, capture_output=True)
+        ref = _final_state(base / "reference")
         trials = []
         for i in range(args.trials):
-            rec = trial(rng, base, i, ref)
+            rec = trial(rng, base, i, ref, args.parallel)
             trials.append(rec)
             print(
                 f"trial {i:3d}: {rec['mode']:8s} async={rec['async']!s:5s} rank {rec['rank']} step {rec['step']:2d} "
@@ -161,6 +177,7 @@ def main() -> int:
             "total": len(trials),
             "killed": killed,
             "seed": args.seed,
+            "parallel": args.parallel,
             "machine": platform.platform(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,

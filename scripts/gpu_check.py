@@ -1,5 +1,7 @@
 """GPU paths that the CPU test suite cannot reach: NCCL at world size 1, CUDA placement, bf16 and fp16 (GradScaler)
-steps, checkpoint save and a bitwise resume on the GPU, the non-finite guard and train.sync_batchnorm; then a GPU
+steps, checkpoint save and a bitwise resume on the GPU, the non-finite guard and train.sync_batchnorm, sharded
+training (train.parallel=fsdp: FSDP2 over NCCL, bf16 MixedPrecisionPolicy, a DCP save, sync and async, and a
+bitwise resume, peak GPU memory vs ddp); then a GPU
 benchmark (our loop vs the hand-written DDP loop in bf16 on one GPU, and checkpoint blocked time sync vs async with
 pinned memory). Prints a table; exit code 1 if any check fails.
 
@@ -120,9 +122,80 @@ def main() -> int:
             same = proc.returncode == 0 and equal(load(async_run, 10, "model.pt"), load(run, 10, "model.pt"))
             check("bf16: async (pinned) checkpoint = sync", same, f"exit {proc.returncode}")
     numerics(tmp)
+    sharded(tmp, tmp / "bf16")
     benchmark(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     return report()
+
+
+def _peak_mem_mb(run: Path) -> float | None:
+    """The largest cuda_max_mem_mb* value in the run's metrics rows."""
+    values = [
+        v
+        for line in RunDir(run).metrics.read_text().splitlines()
+        if line.strip()
+        for k, v in json.loads(line).items()
+        if k.startswith("cuda_max_mem_mb") and isinstance(v, (int, float))
+    ]
+    return max(values) if values else None
+
+
+def sharded(tmp: Path, ddp_run: Path) -> None:
+    """train.parallel=fsdp on the GPU: FSDP2 over NCCL (one rank: the mesh, DTensors, the bf16 policy and DCP are all
+    real), its checkpoint (shards, model.pt, sync and async with the GPU staging copy), a bitwise resume, and the
+    peak memory next to the bf16 ddp run's."""
+    fsdp = ["train.parallel=fsdp", "train.precision=bf16", "train.export_model=every"]
+    run = tmp / "fsdp-bf16"
+    proc = launch(run, *fsdp)
+    policy = "bf16 parameters, fp32 reductions" in proc.stderr
+    check(
+        "fsdp: bf16 policy, NCCL, train + sharded save",
+        proc.returncode == 0 and policy,
+        f"exit {proc.returncode}" + ("" if policy else "; no 'bf16 parameters, fp32 reductions' log line"),
+    )
+    if proc.returncode:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return
+    folder = RunDir(run).step_dir(20)
+    sd = load(run, 20, "model.pt")
+    shards = folder / "dcp" / "__0_0.distcp"
+    check(
+        "fsdp: model.pt full + plain, shard file written",
+        shards.is_file() and all(t.device.type == "cpu" and not k.startswith("module.") for k, t in sd.items()),
+        f"{len(sd)} tensors",
+    )
+    from workers import dcp_io  # noqa: PLC0415
+
+    gathered = dcp_io.read_full(folder / "dcp", dcp_io.MODEL_PREFIX)
+    check("fsdp: ckpt shards == model.pt", equal(gathered, sd), "")
+    resumed = tmp / "fsdp-resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(RunDir(resumed).step_dir(20))
+    proc = launch(resumed, *fsdp)
+    same = (
+        proc.returncode == 0
+        and equal(load(resumed, 20, "model.pt"), sd)
+        and equal(
+            dcp_io.read_full(RunDir(resumed).step_dir(20) / "dcp", dcp_io.OPTIM_PREFIX),
+            dcp_io.read_full(folder / "dcp", dcp_io.OPTIM_PREFIX),
+        )
+    )
+    check("fsdp: resume from step 10 bitwise (model + optimizer)", same, f"exit {proc.returncode}")
+    async_run = tmp / "fsdp-async"
+    proc = launch(async_run, *fsdp, "train.async_checkpoint=true")
+    same = proc.returncode == 0 and equal(load(async_run, 10, "model.pt"), load(run, 10, "model.pt"))
+    check("fsdp: async (GPU staging) checkpoint = sync", same, f"exit {proc.returncode}")
+    into_ddp = tmp / "fsdp-to-ddp"
+    shutil.copytree(run, into_ddp)
+    shutil.rmtree(RunDir(into_ddp).step_dir(20))
+    proc = launch(into_ddp, "train.precision=bf16", "train.parallel=ddp")
+    check("fsdp checkpoint -> ddp resume on the GPU", proc.returncode == 0, f"exit {proc.returncode}")
+    mem = {"ddp": _peak_mem_mb(ddp_run), "fsdp": _peak_mem_mb(run)}
+    check(
+        "fsdp: peak GPU memory vs ddp (1 rank: no saving expected)",
+        all(mem.values()),
+        f"ddp {mem['ddp']} MB, fsdp {mem['fsdp']} MB",
+    )
 
 
 def numerics(tmp: Path) -> None:
@@ -136,12 +209,20 @@ def numerics(tmp: Path) -> None:
             torch.isfinite(t).all() for t in load(tmp / f"nonfinite-{precision}", 20, "model.pt").values()
         )
         expected = skipped > 0 if precision == "fp32" else skipped == 0  # fp16: the scaler's own skips
-        check(f"{precision}: poisoned sample, weights finite", finite and expected, f"exit {proc.returncode}, "
-              f"{skipped} guard skips")  # fmt: skip
+        check(
+            f"{precision}: poisoned sample, weights finite",
+            finite and expected,
+            f"exit {proc.returncode}, {skipped} guard skips",
+        )
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
-    proc = launch(tmp / "syncbn", "task.factory=orch_test_tasks:quick", "task.args.batchnorm=true",
-                  "train.sync_batchnorm=true", env=TEST_TASKS)  # fmt: skip
+    proc = launch(
+        tmp / "syncbn",
+        "task.factory=orch_test_tasks:quick",
+        "task.args.batchnorm=true",
+        "train.sync_batchnorm=true",
+        env=TEST_TASKS,
+    )
     converted = "now SyncBatchNorm" in proc.stderr
     check("sync_batchnorm: converted, trains (NCCL)", proc.returncode == 0 and converted, f"exit {proc.returncode}")
     if proc.returncode:

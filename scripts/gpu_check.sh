@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One script for the GPU paths (NCCL, CUDA placement, bf16/fp16 AMP, checkpoint + bitwise resume on the GPU, the
-# non-finite guard, SyncBatchNorm),
+# non-finite guard, SyncBatchNorm, FSDP2 over NCCL with bf16 mixed precision, sharded save + resume),
 # then a GPU benchmark: our loop vs the hand-written DDP loop in bf16, and checkpoint blocked time sync vs async.
 # Usage: bash scripts/gpu_check.sh   (on a machine with a CUDA GPU; installs the project into .venv-gpu first)
 set -euo pipefail

@@ -104,6 +104,7 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "parallel mode": (FRESH, ["train.parallel=fsdp2"], "'train.parallel' = 'fsdp2': must be one of ddp, fsdp"),
     "export_model mode": (FRESH, ["train.export_model=sometimes"], "'train.export_model' = 'sometimes': must be one"),
     "reshard_after_forward word": (FRESH, ["train.reshard_after_forward=maybe"], "'train.reshard_after_forward'"),
+    "fsdp with fp16": (FRESH, ["train.parallel=fsdp", "train.precision=fp16"], "use train.precision=bf16"),
     "fsdp with sync_batchnorm": (
         FRESH, ["train.parallel=fsdp", "train.sync_batchnorm=true"], "is not supported with train.parallel=fsdp",
     ),

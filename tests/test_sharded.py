@@ -122,6 +122,10 @@ def test_the_final_model_loads_with_one_line_and_export_gathers_an_intermediate_
     on_disk = sum((final_dir(run, step) / f).stat().st_size for f in info["shard_files"])
     assert info["shard_bytes"] == on_disk and info["parameters"] == sum(t.numel() for t in exported.values())
 
+    # orchestrator eval takes the sharded folder too, and scores it as the ddp run's model of that step
+    evals = [json.loads(cli("eval", str(final_dir(r, step)), "--json", check=True).stdout) for r in (run, refs[2])]
+    assert evals[0]["metrics"] and evals[0]["metrics"] == pytest.approx(evals[1]["metrics"], rel=1e-4)
+
     # train.init_from takes a sharded folder (its shards gathered): the first loss is that of the step-8 weights
     init = tmp_path / "init"
     proc = launch(init, 1, f"train.init_from={final_dir(run, step)}", "train.max_steps=1", "train.checkpoint_every=1")

@@ -191,6 +191,9 @@ class TrainConfig:
         check_range("train.max_nonfinite", self.max_nonfinite, 1, 1_000_000)
         check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         check_choice("train.export_model", self.export_model, ("every", "final", "never"))
+        if self.parallel == "fsdp" and self.precision == "fp16":  # GradScaler's inf check would see one shard only
+            fail("train.precision", "fp16", "is not supported with train.parallel=fsdp (each rank would find "
+                 "overflows in its own shard only)", "use train.precision=bf16")  # fmt: skip
         if self.parallel == "fsdp" and self.sync_batchnorm:
             fail("train.sync_batchnorm", True, "is not supported with train.parallel=fsdp",
                  "set train.sync_batchnorm=false, or train.parallel=ddp")  # fmt: skip
