@@ -40,7 +40,7 @@ from torch import nn
 from workers.checkpoint import Checkpointer
 from workers.contract import TrainState
 from workers.dist import DistContext
-from workers.parallel import local, shard
+from workers.parallel import parameters_bytes, shard
 from workers.rundir import RunDir
 
 WIDTH = 1024
@@ -78,18 +78,14 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, batch: int = 64) -> None
     opt.zero_grad(set_to_none=False)  # keep the gradients allocated: they count, as in training
 
 
-def _bytes(tensors) -> int:
-    return sum(local(t).numel() * t.element_size() for t in tensors)
-
-
 def _memory(mode: str, ctx: DistContext, total_mb: float) -> dict[str, Any]:
     trained, _, opt = _build(mode, ctx, total_mb)
     params = list(trained.parameters())
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
     out = {
-        "params": _bytes(params),
-        "grads": _bytes(p.grad for p in params if p.grad is not None),
-        "optim": _bytes(state),
+        "params": parameters_bytes(params),
+        "grads": parameters_bytes(p.grad for p in params if p.grad is not None),
+        "optim": parameters_bytes(state),
         "peak_rss": _peak_rss(),
     }
     out["total"] = out["params"] + out["grads"] + out["optim"]

@@ -71,7 +71,10 @@ def inspect(path: Path) -> dict[str, Any]:
     run = RunDir(path)
     if run.checkpoints.is_dir():
         folders = [_describe_folder(f) for _, f in run.step_folders()]
-        latest = find_latest_valid(run.checkpoints, warn=False)
+        try:
+            latest = find_latest_valid(run.checkpoints, warn=False)
+        except CheckpointError:  # an unsafe one: it is listed below as such, the newest valid is not named
+            latest = None
         return dict(run_dir=str(path), latest_valid=str(latest) if latest else None, checkpoints=folders)
     if path.is_dir():
         return _describe_folder(path)

@@ -241,3 +241,20 @@ def test_graceful_stop_of_an_fsdp_run_saves_and_resumes_bitwise(fsdp_refs, tmp_p
     launch(run, 2, FSDP)
     assert tensors_equal(load(run), load(fsdp_refs["full"]))
     assert tensors_equal(optim_tensors(run), optim_tensors(fsdp_refs["full"]))
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        b"ctorch\nSize\n}(X\x04\x00\x00\x00evilK\x01ub.",  # BUILD on an admitted class: would rewrite torch.Size
+        b"cpathlib\nPosixPath\n.",  # a class our metadata never needs
+        b"cposix\nsystem\n(X\x04\x00\x00\x00trueltR.",  # the classic: call os.system
+        b"ctorch.distributed.checkpoint.metadata\nMetadata\n)\x81.",  # admitted, but without its fields: malformed
+    ],
+)
+def test_the_metadata_unpickler_refuses_what_dcp_never_writes(forged, tmp_path):
+    (tmp_path / ".metadata").write_bytes(forged)
+    with pytest.raises(dcp_io.CheckpointError) as exc:
+        dcp_io.read_metadata(tmp_path)
+    assert str(tmp_path / ".metadata") in str(exc.value)
+    assert not hasattr(torch.Size, "evil")

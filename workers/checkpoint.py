@@ -330,7 +330,9 @@ class Checkpointer:
 
     With ``async_save``, :meth:`save` blocks training only while rank 0 copies the state to host memory (and,
     if the previous save is still being written, until it is: at most one save is in flight); a background
-    thread serialises, writes and commits it. No collective ever runs in that thread (only rank 0 writes).
+    thread serialises, writes and commits it. No collective ever runs in that thread (only rank 0 writes) — except
+    for a sharded (``parallel="fsdp"``) save, whose every rank writes its shard there and whose collectives run on
+    a separate gloo group of their own (never on training's).
     """
 
     def __init__(
@@ -440,7 +442,7 @@ class Checkpointer:
         flat = {MODEL_PREFIX + k: v for k, v in bare.state_dict().items()}
         flat.update({OPTIM_PREFIX + k: v for k, v in optim_tensors.items()})
         use_async = self._pool is not None and not blocking
-        full = full_model_state(model, self.ctx) if export_model else None
+        full = full_model_state(bare, self.ctx) if export_model else None
         if self.ctx.is_main:
             payload.rest = {"optimizer": meta, "scheduler": scheduler.state_dict(),
                             "scheduler_class": _schedule_kind(scheduler), "scaler": scaler.state_dict()}  # fmt: skip
@@ -462,14 +464,25 @@ class Checkpointer:
         t0 = time.perf_counter()
         tmp = self.paths.checkpoints / f".tmp-{target.name}-{self._tmp_id}"
         problem: str | None = None
+        entries: dict[str, Any] = {}
         try:
             (tmp / DCP_DIR).mkdir(parents=True, exist_ok=True)  # every rank: no one removes what another wrote
-            dcp_io.save(flat, tmp / DCP_DIR, self._group)  # collective; creates the folder on each rank as needed
-            mine = dcp_io.own_files(tmp / DCP_DIR, self.ctx.rank)
-            dcp_io.fsync_files(mine)
-            entries = {f"{DCP_DIR}/{p.name}": {"size": p.stat().st_size, NEW_DIGEST: file_digest(p)} for p in mine}
         except OSError as exc:
-            entries, problem = {}, str(_write_error(target, exc))
+            problem = str(_write_error(target, exc))
+        # every rank enters DCP's collectives or none does: a rank that could not even make the folder must not
+        # leave the others waiting inside dcp.save
+        problem = next((p for p in all_gather_objects(problem, self._group) if p), None)
+        if problem is None:
+            try:
+                dcp_io.save(flat, tmp / DCP_DIR, self._group)  # collective; a failure on one raises on all
+                mine = dcp_io.own_files(tmp / DCP_DIR, self.ctx.rank)
+                dcp_io.fsync_files(mine)
+                entries = {f"{DCP_DIR}/{p.name}": {"size": p.stat().st_size, NEW_DIGEST: file_digest(p)} for p in mine}
+            except OSError as exc:
+                problem = str(_write_error(target, exc))
+            except Exception as exc:  # DCP wraps a rank's OSError (disk full) in its CheckpointException
+                cause = dcp_io.find_os_error(exc)
+                problem = str(_write_error(target, cause)) if cause else f"cannot write checkpoint {target.name}: {exc}"
         reports = all_gather_objects((entries, problem), self._group)
         problem = next((p for _, p in reports if p), None)
         if self.ctx.is_main:
@@ -480,7 +493,9 @@ class Checkpointer:
                     self._write_folder(target, tmp, payload, files)
                 except OSError as exc:
                     problem = str(_write_error(target, exc))
-            else:
+                except Exception as exc:  # anything: the other ranks wait for this verdict, it must be sent
+                    problem = f"cannot write checkpoint {target.name}: {type(exc).__name__}: {exc}"
+            if problem is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
         problem = all_gather_objects(problem, self._group)[0]  # rank 0's verdict, on every rank
         if problem is not None:
@@ -572,10 +587,14 @@ class Checkpointer:
         Broken checkpoints newer than it are set aside (renamed ``*.invalid-*``, not deleted) so they are
         neither retried at every start nor counted by retention.
         """
-        choice = None
+        choice, unsafe = None, None
         if self.ctx.is_main:
             folders = step_folders(self.paths.checkpoints)
-            found = find_latest_valid(self.paths.checkpoints)
+            try:
+                found = find_latest_valid(self.paths.checkpoints)
+            except CheckpointError as exc:  # unsafe: every rank must learn it, none may wait in the broadcast
+                found, unsafe, folders = None, exc, []
+                choice = "!unsafe:" + str(exc)
             if found is None and folders:
                 choice = "!none-valid"
             elif found is not None:
@@ -587,6 +606,10 @@ class Checkpointer:
                     atomic_write(self.paths.latest, found.name + "\n")  # never name a set-aside folder
                 choice = str(found)
         choice = self.ctx.broadcast_object(choice)
+        if isinstance(choice, str) and choice.startswith("!unsafe:"):
+            if unsafe is not None:
+                raise unsafe
+            raise dcp_io.UnsafeCheckpointError(choice.removeprefix("!unsafe:"))
         if choice == "!none-valid":
             raise CheckpointError(
                 f"'{self.paths.checkpoints}' holds checkpoints but none is valid; refusing to start "

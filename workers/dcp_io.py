@@ -16,19 +16,27 @@ from __future__ import annotations
 
 import io
 import os
-import pathlib
 import pickle
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
 from workers.errors import CheckpointError
 
@@ -46,22 +54,45 @@ _ADMITTED = {
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
     "collections": {"OrderedDict"},
 }  # fmt: skip
+# The only objects whose attributes a pickle may set (BUILD): instances of DCP's metadata dataclasses. BUILD on an
+# admitted class or function itself would rewrite it for the whole process (e.g. a method of a torch type).
+_BUILDABLE = (Metadata, TensorStorageMetadata, TensorProperties, ChunkStorageMetadata, MetadataIndex, StorageMeta,
+              BytesStorageMetadata, _StorageInfo)  # fmt: skip
 
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file holds pickled code or objects beyond what its format allows: refused, never run."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(pickle._Unpickler):  # the pure-Python one: its opcodes can be overridden (BUILD)
+    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module: str, name: str) -> Any:
         if name in _ADMITTED.get(module, ()):
-            return getattr(pathlib, name) if module == "pathlib" else super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype):
+            return torch.__dict__[name]
         raise pickle.UnpicklingError(f"global '{module}.{name}'")
+
+    def load_build(self) -> None:
+        if not isinstance(self.stack[-2], _BUILDABLE):
+            raise pickle.UnpicklingError(f"setting attributes of {type(self.stack[-2]).__name__}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+class _Writer(FileSystemWriter):
+    """DCP's file writer, storing the checkpoint's id as a plain string: the default is a ``pathlib`` object, whose
+    pickled class name differs between Python versions (3.13: ``pathlib._local``) and need not be admitted."""
+
+    def storage_meta(self) -> StorageMeta | None:
+        meta = super().storage_meta()
+        if meta is not None and meta.checkpoint_id is not None:
+            meta.checkpoint_id = str(meta.checkpoint_id)
+        return meta
 
 
 def read_metadata(folder: Path) -> Metadata:
@@ -81,11 +112,17 @@ def read_metadata(folder: Path) -> Metadata:
         ) from None
     except Exception as exc:  # truncated, or admitted classes fed nonsense
         raise CheckpointError(f"'{path}' is not DCP metadata: {type(exc).__name__}: {exc}") from None
-    _check_metadata(path, metadata)
+    try:
+        _check_metadata(path, metadata)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a forged object without the fields its class declares (NEWOBJ skips __init__)
+        raise CheckpointError(f"'{path}' is malformed DCP metadata: {type(exc).__name__}: {exc}") from None
     return metadata
 
 
 def _check_metadata(path: Path, metadata: Any) -> None:
+    """Types all the way down, so that nothing later trips over a forged field (a CheckpointError, never a crash)."""
     if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, Mapping):
         raise CheckpointError(f"'{path}' is not DCP metadata")
     for key, entry in metadata.state_dict_metadata.items():
@@ -93,7 +130,21 @@ def _check_metadata(path: Path, metadata: Any) -> None:
             raise UnsafeCheckpointError(
                 f"'{path}' lists {key!r} as a pickled object, not a tensor: refused (our checkpoints hold tensors only)"
             )
-    for index, info in (metadata.storage_data or {}).items():
+        well_formed = (
+            isinstance(key, str)
+            and isinstance(entry.properties, TensorProperties)
+            and isinstance(entry.properties.dtype, torch.dtype)
+            and isinstance(entry.size, torch.Size)
+            and isinstance(entry.chunks, list)
+            and all(isinstance(c, ChunkStorageMetadata) for c in entry.chunks)
+        )
+        if not well_formed:
+            raise CheckpointError(f"'{path}': the entry {key!r} is malformed")
+    if not isinstance(metadata.storage_data, Mapping):
+        raise CheckpointError(f"'{path}': its storage data is malformed")
+    for index, info in metadata.storage_data.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise CheckpointError(f"'{path}': its storage data is malformed")
         where = getattr(info, "relative_path", None)
         if not (
             isinstance(where, str) and where and "/" not in where and "\\" not in where and where not in (".", "..")
@@ -138,7 +189,7 @@ def save(flat: dict[str, torch.Tensor], folder: Path, group: Any = None) -> None
     """Write ``flat`` (key -> tensor or DTensor) as a DCP checkpoint into ``folder``, each rank its own shard file,
     fsynced (rank 0 also ``.metadata``). Collective over ``group`` (all ranks, same keys); None without one."""
     distributed = dist.is_available() and dist.is_initialized()
-    writer = FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True, thread_count=1)
+    writer = _Writer(str(folder), single_file_per_rank=True, sync_files=True, thread_count=1)
     dcp.save(flat, storage_writer=writer, process_group=group, no_dist=not distributed)
 
 
@@ -183,6 +234,12 @@ def fsync_files(paths: list[Path]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def find_os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a DCP failure (its CheckpointException wraps each rank's), if any."""
+    found = _find(exc, OSError)
+    return found if isinstance(found, OSError) else None
 
 
 def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,13 +197,3 @@ def cpu_threads_per_worker(local_world_size: int, slurm: bool = False) -> int:
             continue
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, local_world_size))
-
-
-@contextmanager
-def maybe_no_sync(model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
-    """DDP's ``no_sync`` when ``skip_sync``: accumulation micro-steps need no all-reduce, only the last one."""
-    if skip_sync and hasattr(model, "no_sync"):
-        with model.no_sync():
-            yield
-    else:
-        yield

@@ -145,30 +145,49 @@ class Evaluator:
         parts: list[torch.Tensor] = []
         totals = [0.0] * len(self.names)
         count, code, names = 0, 0, set(self.names)
+        failure: Exception | None = None  # lockstep: this rank's failure, held until every rank has voted on it
         for done, (batch, counted) in enumerate(self._batches()):
             code = interrupt() if interrupt is not None else 0
             if self.lockstep:  # agreed: the strongest code any rank has (a MAX via SUM of one-hot votes)
-                code = self._agreed(code)
+                code, failed = self._agreed(code, failure is not None)
+                if failed:  # a rank failed: all leave the loop at this same batch, then fail together
+                    raise failure or RuntimeError("evaluation failed on another rank (its log says why)")
             if code:
                 break
-            values, size = self._evaluate(batch)
-            if not counted:  # lockstep padding: run for the collective, counted nowhere
+            try:
+                size = self._batch_sums(batch, counted, names, host, totals, parts)
+            except Exception as exc:
+                if not self.lockstep:
+                    raise
+                failure = exc  # voted on at the next batch, so no rank is left alone in a collective
                 continue
-            if values.keys() != names:
-                raise ConfigError(
-                    f"the task's evaluate() returned {sorted(values)} for one batch and {self.names} for another. "
-                    "HINT: return the same metric names for every batch"
-                )
-            if host:
-                for i, name in enumerate(self.names):
-                    totals[i] += float(values[name])
-            else:
-                parts.append(torch.stack([values[name] for name in self.names]))
-            count += size
-            if progress is not None:
-                progress(done + 1)
+            if counted:
+                count += size
+                if progress is not None:
+                    progress(done + 1)
+        if failure is not None:
+            raise failure
         local = torch.stack(parts).sum(0) if parts else torch.tensor(totals, dtype=torch.float64)
         return local, count, code
+
+    def _batch_sums(self, batch: Any, counted: bool, names: set[str], host: bool, totals: list[float],
+                    parts: list[torch.Tensor]) -> int:  # fmt: skip
+        """Evaluate one batch and add its metric sums; return its size (an uncounted lockstep pad: evaluated for
+        the collectives, added nowhere)."""
+        values, size = self._evaluate(batch)
+        if not counted:
+            return size
+        if values.keys() != names:
+            raise ConfigError(
+                f"the task's evaluate() returned {sorted(values)} for one batch and {self.names} for another. "
+                "HINT: return the same metric names for every batch"
+            )
+        if host:
+            for i, name in enumerate(self.names):
+                totals[i] += float(values[name])
+        else:
+            parts.append(torch.stack([values[name] for name in self.names]))
+        return size
 
     def _batches(self) -> Iterator[tuple[Any, bool]]:
         """This rank's batches, each with whether it counts; lockstep pads with repeats of the first batch up to the
@@ -186,13 +205,16 @@ class Evaluator:
             for _ in range(most - done):
                 yield first, False
 
-    def _agreed(self, code: int) -> int:
-        votes = torch.zeros(len(_STOP_CODES), dtype=torch.float64, device=self.ctx.device)
+    def _agreed(self, code: int, failed: bool) -> tuple[int, bool]:
+        """(the strongest stop code any rank has, whether any rank failed). Collective (lockstep)."""
+        votes = torch.zeros(len(_STOP_CODES) + 1, dtype=torch.float64, device=self.ctx.device)
         if code:
             votes[_STOP_CODES.index(code)] = 1.0
+        votes[-1] = float(failed)
         self.ctx.all_reduce_sum(votes)
-        agreed = [c for c, v in zip(_STOP_CODES, votes.tolist(), strict=True) if v]
-        return max(agreed) if agreed else 0
+        total = votes.tolist()
+        agreed = [c for c, v in zip(_STOP_CODES, total[:-1], strict=True) if v]
+        return (max(agreed) if agreed else 0), bool(total[-1])
 
     def _slice_len(self, rank: int) -> int:
         return (rank + 1) * self.n // self.ctx.world_size - rank * self.n // self.ctx.world_size

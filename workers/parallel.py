@@ -74,6 +74,12 @@ def shard(model: nn.Module, task: Any, ctx: DistContext, precision: str, reshard
     the optimizer is built (it must hold the sharded parameters). Without a process group (one process, no
     launcher) there is nothing to shard over: the model stays whole; checkpoints are still of the sharded kind."""
     units = shard_units(task, model)  # checked in one process too: the mistake shows before the cluster run
+    objects = [k for k, v in model.state_dict().items() if not isinstance(v, torch.Tensor)]
+    if objects:  # a sharded checkpoint holds tensors only (anything else DCP would pickle, and we refuse to load)
+        raise ConfigError(
+            f"the model's state_dict holds {objects[0]!r}, a {type(model.state_dict()[objects[0]]).__name__}, not a "
+            "tensor: train.parallel=fsdp checkpoints hold tensors only. HINT: use train.parallel=ddp for this model"
+        )
     if not ctx.distributed:
         log.info("train.parallel=fsdp in a single process: nothing to shard over (checkpoints are still sharded)")
         return model
@@ -155,13 +161,13 @@ def full_model_state(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tens
 
 
 def staged(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A host copy of a flat state (DTensors keep their layout, their local shard copied): what an async sharded
-    save writes while training changes the live tensors."""
+    """A host copy of a flat state (DTensors keep their layout, their local shard copied to CPU memory): what an
+    async sharded save writes while training changes the live tensors. The DTensor is built from its spec directly:
+    ``DTensor.from_local`` would move the copy back to the mesh's device (a second GPU copy of the state)."""
     out: dict[str, torch.Tensor] = {}
     for key, t in flat.items():
         if isinstance(t, DTensor):
-            out[key] = DTensor.from_local(t.to_local().detach().to("cpu", copy=True), t.device_mesh, t.placements,
-                                          run_check=False, shape=t.shape, stride=t.stride())  # fmt: skip
+            out[key] = DTensor(t.to_local().detach().to("cpu", copy=True), t._spec, requires_grad=False)
         else:
             out[key] = t.detach().to("cpu", copy=True)
     return out
@@ -182,12 +188,6 @@ def all_gather_objects(obj: Any, group: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
-
-
-def barrier(group: Any) -> None:
-    """Barrier over ``group`` (no-op without one). Must be called on all ranks."""
-    if group is not None:
-        dist.barrier(group=group)
 
 
 def parameters_bytes(tensors: Iterable[torch.Tensor]) -> int:

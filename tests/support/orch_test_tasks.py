@@ -87,7 +87,7 @@ def _install_die_in_save(marker: str, step: int, rank: int) -> None:
         while time.monotonic() < deadline and not (os.path.exists(path) and os.path.getsize(path) > 0):
             time.sleep(0.0001)
         with open(marker, "w") as f:
-            f.write(str(os.path.getsize(path)))
+            f.write(str(os.path.getsize(path) if os.path.exists(path) else 0))
         os.kill(os.getpid(), signal.SIGKILL)
 
     def hook(event: str, args: tuple) -> None:
