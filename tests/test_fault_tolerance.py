@@ -14,7 +14,8 @@ import sys
 import time
 
 import psutil
-from conftest import EVERY, QUICK, ROOT, env, latest_name, load, tensors_equal
+import pytest
+from conftest import EVERY, QUICK, ROOT, env, latest_name, load, rel_diff, tensors_equal
 
 FT = ["launch.max_restarts=1", "launch.grace_period_s=1", "task.args.step_sleep_s=0.1"]
 
@@ -113,9 +114,10 @@ def test_dataloader_workers_die_with_their_rank(tmp_path):
     assert proc.returncode == 1
 
 
-def test_sigstopped_rank_is_detected_as_hung_and_the_run_recovers(refs, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_sigstopped_rank_is_detected_as_hung_and_the_run_recovers(parallel, refs, tmp_path):
     run = tmp_path / "run"
-    proc = start(run, "launch.hang_timeout_s=3")
+    proc = start(run, "launch.hang_timeout_s=3", f"train.parallel={parallel}")
     wait_for(run, proc, f"step-{EVERY:08d}")
     pid = worker_pid(run, 1)
     assert pid in [c.pid for c in psutil.Process(proc.pid).children()]
@@ -129,5 +131,8 @@ def test_sigstopped_rank_is_detected_as_hung_and_the_run_recovers(refs, tmp_path
         time.sleep(0.05)
     err = finish(proc)
     assert "rank 1: hung" in err and "no heartbeat" in err, err
-    assert tensors_equal(load(run), load(refs[2]))
+    if parallel == "ddp":
+        assert tensors_equal(load(run), load(refs[2]))
+    else:  # a sharded run, hung in the middle of its all-gathers, recovers from its sharded checkpoint
+        assert rel_diff(load(run), load(refs[2])) <= 1e-5
     assert time.monotonic() - t0 < 60
