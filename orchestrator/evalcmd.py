@@ -15,13 +15,12 @@ import argparse
 import json
 import multiprocessing
 import multiprocessing.connection
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.launcher import free_port, kill_tree
+from orchestrator.launcher import free_port, kill_tree, worker_context
 from workers.checkpoint import find_latest_valid, read_train_state, verify
 from workers.config import Config, load_config
 from workers.contract import EXIT_FAILED, EXIT_OK
@@ -97,12 +96,12 @@ def check(cfg: Config, nproc: int) -> None:
 def evaluate(cfg: Config, weights: Path, nproc: int) -> dict[str, Any]:
     """Run ``nproc`` eval workers to the end; rank 0's result. ConfigError for a usage error a worker found;
     RuntimeError when a worker failed or died."""
-    ctx = multiprocessing.get_context("spawn")
+    ctx, server_pid = worker_context()  # forked by the fork server, as the launcher's workers are
     port, procs, conns = free_port(), [], []
     try:
         for rank in range(nproc):
             reader, writer = ctx.Pipe(duplex=False)
-            args = (cfg.to_dict(), str(weights), rank, nproc, port, os.getpid(), writer)
+            args = (cfg.to_dict(), str(weights), rank, nproc, port, server_pid, writer)
             proc = ctx.Process(target=eval_worker, name=f"eval-{rank}", args=args)
             proc.start()
             writer.close()

@@ -1,4 +1,5 @@
-"""Local launcher: spawn N workers (multiprocessing, spawn), supervise them, report per-rank outcomes.
+"""Local launcher: start N workers (forked by a fork server that has imported torch), supervise them, report
+per-rank outcomes.
 
 Failures are data: every rank ends as a :class:`RankOutcome` (exit code, signal, error record); the first rank
 to fail is the root cause. If one worker fails, the others are torn down (SIGTERM, grace period, SIGKILL of each
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import signal
 import socket
@@ -21,7 +23,7 @@ from typing import Any
 import psutil
 
 from workers.config import Config
-from workers.contract import ErrorRecord, FailureKind, Gate, is_int
+from workers.contract import ErrorRecord, FailureKind, is_int
 from workers.entry import spawned_worker
 from workers.fsutil import RunDirLock
 from workers.heartbeat import read_heartbeat
@@ -226,16 +228,37 @@ class HangWatch:
         )
 
 
-def _spawn(cfg: Config, nproc: int, attempt: int, gate: Any = None) -> list:
-    """Start ``nproc`` worker processes (spawn: a fresh interpreter each; no torch needed here to do it)."""
-    ctx = multiprocessing.get_context("spawn")
+# What the fork server imports before it forks anyone (workers/preload.py says why it is a module of its own).
+_PRELOAD = ["workers.preload"]
+
+
+def worker_context() -> tuple[Any, int]:
+    """The multiprocessing context workers start from, and the pid of their parent (the fork server).
+
+    The server is started on the first call and imports torch and the trainer *once*, in the background: a
+    worker is then a ``fork`` of it (milliseconds) instead of a new interpreter importing torch (about a second of
+    CPU each) — a group of N pays one import instead of N, and a restart pays none. The server forks from a
+    process that has only imported (no threads, no CUDA, no process group), which is what makes the fork safe.
+    It lives as long as this process (it exits when our end of its pipe closes, even on SIGKILL), and its
+    workers die with it (``die_with_parent``). The first ``Process.start`` waits for the imports to finish.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    multiprocessing.forkserver.ensure_running()
+    # the server's pid is not public API; without it a worker falls back to watching its own parent
+    return ctx, getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None) or 0
+
+
+def _spawn(cfg: Config, nproc: int, attempt: int) -> list:
+    """Start ``nproc`` worker processes, forked by the fork server (see :func:`worker_context`)."""
+    ctx, server_pid = worker_context()
     port, procs = free_port(), []
     try:
         for rank in range(nproc):
             # Each worker's error record also comes back over its own pipe: a read-only or full run dir must not
             # turn a known failure into a bare exit code (one writer per pipe: no lock a killed worker could hold).
             reader, writer = ctx.Pipe(duplex=False)
-            args = (cfg.to_dict(), rank, nproc, port, os.getpid(), attempt, gate, writer)
+            args = (cfg.to_dict(), rank, nproc, port, server_pid, attempt, writer)
             proc = ctx.Process(target=spawned_worker, name=f"worker-{rank}", args=args)
             proc.start()
             writer.close()
@@ -248,24 +271,20 @@ def _spawn(cfg: Config, nproc: int, attempt: int, gate: Any = None) -> list:
 
 
 class PrestartedGroup:
-    """The first group of a launch, started before the launcher's own checks (config, task import, resume,
-    devices) are done: the workers import torch and the trainer meanwhile — the slow part of a start — then wait
-    at a gate, having written nothing. ``go`` lets them train; ``abort`` (the checks failed) ends them."""
+    """The first group of a launch, prepared before the launcher's own checks (config, task import, resume,
+    devices) are done: the fork server imports torch and the trainer meanwhile — the slow part of a start — so
+    the two slow imports overlap. No worker exists until ``go`` (nothing can be written before the checks
+    passed); ``abort`` (the checks failed) has nothing to end: the server exits with the launcher."""
 
     def __init__(self, cfg: Config) -> None:
-        # A plain shared int (no lock: one writer, and a lock's semaphore would outlive a killed reader)
-        self.gate = multiprocessing.get_context("spawn").Value("i", Gate.WAIT, lock=False)
-        self.procs = _spawn(cfg, cfg.launch.nproc, 0, self.gate)
+        self.cfg = cfg
+        worker_context()
 
     def go(self) -> list:
-        self.gate.value = Gate.GO
-        return self.procs
+        return _spawn(self.cfg, self.cfg.launch.nproc, 0)
 
     def abort(self) -> None:
-        self.gate.value = Gate.ABORT
-        kill_tree([p.pid for p in self.procs if p.is_alive()], 0.0)  # mid-import: no need to wait for them
-        for proc in self.procs:
-            proc.join(timeout=5)
+        """Nothing was started that could write; the fork server ends with this process."""
 
 
 class LocalLauncher:

@@ -120,7 +120,7 @@ def test_sigstopped_rank_is_detected_as_hung_and_the_run_recovers(parallel, refs
     proc = start(run, "launch.hang_timeout_s=3", f"train.parallel={parallel}")
     wait_for(run, proc, f"step-{EVERY:08d}")
     pid = worker_pid(run, 1)
-    assert pid in [c.pid for c in psutil.Process(proc.pid).children()]
+    assert pid in [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()
     # Keep it frozen until the launcher tears it down (guards against anything continuing it meanwhile).

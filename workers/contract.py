@@ -1,6 +1,6 @@
 """What crosses the process boundary between the launch side and the workers, in one place.
 
-Exit codes, the start gate's codes, environment variable names, the per-rank error record (with an enum of failure
+Exit codes, environment variable names, the per-rank error record (with an enum of failure
 kinds) and the typed train state of a checkpoint (``train_state.json``). Each file format here has one reader and
 one writer, and the readers treat anything malformed as corrupt (None, or CheckpointError), never as a crash.
 
@@ -22,17 +22,9 @@ from workers.errors import CheckpointError, NonFiniteError, UsageError
 from workers.fsutil import atomic_write
 from workers.rundir import RunDir
 
-# ---------------------------------------------------------------- exit codes and the start gate
+# ---------------------------------------------------------------- exit codes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class Gate(enum.IntEnum):
-    """The launcher's verdict to a prestarted worker waiting at the gate (a shared int)."""
-
-    WAIT = 0
-    GO = 1
-    ABORT = 2
 
 
 # ---------------------------------------------------------------- environment variables

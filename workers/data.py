@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import multiprocessing
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -148,6 +149,10 @@ def make_loader(
         batch_sampler=sampler,
         num_workers=num_workers,
         worker_init_fn=functools.partial(_die_with_rank, os.getpid()) if num_workers else None,
+        # Loader workers are the rank's own children (what `_die_with_rank` needs), whichever way the rank itself
+        # was started: a rank forked by our launcher's fork server would otherwise inherit "forkserver" and have
+        # its loader workers forked by the server instead. fork is the platform default where it exists.
+        multiprocessing_context=_LOADER_START if num_workers else None,
         collate_fn=IndexedCollate(collate_fn),
         pin_memory=pin_memory,
         persistent_workers=False,
@@ -155,6 +160,9 @@ def make_loader(
         # loader does not shift the training RNG (sample randomness is seeded per sample anyway).
         generator=torch.Generator().manual_seed(sampler.order.seed),
     )
+
+
+_LOADER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def _die_with_rank(rank_pid: int, _worker_id: int) -> None:

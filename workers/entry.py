@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 import traceback
 import typing
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from workers.contract import (
     EXIT_OK,
     EXIT_USAGE,
     ErrorRecord,
-    Gate,
 )
 from workers.errors import UsageError
 from workers.logsetup import setup_logging
@@ -139,22 +137,18 @@ def spawned_worker(
     rank: int,
     world_size: int,
     port: int,
-    launcher_pid: int,
+    parent_pid: int,
     attempt: int,
-    gate: Any = None,
     report_pipe: Any = None,
 ) -> None:
     """Entry of a worker started by the local launcher (picklable: module-level).
 
-    ``gate`` (a shared int, for the first group of a launch): the worker does its slow imports while the launcher
-    is still checking the run, then waits for ``Gate.GO`` before touching anything; ``Gate.ABORT`` (the checks
-    failed) or a dead launcher end it without a trace.
+    ``parent_pid``: the launcher's fork server (it dies with the launcher, and the worker with it); 0: unknown,
+    watch whichever process forked this one.
     """
     stop = StopFlag().install()  # first: a stop request during start-up is then a graceful one
-    if not die_with_parent(launcher_pid):  # the launcher died before prctl took effect
+    if not die_with_parent(parent_pid or os.getppid()):  # the server (so the launcher) died before prctl took effect
         os._exit(EXIT_FAILED)
-    if gate is not None and not _pass_gate(gate, launcher_pid):
-        os._exit(EXIT_OK)
     # The torch.distributed contract, read by DistContext and the env:// rendezvous.
     os.environ.update({
         "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
@@ -170,19 +164,6 @@ def spawned_worker(
     exit_now(run_worker(cfg, stop, start))
 
 
-def _pass_gate(gate: Any, launcher_pid: int) -> bool:
-    """Import what training needs (the slow part of a start), then wait for the launcher's verdict."""
-    import torch  # noqa: F401, PLC0415 - warm the imports while the launcher checks the run
-
-    import workers.trainer  # noqa: F401, PLC0415
-
-    while gate.value == Gate.WAIT:
-        if os.getppid() != launcher_pid:
-            return False
-        time.sleep(0.005)
-    return gate.value == Gate.GO
-
-
 def eval_worker(
     cfg_dict: dict[str, Any], weights: str, rank: int, world_size: int, port: int, parent_pid: int, conn: Any
 ) -> None:
@@ -191,7 +172,7 @@ def eval_worker(
     holds the numbers) or ``{"ok": False, "usage": bool, "error": str}``. Logs to the console only: it writes
     nothing anywhere."""
     StopFlag().install()  # a Ctrl-C reaches the whole group: the parent ends the workers itself
-    if not die_with_parent(parent_pid):
+    if not die_with_parent(parent_pid or os.getppid()):
         os._exit(EXIT_FAILED)
     os.environ.update({
         "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),

@@ -1,0 +1,17 @@
+"""What the local launcher's fork server imports once, so that every worker it forks starts with torch and the
+trainer already loaded (``multiprocessing``'s forkserver preload). Imported there and nowhere else.
+
+The fork server lives as long as the launcher and belongs to its process group: the stop signals that reach the
+whole group (a terminal's Ctrl-C, ``timeout``, ``kill -TERM -PGID``) must not end it — the launcher relays them
+to the workers itself, and a dead server would take its workers with it. Its workers inherit the ignored
+dispositions only until :class:`~workers.stop.StopFlag` installs its handlers, their first statement.
+"""
+
+from workers.stop import ignore_stop_signals
+
+ignore_stop_signals()
+
+import torch  # noqa: E402, F401 - the slow import every worker needs, paid once per launch
+
+import workers.entry  # noqa: E402
+import workers.trainer  # noqa: E402, F401
