@@ -11,7 +11,10 @@ from workers.stop import ignore_stop_signals
 
 ignore_stop_signals()
 
-import torch  # noqa: E402, F401 - the slow import every worker needs, paid once per launch
+import torch  # noqa: E402 - the slow import every worker needs, paid once per launch
+import torch._dynamo  # noqa: E402 - torch.optim's optimizers import it lazily on construction (~0.8 s)
+import torch.distributed.checkpoint  # noqa: E402 - train.parallel=fsdp's checkpoints
+import torch.distributed.fsdp  # noqa: E402, F401
 
 import workers.entry  # noqa: E402
 import workers.trainer  # noqa: E402, F401
