@@ -121,6 +121,70 @@ class _RandomSamples:
         return torch.rand(3)  # augmentation drawn from the global RNG, as user code does
 
 
+class _Draws:
+    """A dataset drawing from Python's and/or NumPy's global generators, on some samples only (``every``)."""
+
+    def __init__(self, python: bool, numpy: bool, every: int = 1, start: int = 0) -> None:
+        self.python, self.numpy, self.every, self.start = python, numpy, every, start
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, index: int) -> tuple[float, ...]:
+        import random
+
+        import numpy as np
+
+        out = [float(index)]
+        if index >= self.start and index % self.every == 0:
+            # one Gaussian each: a cached one (from the training code's draw) is handed out without moving the
+            # generator, the hole a watch of the position alone would fall into
+            if self.python:
+                out.append(random.gauss(0, 1))
+            if self.numpy:
+                out.append(float(np.random.randn()))
+        return tuple(out)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["nothing", "python", "numpy", "both", "python every 3rd", "numpy from sample 25", "both every 7th from 10"],
+)
+def test_per_sample_seeding_leaves_unused_generators_alone_and_equals_seeding_all(kind):
+    """Whatever a dataset draws, and whatever the training code draws between samples (leaving Gaussian values
+    cached in Python's and NumPy's generators), every sample equals the one made with all generators seeded."""
+    import random
+
+    import numpy as np
+
+    from workers.data import IndexedDataset
+    from workers.sample_rng import SampleSeeder, sample_seed, seed_all
+
+    every = int(kind.split("every ")[1].split("th")[0].split("rd")[0]) if "every" in kind else 1
+    start = int(kind.split("from ")[1].split()[-1]) if "from" in kind else 0
+    spec = {"python": "python" in kind or "both" in kind, "numpy": "numpy" in kind or "both" in kind}
+    data = _Draws(**spec, every=every, start=start)
+    wrapped = IndexedDataset(data, seed=7)
+    positions = [(p, (p * 7) % len(data)) for p in range(60)]
+    expected = []
+    for position, index in positions:  # the reference: every generator seeded before every sample
+        seed_all(sample_seed(7, position))
+        expected.append(data[index])
+    for i, (position, index) in enumerate(positions):
+        if i % 4 != 3:  # the training code draws between samples, leaving a cached Gaussian in both
+            random.gauss(0, 1), np.random.randn()
+        state = (random.getstate(), np.random.get_state())
+        got = wrapped[(position, index)][1]
+        assert got == expected[i], f"{kind}: sample at position {position} differs from the fully seeded one"
+        if kind == "nothing" and i % 4 == 3:
+            # nothing drawn: nothing reseeded (except NumPy at the first sample, and both after the training code
+            # left Gaussians cached: a cached value is handed out without moving the generator, so it is seeded)
+            assert random.getstate() == state[0]
+            assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), state[1], strict=True))
+    assert SampleSeeder()._python is not None and SampleSeeder()._numpy is not None  # the fast path ran here
+    assert (wrapped._seeder.python_drawn, wrapped._seeder.numpy_drawn) == (spec["python"], spec["numpy"])
+
+
 def test_samples_are_seeded_by_stream_position_unless_the_task_opts_out():
     from workers.data import IndexedDataset
     from workers.slurm import parse_time_left

@@ -12,7 +12,6 @@ import functools
 import hashlib
 import multiprocessing
 import os
-import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,12 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import default_collate as _default_collate
 
 from workers.config import BatchPlan
+from workers.sample_rng import SampleSeeder, sample_seed
 from workers.stop import die_with_parent
-
-try:
-    import numpy as _np
-except ImportError:  # numpy is optional for the orchestrator itself
-    _np = None
 
 _EPOCH_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) pairs from colliding for small seeds
 
@@ -83,42 +78,36 @@ class StepBatchSampler:
 class IndexedDataset(Dataset):
     """Wraps the task's dataset: fetches by (stream position, index), returns ``(index, sample)``.
 
-    Before each fetch, torch's, Python's and NumPy's RNGs are seeded from (seed, stream position), so random
+    Each fetch sees torch's, Python's and NumPy's RNGs seeded from (seed, stream position), so random
     augmentation in ``__getitem__`` depends only on which sample of the global stream is being made — not on
-    the DataLoader worker, the number of workers, the world size or where the run was resumed.
+    the DataLoader worker, the number of workers, the world size or where the run was resumed
+    (:mod:`workers.sample_rng`: the generators a dataset never draws from are left alone, at no difference).
     """
 
     def __init__(self, dataset: Any, seed: int, seed_samples: bool = True) -> None:
         self.dataset, self.seed, self.seed_samples = dataset, seed, seed_samples
+        self._seeder: SampleSeeder | None = None
+        self._seeder_pid = 0  # the seeder watches one process's generators: a loader worker makes its own
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_seeder": None, "_seeder_pid": 0}  # (its views of memory do not pickle)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[int, Any]:
         position, index = item
-        if self.seed_samples:  # ~8 µs a sample: skipped for datasets that declare no randomness
-            seed_all(derive_seed(self.seed, "sample", position))
-        return index, self.dataset[index]
+        if not self.seed_samples:  # the task declared that its samples draw no randomness
+            return index, self.dataset[index]
+        if self._seeder is None or self._seeder_pid != os.getpid():
+            self._seeder, self._seeder_pid = SampleSeeder(), os.getpid()
+        return index, self._seeder.make(sample_seed(self.seed, position), lambda: self.dataset[index])
 
 
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any tuple of ints/strings (no overflow, no collisions between fields)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def seed_all(seed: int, device: torch.device | None = None) -> None:
-    """Seed torch's CPU generator (and ``device``'s, when it is a GPU), Python's ``random`` and NumPy.
-
-    ``torch.manual_seed`` would also do it, but costs ~150 µs (it visits every backend); this costs ~10 µs,
-    which matters when it runs for every sample.
-    """
-    torch.default_generator.manual_seed(seed)
-    if device is not None and device.type == "cuda":
-        torch.cuda.manual_seed(seed)  # the current device: each rank's own
-    random.seed(seed)
-    if _np is not None:
-        _np.random.seed(seed % (1 << 32))
 
 
 class IndexedCollate:

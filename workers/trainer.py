@@ -31,7 +31,7 @@ from workers.config import (
     plan_batches,
 )
 from workers.contract import TrainState
-from workers.data import StepBatchSampler, derive_seed, make_loader, seed_all, to_device
+from workers.data import StepBatchSampler, derive_seed, make_loader, to_device
 from workers.dist import DistContext, autocast_for
 from workers.errors import CheckpointError, ConfigError, NonFiniteError
 from workers.evaluation import Evaluator
@@ -41,6 +41,7 @@ from workers.optim import build as build_optim
 from workers.parallel import first_nonfinite_sharded, gradient_sync, is_sharded, replicated, shard
 from workers.reporting import Reporter, StepStats
 from workers.rundir import CONFIG_FILE, RunDir
+from workers.sample_rng import seed_all
 from workers.selection import ModelSelection
 from workers.stepsync import StepSync
 from workers.stop import NONE, PREEMPT, REASONS, StopFlag
