@@ -32,6 +32,7 @@ p.add_argument("--samples", type=int, default=4096, help="dataset size (the quic
 p.add_argument("--out", required=True)
 p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 p.add_argument("--bf16", action="store_true", help="forward under bf16 autocast")
+p.add_argument("--task", choices=("quickstart", "plain"), default="quickstart", help="plain: benchmarks/plain_task.py")
 args = p.parse_args()
 
 dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -41,7 +42,12 @@ if device.type == "cuda":
     torch.cuda.set_device(device)
 torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
 torch.manual_seed(0)
-task = build(n=args.samples, hidden=args.hidden)
+if args.task == "plain":
+    from plain_task import build as build_plain
+
+    task = build_plain(n=args.samples)
+else:
+    task = build(n=args.samples, hidden=args.hidden)
 model = DDP(task.model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 warmup = 20

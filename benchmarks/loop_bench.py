@@ -45,16 +45,22 @@ def _run(cmd: list[str]) -> None:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), env.get("PYTHONPATH", "")])
     env.pop("OMP_NUM_THREADS", None)  # both pick threads per worker themselves (cores // workers)
     return env
 
 
-def ours(base: Path, nproc: int, steps: int, hidden: int, extra: list[str]) -> dict:
+# The default path: a task that declares nothing (benchmarks/plain_task.py), so per-sample seeding is on.
+PLAIN = ["task.factory=plain_task:build", "task.args={n: 4096}"]
+
+
+def ours(base: Path, nproc: int, steps: int, hidden: int | None, extra: list[str]) -> dict:
+    """``hidden`` None: the plain task (``extra`` = PLAIN)."""
     run = base / f"ours-{time.monotonic_ns()}"
+    model = [f"task.args.hidden={hidden}"] if hidden is not None else []
     cmd = [sys.executable, "-m", "orchestrator", "launch", "configs/quickstart.yaml", "--nproc", str(nproc),
            f"run.dir={run}", f"train.max_steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=10",
-           f"task.args.hidden={hidden}", "tracking.mode=disabled", *extra]  # fmt: skip
+           *model, "tracking.mode=disabled", *extra]  # fmt: skip
     t0 = time.time()
     _run(cmd)
     t_exit = time.time()
@@ -62,10 +68,12 @@ def ours(base: Path, nproc: int, steps: int, hidden: int, extra: list[str]) -> d
     return _times(t0, rows[1]["time"], rows[WARM]["time"], rows[steps]["time"], t_exit, steps)
 
 
-def handwritten(base: Path, nproc: int, steps: int, hidden: int) -> dict:
+def handwritten(base: Path, nproc: int, steps: int, hidden: int | None) -> dict:
+    """``hidden`` None: the plain task."""
     out = base / f"hand-{time.monotonic_ns()}.json"
+    model = ["--hidden", str(hidden)] if hidden is not None else ["--task", "plain"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
-           "benchmarks/handwritten_ddp.py", "--steps", str(steps), "--warm", str(WARM), "--hidden", str(hidden),
+           "benchmarks/handwritten_ddp.py", "--steps", str(steps), "--warm", str(WARM), *model,
            "--gbs", str(GBS), "--out", str(out)]  # fmt: skip
     t0 = time.time()
     _run(cmd)
@@ -98,7 +106,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loop.json")
     parser.add_argument(
-        "--sections", nargs="+", default=["overhead", "launch", "scaling"], help="rerun some; others kept from --out"
+        "--sections",
+        nargs="+",
+        default=["overhead", "plain", "launch", "scaling"],
+        help="rerun some; others kept from --out",
     )
     args = parser.parse_args()
     result: dict = {
@@ -108,9 +119,9 @@ def main() -> None:
         "step_overhead": [],
         "scaling": [],
     }
-    if args.out.exists() and set(args.sections) != {"overhead", "launch", "scaling"}:
+    if args.out.exists() and set(args.sections) != {"overhead", "plain", "launch", "scaling"}:
         kept = json.loads(args.out.read_text())
-        result.update({k: kept[k] for k in ("step_overhead", "launch", "scaling") if k in kept})
+        result.update({k: kept[k] for k in ("step_overhead", "plain", "launch", "scaling") if k in kept})
     with tempfile.TemporaryDirectory(prefix="loop-bench-") as tmp:
         base = Path(tmp)
         for hidden in args.hidden if "overhead" in args.sections else []:
@@ -118,14 +129,27 @@ def main() -> None:
                 result["step_overhead"] = []
             pairs = [(ours(base, 2, args.steps, hidden, []), handwritten(base, 2, args.steps, hidden))
                      for _ in range(args.repeats)]  # fmt: skip
+            goal = 0.97 if hidden <= 64 else 0.99  # issue 16: a 2.3 ms step may keep 3 %, a real one 1 %
             ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in pairs]
             result["step_overhead"].append({
                 "hidden": hidden, "steps": args.steps,
                 "ours_samples_per_s": summarize([a["samples_per_s"] for a, _ in pairs], 1),
                 "handwritten_samples_per_s": summarize([b["samples_per_s"] for _, b in pairs], 1),
-                "ratio": summarize(ratios), "goal": ">= 0.99", "met": statistics.median(ratios) >= 0.99,
+                "ratio": summarize(ratios), "goal": f">= {goal}", "met": statistics.median(ratios) >= goal,
             })  # fmt: skip
             print(json.dumps(result["step_overhead"][-1]), flush=True)
+        if "plain" in args.sections:
+            pairs = [(ours(base, 2, args.steps, None, PLAIN), handwritten(base, 2, args.steps, None))
+                     for _ in range(args.repeats)]  # fmt: skip
+            ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in pairs]
+            result["plain"] = {
+                "task": "benchmarks/plain_task.py: nn.Linear(10, 2), TensorDataset, declares nothing "
+                "(per-sample seeding on)", "steps": args.steps,
+                "ours_samples_per_s": summarize([a["samples_per_s"] for a, _ in pairs], 1),
+                "handwritten_samples_per_s": summarize([b["samples_per_s"] for _, b in pairs], 1),
+                "ratio": summarize(ratios), "goal": ">= 0.95", "met": statistics.median(ratios) >= 0.95,
+            }  # fmt: skip
+            print(json.dumps(result["plain"]), flush=True)
         launches = [(ours(base, 2, args.launch_steps, 64, []), handwritten(base, 2, args.launch_steps, 64))
                     for _ in range(args.repeats if "launch" in args.sections else 0)]  # fmt: skip
         if launches:

@@ -199,3 +199,41 @@ def test_samples_are_seeded_by_stream_position_unless_the_task_opts_out():
     assert torch.equal(plain[(42, 3)][1], expected)  # opted out: the RNG is left alone
     # squeue's time-left format (used to tell a time limit from a preemption)
     assert [parse_time_left(t) for t in ("0:45", "1:02:03", "2-00:00:10", "UNLIMITED")] == [45, 3723, 172810, None]
+
+
+def test_batched_fetching_makes_the_batches_sample_by_sample_fetching_makes():
+    """A TensorDataset (never seeded: pure indexing) is gathered a micro-batch at a time, a dataset with its own
+    ``__getitems__`` is asked once a micro-batch; the batches are those of one ``__getitem__`` per sample."""
+    from torch.utils.data import Subset, TensorDataset
+
+    from workers.config.plan import BatchPlan
+    from workers.data import Collated, IndexedDataset, StepBatchSampler, make_loader
+
+    x, y = torch.randn(50, 3), torch.arange(50)
+
+    class PerSample:  # the same samples, one __getitem__ at a time
+        def __len__(self) -> int:
+            return 50
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return x[i], y[i]
+
+    def batches(dataset, collate=None, seed_samples=True) -> list:
+        plan = BatchPlan(world_size=2, global_batch_size=12, per_rank_batch=6, micro_batch=3, accum_steps=2)
+        loader = make_loader(dataset, StepBatchSampler(50, 3, plan, rank=1, start_step=2), 0, collate, False,
+                             seed_samples)  # fmt: skip
+        return [b for b, _ in zip(loader, range(40), strict=False)]  # past an epoch boundary
+
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        return type(a) is type(b) and len(a) == len(b) and all(same(u, v) for u, v in zip(a, b, strict=True))
+
+    reference = batches(PerSample(), seed_samples=False)
+    assert len(reference) == 40 and type(reference[0][1]) is list  # (indices, [x, y]) from default_collate
+    assert same(batches(TensorDataset(x, y)), reference)  # declares nothing, yet nothing is seeded
+    gathered = IndexedDataset(TensorDataset(x, y), seed=3, collated=True)
+    assert not gathered.seed_samples and isinstance(gathered.__getitems__([(0, 4), (1, 9)]), Collated)
+    assert same(batches(Subset(TensorDataset(x, y), range(50)), seed_samples=False), reference)
+    collate = lambda samples: torch.stack([s[0] for s in samples])  # noqa: E731 - a task's own collate_fn
+    assert same(batches(TensorDataset(x, y), collate), batches(PerSample(), collate, seed_samples=False))

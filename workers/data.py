@@ -13,10 +13,10 @@ import hashlib
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data import default_collate as _default_collate
 
 from workers.config import BatchPlan
@@ -78,14 +78,23 @@ class StepBatchSampler:
 class IndexedDataset(Dataset):
     """Wraps the task's dataset: fetches by (stream position, index), returns ``(index, sample)``.
 
-    Each fetch sees torch's, Python's and NumPy's RNGs seeded from (seed, stream position), so random
+    Each sample sees torch's, Python's and NumPy's RNGs seeded from (seed, stream position), so random
     augmentation in ``__getitem__`` depends only on which sample of the global stream is being made — not on
     the DataLoader worker, the number of workers, the world size or where the run was resumed
     (:mod:`workers.sample_rng`: the generators a dataset never draws from are left alone, at no difference).
+
+    Fetched a batch at a time (``__getitems__``, the DataLoader's batched path) where nothing needs seeding: a
+    ``TensorDataset`` (pure indexing, never seeded) becomes one gather per tensor, already collated when the
+    collate is the default one (``collated``) — where a hand-written loop makes and stacks a sample at a time; a
+    dataset with its own ``__getitems__`` (Hugging Face ``datasets``, torch's ``Subset``) gets one call a batch.
+    The batch is the same, bit for bit.
     """
 
-    def __init__(self, dataset: Any, seed: int, seed_samples: bool = True) -> None:
-        self.dataset, self.seed, self.seed_samples = dataset, seed, seed_samples
+    def __init__(self, dataset: Any, seed: int, seed_samples: bool = True, collated: bool = False) -> None:
+        self.dataset, self.seed = dataset, seed
+        self.tensors = type(dataset) is TensorDataset  # exactly torch's: a subclass may override __getitem__
+        self.seed_samples = seed_samples and not self.tensors
+        self.collated = collated
         self._seeder: SampleSeeder | None = None
         self._seeder_pid = 0  # the seeder watches one process's generators: a loader worker makes its own
 
@@ -103,6 +112,26 @@ class IndexedDataset(Dataset):
             self._seeder, self._seeder_pid = SampleSeeder(), os.getpid()
         return index, self._seeder.make(sample_seed(self.seed, position), lambda: self.dataset[index])
 
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[int, Any]] | Collated:
+        """A micro-batch at once (see the class docstring); sample by sample wherever seeding is on."""
+        if self.seed_samples:
+            return [self[item] for item in items]
+        indices = [index for _, index in items]
+        if self.tensors and self.collated:
+            at = torch.tensor(indices, dtype=torch.long)
+            return Collated(at, [t[at] for t in self.dataset.tensors])  # what default_collate makes of them
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems is None:
+            return [(index, self.dataset[index]) for index in indices]
+        return list(zip(indices, getitems(indices), strict=True))
+
+
+class Collated(NamedTuple):
+    """A micro-batch that needs no collating: ``(indices, batch)`` as :class:`IndexedCollate` would make it."""
+
+    indices: torch.Tensor
+    batch: Any
+
 
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any tuple of ints/strings (no overflow, no collisions between fields)."""
@@ -116,7 +145,9 @@ class IndexedCollate:
     def __init__(self, collate_fn: Callable[[list[Any]], Any] | None) -> None:
         self.collate_fn = collate_fn or _default_collate
 
-    def __call__(self, items: list[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
+    def __call__(self, items: list[tuple[int, Any]] | Collated) -> tuple[torch.Tensor, Any]:
+        if isinstance(items, Collated):
+            return items.indices, items.batch
         indices = torch.tensor([i for i, _ in items], dtype=torch.long)
         return indices, self.collate_fn([s for _, s in items])
 
@@ -134,7 +165,7 @@ def make_loader(
     ``seed_samples``: seed the RNGs before each sample (for datasets with random augmentation).
     """
     return DataLoader(
-        IndexedDataset(dataset, sampler.order.seed, seed_samples),
+        IndexedDataset(dataset, sampler.order.seed, seed_samples, collated=collate_fn is None),
         batch_sampler=sampler,
         num_workers=num_workers,
         worker_init_fn=functools.partial(_die_with_rank, os.getpid()) if num_workers else None,
