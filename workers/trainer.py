@@ -391,7 +391,7 @@ class Trainer:
         """One optimizer step; returns (loss, grad norm, seconds spent waiting for data). No host sync."""
         model.train()
         accum = self.plan.accum_steps
-        loss_sum = torch.zeros((), device=self.ctx.device)
+        loss_sum: torch.Tensor | None = None
         buffers = self.guard.snapshot(self.model) if self.guard is not None else None
         data_wait = 0.0
         for micro in range(accum):
@@ -400,14 +400,17 @@ class Trainer:
             data_wait += time.perf_counter() - t0
             if recorder:
                 recorder.record(self.step, micro, indices)
-            batch = to_device(batch, self.ctx.device)
+            if self.ctx.device.type != "cpu":  # (on the CPU the batch is where it must be: no per-tensor calls)
+                batch = to_device(batch, self.ctx.device)
             seed_all(step_seed(self.cfg.train.seed, self.step, self.ctx.rank, micro), self.ctx.device)
             # Gradients of all but the last micro-step stay local: one all-reduce per optimizer step.
             with gradient_sync(model, sync=micro == accum - 1):
                 with self._autocast():  # forward under autocast; backward outside it, as torch.amp advises
-                    loss = self.task.loss(model, batch) / accum
+                    loss = self.task.loss(model, batch)
+                    if accum > 1:  # (one op less a step without accumulation: small steps feel every op)
+                        loss = loss / accum
                 self.scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
+            loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         grad_norm = None
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
