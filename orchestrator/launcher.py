@@ -47,6 +47,11 @@ class RankOutcome:
     def failed(self) -> bool:
         return self.exitcode != 0 or self.hung is not None
 
+    @property
+    def lost_peer(self) -> bool:
+        """It failed only because another rank vanished from a collective (its own error says so)."""
+        return self.error is not None and self.error.lost_peer
+
     def describe(self) -> str:
         if self.hung:
             how = f"hung — {self.hung}"
@@ -325,6 +330,7 @@ class LocalLauncher:
     def _supervise(self, procs: list, relay: SignalRelay) -> RunResult:
         result = RunResult(logs_hint=str(self.paths.logs))
         hangs = HangWatch(self.paths, len(procs), self.cfg.launch.hang_timeout_s)
+        first_lost: float | None = None  # when the first rank that only lost its peer was seen
         forwarded = 0
         while len(result.outcomes) < len(procs):
             multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=0.2)
@@ -348,6 +354,12 @@ class LocalLauncher:
                 if hung:
                     result.outcomes[hung[0]] = RankOutcome(hung[0], None, None, None, seen_at, hung=hung[1])
             failures = [o for o in result.outcomes.values() if o.failed]
+            if failures and result.root_cause is None and all(o.lost_peer for o in failures):
+                # Only ranks that lost their peer so far: the rank that broke the connection (it may close it
+                # before it has finished exiting) is about to be seen; give it a moment to be the root cause.
+                first_lost = first_lost or seen_at
+                if len(result.outcomes) < len(procs) and seen_at - first_lost < _PEER_LOST_WAIT_S:
+                    continue
             if failures and result.root_cause is None:
                 result.root_cause = min(failures, key=_failure_order)
                 if not result.usage_error:  # a usage error is reported once, as one line, by the supervisor
@@ -389,11 +401,14 @@ class LocalLauncher:
                 result.outcomes[rank] = _outcome(rank, proc, self.paths, time.time())
 
 
-def _failure_order(outcome: RankOutcome) -> tuple[float, float]:
-    """Who failed first: the launcher sees exits as they happen (``ended_at``); within one observation, a
-    rank that died without an error record (a signal, a hard crash) comes before ranks that merely reported
-    the lost peer, then by the time each rank wrote its error record."""
-    return outcome.ended_at, outcome.error.time if outcome.error else float("-inf")
+_PEER_LOST_WAIT_S = 2.0  # how long ranks that only lost their peer wait for the rank that caused it to be seen
+
+
+def _failure_order(outcome: RankOutcome) -> tuple[bool, float, float]:
+    """Who failed first: a rank that merely reported the lost peer comes after any other failure; then the
+    launcher's order of seeing the exits (``ended_at``); within one observation, a rank that died without an
+    error record (a signal, a hard crash) first, then by the time each rank wrote its error record."""
+    return outcome.lost_peer, outcome.ended_at, outcome.error.time if outcome.error else float("-inf")
 
 
 def _outcome(rank: int, proc: Any, paths: RunDir, seen_at: float) -> RankOutcome:

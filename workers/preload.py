@@ -7,9 +7,23 @@ to the workers itself, and a dead server would take its workers with it. Its wor
 dispositions only until :class:`~workers.stop.StopFlag` installs its handlers, their first statement.
 """
 
+import atexit
+import os
+
 from workers.stop import ignore_stop_signals
 
 ignore_stop_signals()
+
+
+def _leave_at_once(server_pid: int = os.getpid()) -> None:
+    """The server's own exit (its launcher is gone): skip tearing down torch's modules, ~1 s of a CPU — it holds
+    the launcher's stdout and stderr, so whoever reads them (a pipe, ``| tee``, CI) would wait for it. Its workers
+    never run this: a forked worker always ends through ``os._exit``."""
+    if os.getpid() == server_pid:
+        os._exit(0)
+
+
+atexit.register(_leave_at_once)
 
 import torch  # noqa: E402 - the slow import every worker needs, paid once per launch
 import torch._dynamo  # noqa: E402 - torch.optim's optimizers import it lazily on construction (~0.8 s)
