@@ -163,24 +163,44 @@ def consumed_sequence(run_dir: Path) -> list[list[int]]:
     return out
 
 
+def shared_runs(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder of runs built once per test session by ``build(folder)`` and shared by all xdist workers (the
+    first to get here builds, the others wait for it): tests read these runs, or copy them before changing them."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the session's, above each worker's
+    base = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (base / ".built").exists():
+            shutil.rmtree(base, ignore_errors=True)  # a build that failed half-way
+            base.mkdir()
+            build(base)
+            (base / ".built").touch()
+    return base
+
+
 @pytest.fixture(scope="session")
 def refs(tmp_path_factory) -> dict[int, Path]:
     """Uninterrupted reference runs of the common setup at world sizes 1, 2 and 3 (built once)."""
-    base = tmp_path_factory.mktemp("refs")
-    runs = {}
-    for ws in (1, 2, 3):
-        runs[ws] = base / f"ws{ws}"
-        extra = [f"task.args.audit_dir={base / f'audit-ws{ws}'}"] if ws == 2 else []
-        launch(runs[ws], ws, *extra)
-    return runs
+
+    def build(base: Path) -> None:
+        for ws in (1, 2, 3):
+            extra = [f"task.args.audit_dir={base / f'audit-ws{ws}'}"] if ws == 2 else []
+            launch(base / f"ws{ws}", ws, *extra)
+
+    base = shared_runs(tmp_path_factory, "refs", build)
+    return {ws: base / f"ws{ws}" for ws in (1, 2, 3)}
 
 
 @pytest.fixture(scope="session")
 def killed2(tmp_path_factory) -> Path:
     """A ws=2 run SIGKILLed after its step-4 checkpoint (tests copy it before resuming)."""
-    run = tmp_path_factory.mktemp("killed") / "ws2"
-    launch_and_kill(run, 2, "task.args.step_sleep_s=0.1", kill_after=f"step-{EVERY:08d}")
-    return run
+
+    def build(base: Path) -> None:
+        launch_and_kill(base / "ws2", 2, "task.args.step_sleep_s=0.1", kill_after=f"step-{EVERY:08d}")
+
+    return shared_runs(tmp_path_factory, "killed", build) / "ws2"
 
 
 def wandb_view(run: Path) -> tuple[str, list[list[int]], dict]:

@@ -229,9 +229,11 @@ def test_a_second_sigint_tears_the_workers_down_at_once(tmp_path):
     assert latest_name(run) is None  # nothing was saved: the first step never finished
 
 
-def test_two_sigints_in_one_instant_are_one_graceful_stop(tmp_path):
-    """GNU `timeout -s INT` and a terminal's Ctrl-C signal the launcher and its process group at once: the
-    launcher sees two requests in one instant. That is still one request: save at the next step, exit 0."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_two_signals_in_one_instant_are_one_graceful_stop(sig, tmp_path):
+    """GNU `timeout -s INT`, `kill -TERM -PGID` and a terminal's Ctrl-C signal the launcher and its process group
+    at once: the launcher sees two requests in one instant. That is still one request: save at the next step,
+    exit 0 — the fork server in the same group ignores the signal (its death would take the workers along)."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "orchestrator", "launch", "configs/quickstart.yaml", "--nproc", "2",
            f"run.dir={run}", *QUICK, "task.args.step_sleep_s=0.1"]  # fmt: skip
@@ -239,8 +241,8 @@ def test_two_sigints_in_one_instant_are_one_graceful_stop(tmp_path):
     while latest_name(run) != f"step-{EVERY:08d}":
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGINT)
-    os.killpg(proc.pid, signal.SIGINT)  # the launcher again, and its workers
+    os.kill(proc.pid, sig)
+    os.killpg(proc.pid, sig)  # the launcher again, its workers and its fork server
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stop requested" in err and "second stop request" not in err

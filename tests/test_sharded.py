@@ -39,6 +39,7 @@ from conftest import (
     launch_and_kill,
     load,
     rel_diff,
+    shared_runs,
     tensors_equal,
 )
 from test_exactness import expected_sequence
@@ -59,11 +60,13 @@ def optim_tensors(run, step: int = MAX_STEPS) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def fsdp_refs(tmp_path_factory, refs) -> dict[str, object]:
     """Uninterrupted fsdp ws=2 run of the common setup (AdamW), and a copy SIGKILLed after its step-4 checkpoint."""
-    base = tmp_path_factory.mktemp("fsdp")
-    full, killed = base / "ws2", base / "killed-ws2"
-    launch(full, 2, FSDP)
-    launch_and_kill(killed, 2, FSDP, "task.args.step_sleep_s=0.1", kill_after=f"step-{EVERY:08d}")
-    return {"full": full, "killed": killed}
+
+    def build(base) -> None:
+        launch(base / "ws2", 2, FSDP)
+        launch_and_kill(base / "killed-ws2", 2, FSDP, "task.args.step_sleep_s=0.1", kill_after=f"step-{EVERY:08d}")
+
+    base = shared_runs(tmp_path_factory, "fsdp", build)
+    return {"full": base / "ws2", "killed": base / "killed-ws2"}
 
 
 def test_fsdp_matches_ddp_and_one_process_with_sgd_and_adamw(refs, fsdp_refs, tmp_path):
