@@ -92,6 +92,13 @@ class RunResult:
         """A restart can help (not a usage error, not a run dir without a usable checkpoint, not a lost run dir)."""
         return self.lost_run_dir is None and (self.failure_kind is None or self.failure_kind.retryable)
 
+    @property
+    def port_taken(self) -> bool:
+        """Rank 0 could not listen on the rendezvous port: another process took it between our pick and its bind
+        (:func:`free_port` can only pick a port that is free *now*). Nothing trained; the group can start again."""
+        error = self.root_cause.error if self.root_cause else None
+        return error is not None and "EADDRINUSE" in error.message and "failed to listen" in error.message
+
     def report(self) -> str:
         """A human report: the root cause with its traceback, then every rank's outcome."""
         if self.ok:

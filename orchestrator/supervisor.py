@@ -41,6 +41,9 @@ def decide(result: RunResult, stop_requested: bool, restarts: int, max_restarts:
     return Verdict.RESTART
 
 
+_PORT_RETRIES = 3  # starts again on a new port when rank 0 could not listen on the one picked (a race, not a fault)
+
+
 def run_with_restarts(
     cfg: Config,
     paths: RunDir,
@@ -52,7 +55,7 @@ def run_with_restarts(
     prestarted group; restarts spawn afresh. ``lock``: the launch's run-dir lock (watched while workers run).
     ``undo``: called, with the lock still held, when the *first* attempt ends in a usage error (bad input found by
     the workers leaves the run dir as it was; a later attempt's usage error leaves the run's own progress alone)."""
-    restarts, prestarted = 0, group
+    restarts, prestarted, port_retries = 0, group, 0
     # One signal relay for all attempts: a Ctrl-C during a teardown or between attempts still means "stop".
     with SignalRelay() as relay:
         while True:
@@ -66,6 +69,10 @@ def run_with_restarts(
             )
             result = LocalLauncher(cfg, paths, cfg.launch.nproc, attempt=restarts, lock=lock).run(relay, prestarted)
             prestarted = None
+            if result.port_taken and port_retries < _PORT_RETRIES and not relay.count:
+                port_retries += 1  # not a restart: the group never rendezvoused, so nothing ran
+                log.warning("the rendezvous port was taken meanwhile by another process: starting again on another")
+                continue
             verdict = decide(result, relay.count > 0, restarts, cfg.launch.max_restarts)
             if verdict is Verdict.DONE:
                 log.info("run finished: %s", paths.root)

@@ -237,3 +237,26 @@ def test_batched_fetching_makes_the_batches_sample_by_sample_fetching_makes():
     assert same(batches(Subset(TensorDataset(x, y), range(50)), seed_samples=False), reference)
     collate = lambda samples: torch.stack([s[0] for s in samples])  # noqa: E731 - a task's own collate_fn
     assert same(batches(TensorDataset(x, y), collate), batches(PerSample(), collate, seed_samples=False))
+
+
+def test_a_rendezvous_port_taken_meanwhile_is_recognised_from_torchs_own_error():
+    """free_port can only pick a port that is free *now*; if another process binds it before rank 0 does, torch's
+    store fails with EADDRINUSE — the supervisor then starts the group again on another port (not a restart)."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from orchestrator.launcher import RankOutcome, RunResult
+    from workers.contract import ErrorRecord
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(Exception) as exc:
+            dist.TCPStore("127.0.0.1", taken.getsockname()[1], 1, True, timeout=timedelta(seconds=5))
+    record = ErrorRecord.from_exception(0, exc.value)
+    assert RunResult(root_cause=RankOutcome(0, 1, None, record)).port_taken
+    other = ErrorRecord.from_exception(0, RuntimeError("injected failure on call 5"))
+    assert not RunResult(root_cause=RankOutcome(0, 1, None, other)).port_taken
+    assert not RunResult().port_taken
