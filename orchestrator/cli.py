@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -239,6 +240,7 @@ def run() -> typing.NoReturn:
         print(code, file=sys.stderr)
         code = EXIT_FAILED
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # `... | head`: the reader left; nothing more to say
+            stream.flush()
     os._exit(code)

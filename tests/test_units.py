@@ -238,6 +238,21 @@ def test_batched_fetching_makes_the_batches_sample_by_sample_fetching_makes():
     collate = lambda samples: torch.stack([s[0] for s in samples])  # noqa: E731 - a task's own collate_fn
     assert same(batches(TensorDataset(x, y), collate), batches(PerSample(), collate, seed_samples=False))
 
+    # a collate that draws (mixup-like) finds the generators seeded by stream position, whatever came before
+    import random
+
+    import numpy as np
+
+    def drawing(samples):
+        return torch.stack([s[0] for s in samples]) * random.random() + float(np.random.rand())
+
+    runs = []
+    for state in (1, 2):
+        random.seed(state)
+        np.random.seed(state)
+        runs.append(batches(TensorDataset(x, y), drawing))
+    assert same(runs[0], runs[1])
+
 
 def test_a_rendezvous_port_taken_meanwhile_is_recognised_from_torchs_own_error():
     """free_port can only pick a port that is free *now*; if another process binds it before rank 0 does, torch's

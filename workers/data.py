@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -93,7 +92,8 @@ class IndexedDataset(Dataset):
     def __init__(self, dataset: Any, seed: int, seed_samples: bool = True, collated: bool = False) -> None:
         self.dataset, self.seed = dataset, seed
         self.tensors = type(dataset) is TensorDataset  # exactly torch's: a subclass may override __getitem__
-        self.seed_samples = seed_samples and not self.tensors
+        # (with a task's own collate_fn, which may draw, the seeding stays: it leaves the RNGs seeded for it)
+        self.seed_samples = seed_samples and not (self.tensors and collated)
         self.collated = collated
         self._seeder: SampleSeeder | None = None
         self._seeder_pid = 0  # the seeder watches one process's generators: a loader worker makes its own
@@ -115,7 +115,10 @@ class IndexedDataset(Dataset):
     def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[int, Any]] | Collated:
         """A micro-batch at once (see the class docstring); sample by sample wherever seeding is on."""
         if self.seed_samples:
-            return [self[item] for item in items]
+            samples = [self[item] for item in items]
+            if items and self._seeder is not None:  # the collate that follows finds every generator seeded
+                self._seeder.settle(sample_seed(self.seed, items[-1][0]))
+            return samples
         indices = [index for _, index in items]
         if self.tensors and self.collated:
             at = torch.tensor(indices, dtype=torch.long)
@@ -171,7 +174,7 @@ def make_loader(
         worker_init_fn=functools.partial(_die_with_rank, os.getpid()) if num_workers else None,
         # Loader workers are the rank's own children (what `_die_with_rank` needs), whichever way the rank itself
         # was started: a rank forked by our launcher's fork server would otherwise inherit "forkserver" and have
-        # its loader workers forked by the server instead. fork is the platform default where it exists.
+        # its loader workers forked by the server instead. spawn, as when the ranks were spawned themselves.
         multiprocessing_context=_LOADER_START if num_workers else None,
         collate_fn=IndexedCollate(collate_fn),
         pin_memory=pin_memory,
@@ -182,7 +185,7 @@ def make_loader(
     )
 
 
-_LOADER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+_LOADER_START = "spawn"  # a fork of a rank with CUDA and threads up could not touch CUDA, and could deadlock
 
 
 def _die_with_rank(rank_pid: int, _worker_id: int) -> None:

@@ -17,7 +17,13 @@ generator (~1.6 µs) is always seeded. The other two are seeded only while they 
 
 So a sample that draws nothing is made from unseeded generators, which cannot change it; a sample that draws is
 always made from seeded ones. The result is bit-identical to seeding everything every time; the only cost of a
-dataset that does draw is one extra fetch, once per process.
+dataset that does draw is one extra fetch, once per process. After a micro-batch's samples, :meth:`settle` seeds
+whatever was left alone, so a collate function that draws finds seeded generators too.
+
+What it asks of ``__getitem__`` (what exact resume asks anyway): no side effects that a second call would see
+(the one extra fetch), and no reading of a global generator's state without drawing (``getstate`` / ``setstate``
+around a draw leaves the position where it was). A dataset that cannot promise that keeps every generator seeded
+by drawing from each once in its first ``__getitem__`` call.
 """
 
 from __future__ import annotations
@@ -131,6 +137,13 @@ class SampleSeeder:
         self.python_drawn = self._python is None  # True: seeded before every sample
         self.numpy_drawn = self._numpy is None
         self._numpy_seen: tuple[int, int] | None = None  # NumPy's position after the last sample (None: unknown)
+
+    def settle(self, seed: int) -> None:
+        """Seed the generators the last sample left alone (before a collate that may draw from them)."""
+        if not self.python_drawn:
+            random.seed(seed)
+        if not self.numpy_drawn and _np is not None:
+            _np.random.seed(seed % (1 << 32))
 
     def make(self, seed: int, fetch: Callable[[], T]) -> T:
         """``fetch()`` with the RNGs seeded from ``seed`` wherever it draws."""
