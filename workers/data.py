@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -175,7 +176,7 @@ def make_loader(
         # Loader workers are the rank's own children (what `_die_with_rank` needs), whichever way the rank itself
         # was started: a rank forked by our launcher's fork server would otherwise inherit "forkserver" and have
         # its loader workers forked by the server instead. spawn, as when the ranks were spawned themselves.
-        multiprocessing_context=_LOADER_START if num_workers else None,
+        multiprocessing_context=_loader_start() if num_workers else None,
         collate_fn=IndexedCollate(collate_fn),
         pin_memory=pin_memory,
         persistent_workers=False,
@@ -185,7 +186,11 @@ def make_loader(
     )
 
 
-_LOADER_START = "spawn"  # a fork of a rank with CUDA and threads up could not touch CUDA, and could deadlock
+def _loader_start() -> str | None:
+    """How loader workers start: as they did before our launcher forked its ranks — spawned by a rank our launcher
+    started (it inherits "forkserver"), the platform default otherwise (under srun/torchrun: fork, which keeps the
+    rank's signal handlers, so SLURM's notice to the job's processes does not kill them)."""
+    return "spawn" if multiprocessing.get_start_method(allow_none=True) == "forkserver" else None
 
 
 def _die_with_rank(rank_pid: int, _worker_id: int) -> None:
