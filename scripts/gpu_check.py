@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -53,7 +54,11 @@ def launch(run: Path, *overrides: str, env: dict[str, str] | None = None) -> sub
         *COMMON,
         *overrides,
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=env)
+    try:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False, env=env)
+    except subprocess.TimeoutExpired as e:  # a hung launch is one failed check, not the end of the script
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return subprocess.CompletedProcess(cmd, 124, "", err + "\n[gpu_check] timed out after 150 s")
 
 
 def load(run: Path, step: int, name: str) -> dict:
@@ -70,8 +75,13 @@ def equal(a, b) -> bool:
     return a == b
 
 
+_T0 = time.monotonic()
+
+
 def check(name: str, ok: bool, detail: str) -> None:
+    """Record one check, and print it at once: a run cut short by its time limit still shows what passed."""
     rows.append((name, ok, detail))
+    print(f"[{time.monotonic() - _T0:6.1f} s] {'PASS' if ok else 'FAIL'}  {name}  {detail}", flush=True)
 
 
 def main() -> int:
@@ -246,7 +256,7 @@ def _handwritten(out: Path) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone",
            "benchmarks/handwritten_ddp.py", "--device", "cuda", "--bf16", "--hidden", "8192", "--samples", "65536",
            "--gbs", "4096", "--steps", "300", "--warm", "10", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False)
     if proc.returncode:
         print(proc.stderr[-2000:], file=sys.stderr)
         return 0.0
@@ -283,10 +293,14 @@ def benchmark(tmp: Path) -> None:
 
 
 def report() -> int:
+    """Print the table (and write it to the file named by the first argument, if any); 1 if any check failed."""
     width = max(len(r[0]) for r in rows)
-    print(f"{'check':<{width}}  result  detail")
-    for name, ok, detail in rows:
-        print(f"{name:<{width}}  {'PASS' if ok else 'FAIL':<6}  {detail}")
+    lines = [f"{'check':<{width}}  result  detail"]
+    lines += [f"{name:<{width}}  {'PASS' if ok else 'FAIL':<6}  {detail}" for name, ok, detail in rows]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(text)
     return 0 if all(ok for _, ok, _ in rows) else 1
 
 
