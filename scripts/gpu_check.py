@@ -93,7 +93,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         return report()
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    for precision in ("fp32", "bf16", "fp16"):
+    # GPU_CHECK_PARTS=sharded,benchmark (say) reruns only those parts, e.g. after a fix, to spare device time.
+    parts = set(filter(None, os.environ.get("GPU_CHECK_PARTS", "precision,numerics,sharded,benchmark").split(",")))
+    for precision in ("fp32", "bf16", "fp16") if "precision" in parts else ():
         run = tmp / precision
         proc = launch(run, f"train.precision={precision}")
         placed = "on cuda:0 (nccl" in proc.stderr
@@ -131,9 +133,14 @@ def main() -> int:
             proc = launch(async_run, f"train.precision={precision}", "train.async_checkpoint=true")
             same = proc.returncode == 0 and equal(load(async_run, 10, "model.pt"), load(run, 10, "model.pt"))
             check("bf16: async (pinned) checkpoint = sync", same, f"exit {proc.returncode}")
-    numerics(tmp)
-    sharded(tmp, tmp / "bf16")
-    benchmark(tmp)
+    if "numerics" in parts:
+        numerics(tmp)
+    if "sharded" in parts:
+        if not (tmp / "bf16").exists():  # the bf16 ddp run the sharded peak memory is compared with
+            launch(tmp / "bf16", "train.precision=bf16")
+        sharded(tmp, tmp / "bf16")
+    if "benchmark" in parts:
+        benchmark(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     return report()
 

@@ -275,3 +275,29 @@ def test_a_rendezvous_port_taken_meanwhile_is_recognised_from_torchs_own_error()
     other = ErrorRecord.from_exception(0, RuntimeError("injected failure on call 5"))
     assert not RunResult(root_cause=RankOutcome(0, 1, None, other)).port_taken
     assert not RunResult().port_taken
+
+
+def test_fsdp_bf16_hands_the_loss_fp32_outputs(tmp_path):
+    """Under train.parallel=fsdp with bf16, the units compute in bf16 but the root's output reaches the task's loss in
+    fp32, as under autocast: CUDA refuses the backward of a loss mixing a bf16 output with an fp32 target (seen on an
+    H200 with the quickstart task's mse_loss). An in-process gloo group of one rank; the mesh and FSDP2 are real."""
+    import torch.distributed as dist
+
+    from workers.dist import DistContext
+    from workers.parallel import shard
+    from workers.tasks.quickstart import build
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        task = build(n=64, hidden=16)
+        ctx = DistContext(0, 0, 1, 1, "127.0.0.1", 0, torch.device("cpu"), "gloo", "single")
+        model = shard(task.model, task, ctx, "bf16", reshard_after_forward=True)
+        seen: list[torch.dtype] = []
+        for unit in model.children():
+            unit.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+        x, _ = next(iter(torch.utils.data.DataLoader(task.dataset, batch_size=8)))
+        out = model(x)
+        assert out.dtype == torch.float32
+        assert torch.bfloat16 in seen  # the units still compute in bf16
+    finally:
+        dist.destroy_process_group()

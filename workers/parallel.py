@@ -9,6 +9,7 @@ Parameters, gradients and optimizer state are then DTensors sharded on dim 0; ev
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -93,6 +94,10 @@ def shard(model: nn.Module, task: Any, ctx: DistContext, precision: str, reshard
         options["mp_policy"] = policy
     for unit in units:
         fully_shard(unit, **options)
+    if policy is not None:
+        # The root hands the task's loss fp32 outputs, as autocast does for a loss under ddp: a loss that mixes a
+        # bf16 output with an fp32 target fails its backward on CUDA ("Found dtype Float but expected BFloat16").
+        options["mp_policy"] = dataclasses.replace(policy, output_dtype=torch.float32)
     fully_shard(model, **options)
     log.info("fsdp: %d unit(s) + root sharded over %d ranks (%s)", len(units), ctx.world_size,
              f"{precision} parameters, fp32 reductions" if policy else "fp32")  # fmt: skip
