@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.launcher import free_port, kill_tree, worker_context
+from orchestrator.launcher import free_port, kill_tree, ties, worker_context
 from workers.checkpoint import find_latest_valid, read_train_state, verify
 from workers.config import Config, load_config
 from workers.contract import EXIT_FAILED, EXIT_OK
@@ -101,7 +101,7 @@ def evaluate(cfg: Config, weights: Path, nproc: int) -> dict[str, Any]:
     try:
         for rank in range(nproc):
             reader, writer = ctx.Pipe(duplex=False)
-            args = (cfg.to_dict(), str(weights), rank, nproc, port, server_pid, writer)
+            args = (cfg.to_dict(), str(weights), rank, nproc, port, server_pid, writer, ties(None))
             proc = ctx.Process(target=eval_worker, name=f"eval-{rank}", args=args)
             proc.start()
             writer.close()

@@ -27,6 +27,7 @@ from workers.contract import ErrorRecord, FailureKind, is_int
 from workers.entry import spawned_worker
 from workers.fsutil import RunDirLock
 from workers.heartbeat import read_heartbeat
+from workers.lifeline import SharedFd, Ties
 from workers.rundir import RunDir
 
 log = logging.getLogger("orchestrator.launcher")
@@ -169,10 +170,11 @@ class SignalRelay:
     def __init__(self) -> None:
         self.count = 0
         self.times: list[float] = []  # when each request came (monotonic)
+        self.signums: list[int] = []  # which signal each request was
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> SignalRelay:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal or ssh session closed
             # Install our own even if SIGINT was ignored (a launcher started from a script may inherit that).
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -183,6 +185,7 @@ class SignalRelay:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.times.append(time.monotonic())
+        self.signums.append(signum)
         self.count += 1
 
 
@@ -244,6 +247,34 @@ class HangWatch:
 _PRELOAD = ["workers.preload"]
 
 
+_LIFELINE: SharedFd | None = None  # the read end of this launcher's lifeline (workers.lifeline); the write end stays
+
+
+def _lifeline() -> SharedFd:
+    """This process's lifeline, made once: a pipe whose write end only this process holds (close-on-exec, never
+    passed on), so its end of file in a worker means this process is gone, however it ended."""
+    global _LIFELINE
+    if _LIFELINE is None:
+        read_end, _write_end = os.pipe()  # the write end is never written nor closed: the kernel closes it with us
+        _LIFELINE = SharedFd(read_end)
+    return _LIFELINE
+
+
+def ties(lock: RunDirLock | None) -> Ties:
+    """What each worker of this launcher keeps (workers.lifeline): the lifeline and the run dir's locked file."""
+    return Ties(_lifeline(), SharedFd(lock.fd) if lock is not None and lock.fd is not None else None)
+
+
+def stop_fork_server() -> None:
+    """End the fork server now (a launch that ends before any worker was forked): it would otherwise finish its
+    imports first and only then notice that its launcher is gone."""
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    if pid:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
 def worker_context() -> tuple[Any, int]:
     """The multiprocessing context workers start from, and the pid of their parent (the fork server).
 
@@ -261,16 +292,18 @@ def worker_context() -> tuple[Any, int]:
     return ctx, getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None) or 0
 
 
-def _spawn(cfg: Config, nproc: int, attempt: int) -> list:
-    """Start ``nproc`` worker processes, forked by the fork server (see :func:`worker_context`)."""
+def _spawn(cfg: Config, nproc: int, attempt: int, lock: RunDirLock | None) -> list:
+    """Start ``nproc`` worker processes, forked by the fork server (see :func:`worker_context`), each tied to this
+    launcher and holding ``lock`` (see :mod:`workers.lifeline`)."""
     ctx, server_pid = worker_context()
+    bonds = ties(lock)
     port, procs = free_port(), []
     try:
         for rank in range(nproc):
             # Each worker's error record also comes back over its own pipe: a read-only or full run dir must not
             # turn a known failure into a bare exit code (one writer per pipe: no lock a killed worker could hold).
             reader, writer = ctx.Pipe(duplex=False)
-            args = (cfg.to_dict(), rank, nproc, port, server_pid, attempt, writer)
+            args = (cfg.to_dict(), rank, nproc, port, server_pid, attempt, writer, bonds)
             proc = ctx.Process(target=spawned_worker, name=f"worker-{rank}", args=args)
             proc.start()
             writer.close()
@@ -292,11 +325,12 @@ class PrestartedGroup:
         self.cfg = cfg
         worker_context()
 
-    def go(self) -> list:
-        return _spawn(self.cfg, self.cfg.launch.nproc, 0)
+    def go(self, lock: RunDirLock | None) -> list:
+        return _spawn(self.cfg, self.cfg.launch.nproc, 0, lock)
 
     def abort(self) -> None:
-        """Nothing was started that could write; the fork server ends with this process."""
+        """Nothing was started that could write; the fork server is ended now (it would finish importing first)."""
+        stop_fork_server()
 
 
 class LocalLauncher:
@@ -325,7 +359,9 @@ class LocalLauncher:
         procs: list = []
         with contextlib.nullcontext(relay) if relay else SignalRelay() as active:
             try:
-                procs = prestarted.go() if prestarted else _spawn(self.cfg, self.nproc, self.attempt)
+                procs = (
+                    prestarted.go(self.lock) if prestarted else _spawn(self.cfg, self.nproc, self.attempt, self.lock)
+                )
                 result = self._supervise(procs, active)
                 if result.lost_run_dir is None and self.lock is not None and (lost := self.lock.lost()):
                     # a rank that crashed because its files vanished may have been seen first: the cause is this
@@ -389,9 +425,9 @@ class LocalLauncher:
         now = time.monotonic()
         if self._relayed_at is None:
             log.warning("stop requested: workers will save at the next step and exit (again to abort)")
-            for p in procs:
+            for p in procs:  # the signal the launcher got: the workers' reports name it ("stopped on request (SIGHUP)")
                 if p.exitcode is None:
-                    os.kill(p.pid, signal.SIGTERM)
+                    os.kill(p.pid, relay.signums[forwarded])
             self._relayed_at = now
         elif any(t >= self._relayed_at + self.SECOND_REQUEST_AFTER_S for t in relay.times[forwarded:]):
             log.warning("second stop request: tearing the workers down now")

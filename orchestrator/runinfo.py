@@ -19,13 +19,7 @@ from workers.tracking import read_metrics, read_run_id
 
 def _is_running(paths: RunDir) -> bool:
     """A launch holds the run dir's lock while it runs (the kernel drops it when the holder dies)."""
-    if not paths.lock.exists():
-        return False
-    try:
-        RunDirLock(paths.lock).acquire().release()
-        return False
-    except BlockingIOError:
-        return True
+    return RunDirLock.is_held(paths.lock)
 
 
 def status(paths: RunDir) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def test_torchrun_trains_the_same_weights_as_launch(refs, tmp_path):
     assert tensors_equal(load(run, "optim.pt"), load(refs[2], "optim.pt"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_to_the_launcher_saves_at_the_next_step_and_exits_0(sig, refs, tmp_path):
     run = tmp_path / "run"
     cmd = [
@@ -161,36 +161,11 @@ def test_signal_to_the_launcher_saves_at_the_next_step_and_exits_0(sig, refs, tm
     assert proc.returncode == 0, err
     stopped_at = int(latest_name(run).split("-")[1])
     assert EVERY < stopped_at < MAX_STEPS, "the stop did not save at the next step boundary"
-    assert "stop requested (SIGTERM during step" in err and f"all ranks saved step {stopped_at} and are leaving" in err
+    assert f"stop requested ({sig.name} during step" in err, err  # the workers name the signal the launcher got
+    assert f"all ranks saved step {stopped_at} and are leaving" in err
+    assert f"stopped on request ({sig.name})" in err and "stopped early" not in err
     launch(run, 2)
     assert tensors_equal(load(run), load(refs[2]))
-
-
-def test_sigkill_of_the_launcher_leaves_no_worker_behind(tmp_path):
-    run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "orchestrator",
-        "launch",
-        "configs/quickstart.yaml",
-        "--nproc",
-        "2",
-        f"run.dir={run}",
-        *QUICK,
-        "task.args.step_sleep_s=0.2",
-        "data.num_workers=1",
-    ]
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while latest_name(run) != f"step-{EVERY:08d}":
-        assert proc.poll() is None
-        time.sleep(0.01)
-    tree = psutil.Process(proc.pid).children(recursive=True)  # workers and their DataLoader workers
-    assert len(tree) >= 4, [p.name() for p in tree]
-    proc.kill()
-    proc.wait()
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    assert not alive, f"left behind: {[p.pid for p in alive]}"
 
 
 def test_a_second_sigint_tears_the_workers_down_at_once(tmp_path):

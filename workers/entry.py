@@ -35,6 +35,7 @@ from workers.contract import (
     ErrorRecord,
 )
 from workers.errors import UsageError
+from workers.lifeline import Ties, forget_fork_server
 from workers.logsetup import setup_logging
 from workers.preflight import lock_run_dir, preflight, save_resolved_config
 from workers.rundir import RunDir
@@ -91,7 +92,7 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
         ctx.init_process_group(cfg.launch.collective_timeout_s)
         result = Trainer(cfg, ctx, paths, stop, heartbeat, dict(start.counts)).fit()
         ctx.barrier()
-        log.info("done at step %d%s", result.step, " (stopped early)" if result.stopped_early else "")
+        log.info("done at step %d%s", result.step, _stop_note(result.stopped_early, stop))
         if ctx.source == "slurm" and ctx.is_main:  # every rank has saved: now rank 0 may requeue the job
             return slurm.on_finish(cfg, paths, stop, result.step, result.stop_reason)
         return EXIT_OK
@@ -140,15 +141,16 @@ def spawned_worker(
     parent_pid: int,
     attempt: int,
     report_pipe: Any = None,
+    ties: Ties | None = None,
 ) -> None:
     """Entry of a worker started by the local launcher (picklable: module-level).
 
     ``parent_pid``: the launcher's fork server (it dies with the launcher, and the worker with it); 0: unknown,
-    watch whichever process forked this one.
+    watch whichever process forked this one. ``ties``: the launcher's lifeline and run-dir lock
+    (:mod:`workers.lifeline`): the worker ends the moment its launcher does.
     """
     stop = StopFlag().install()  # first: a stop request during start-up is then a graceful one
-    if not die_with_parent(parent_pid or os.getppid()):  # the server (so the launcher) died before prctl took effect
-        os._exit(EXIT_FAILED)
+    _keep_ties(ties, parent_pid)
     # The torch.distributed contract, read by DistContext and the env:// rendezvous.
     os.environ.update({
         "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
@@ -164,16 +166,41 @@ def spawned_worker(
     exit_now(run_worker(cfg, stop, start))
 
 
+def _stop_note(stopped: bool, stop: StopFlag) -> str:
+    """How a run that left before ``train.max_steps`` on a request was stopped, naming the real signal (never
+    "stopped early": that is early stopping on the eval metric)."""
+    if not stopped:
+        return ""
+    return f" — stopped on request ({stop.signal_name or 'by another rank'}); the same command resumes it"
+
+
+def _keep_ties(ties: Ties | None, parent_pid: int) -> None:
+    """A local worker's first act after its stop flag: keep its ties to the launcher; end at once if the fork
+    server (so the launcher) died before ``PR_SET_PDEATHSIG`` took effect."""
+    if ties is not None:
+        ties.keep()
+    else:
+        forget_fork_server()
+    if not die_with_parent(parent_pid or os.getppid()):
+        os._exit(EXIT_FAILED)
+
+
 def eval_worker(
-    cfg_dict: dict[str, Any], weights: str, rank: int, world_size: int, port: int, parent_pid: int, conn: Any
+    cfg_dict: dict[str, Any],
+    weights: str,
+    rank: int,
+    world_size: int,
+    port: int,
+    parent_pid: int,
+    conn: Any,
+    ties: Ties | None = None,
 ) -> None:
     """Entry of a worker started by ``orchestrator eval`` (picklable: module-level). Evaluates ``weights`` on its
     share of the eval set and sends one message back over ``conn``: ``{"ok": True, "result": {...}}`` (rank 0's
     holds the numbers) or ``{"ok": False, "usage": bool, "error": str}``. Logs to the console only: it writes
     nothing anywhere."""
     StopFlag().install()  # a Ctrl-C reaches the whole group: the parent ends the workers itself
-    if not die_with_parent(parent_pid or os.getppid()):
-        os._exit(EXIT_FAILED)
+    _keep_ties(ties, parent_pid)
     os.environ.update({
         "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),

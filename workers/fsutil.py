@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -83,24 +84,68 @@ class RunDirLock:
         self.path = Path(path)
         self._fd: int | None = None
 
+    # How long a lock whose launcher is gone may still be held: its workers hold it too (workers.lifeline) and end
+    # within moments of their launcher; a relaunch right after a `kill -9` waits for them instead of failing.
+    DEAD_HOLDER_WAIT_S = 30.0
+
     def acquire(self) -> RunDirLock:
-        """Take the lock or raise BlockingIOError naming the holder's pid."""
+        """Take the lock or raise BlockingIOError naming the holder's pid. A lock held after its launcher died
+        (by the launch's last workers, on their way out) is waited for, up to ``DEAD_HOLDER_WAIT_S``."""
         import fcntl  # noqa: PLC0415 - POSIX only
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise BlockingIOError(f"run dir '{self.path.parent}' is in use by another launch (pid {holder})") from None
-        except OSError as exc:  # a file system without flock (some NFS / Lustre mounts): run unguarded
-            logging.getLogger("workers").warning("cannot lock %s (%s): two launches could share it", self.path, exc)
+        deadline, told = time.monotonic() + self.DEAD_HOLDER_WAIT_S, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if not _pid_gone(holder) or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise BlockingIOError(
+                        f"run dir '{self.path.parent}' is in use by another launch (pid {holder})"
+                    ) from None
+                if not told:
+                    logging.getLogger("workers").warning(
+                        "run dir %s: the launch that held it (pid %s) is gone; waiting for its workers to exit",
+                        self.path.parent, holder,
+                    )  # fmt: skip
+                    told = True
+                time.sleep(0.1)
+                continue
+            except OSError as exc:  # a file system without flock (some NFS / Lustre mounts): run unguarded
+                logging.getLogger("workers").warning("cannot lock %s (%s): two launches could share it", self.path, exc)
+            break
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
+
+    @staticmethod
+    def is_held(path: Path) -> bool:
+        """Whether a launch holds the lock at ``path`` now. Read-only: opens the file for reading, tries a shared
+        lock and lets it go; it creates, writes and waits for nothing (``status`` must change nothing)."""
+        import fcntl  # noqa: PLC0415 - POSIX only
+
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False  # no lock file: no launch ever held it here
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False  # no flock on this file system: cannot tell
+        finally:
+            os.close(fd)  # drops the shared lock, if taken
+        return False
+
+    @property
+    def fd(self) -> int | None:
+        """The locked open file (None when not held): a process that holds a copy of it holds the lock too."""
+        return self._fd
 
     def lost(self) -> str | None:
         """Why the lock no longer guards the run dir — ``"deleted"`` or ``"replaced"`` (another launch's lock file
@@ -120,6 +165,20 @@ class RunDirLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+def _pid_gone(text: str) -> bool:
+    """The lock file's pid names no live process (not a number: cannot tell, so not gone). A lock held by another
+    host's launch on a shared file system would look gone here: it is then only waited for, never taken."""
+    try:
+        os.kill(int(text), 0)
+    except ValueError:
+        return False
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, another user's
+        return False
+    return False
 
 
 _POOL: ThreadPoolExecutor | None = None

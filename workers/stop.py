@@ -5,7 +5,7 @@ Two kinds of request, agreed across ranks as the larger of the two codes (see wo
 boundary" below means the boundary of the second exchange after the signal — exchanges come about every 50 ms, or
 every step when steps are longer — the same step on every rank):
 
-- ``STOP`` (SIGTERM, SIGINT): save at the next step boundary and exit 0;
+- ``STOP`` (SIGTERM, SIGINT, SIGHUP — a closed terminal or ssh session): save at the next step boundary and exit 0;
 - ``PREEMPT`` (SIGUSR1, SIGUSR2: SLURM's notice before a preemption or the time limit): save at the next step
   boundary; under SLURM, rank 0 then requeues the job (workers/slurm.py).
 """
@@ -20,7 +20,13 @@ from typing import Any
 
 NONE, STOP, PREEMPT = 0, 1, 2
 REASONS = {NONE: None, STOP: "stop", PREEMPT: "preempt"}
-_CODES = {signal.SIGTERM: STOP, signal.SIGINT: STOP, signal.SIGUSR1: PREEMPT, signal.SIGUSR2: PREEMPT}
+_CODES = {
+    signal.SIGTERM: STOP,
+    signal.SIGINT: STOP,
+    signal.SIGHUP: STOP,  # its default action would end the worker unsaved when the terminal closes
+    signal.SIGUSR1: PREEMPT,
+    signal.SIGUSR2: PREEMPT,
+}
 STOP_SIGNALS = frozenset(_CODES)
 
 
@@ -48,6 +54,11 @@ class StopFlag:
         if self.signum is None:
             self.signum, self.signal_step, self.signal_time = signum, self.current_step, time.time()
         self.code = max(self.code, _CODES.get(signal.Signals(signum), STOP))
+
+    @property
+    def signal_name(self) -> str | None:
+        """The first stop signal this process got (``SIGHUP``), or None (another rank's request)."""
+        return signal.Signals(self.signum).name if self.signum is not None else None
 
     def describe(self) -> str:
         """E.g. ``SIGUSR2 during step 7`` (for logs)."""
