@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_argument("--json", action="store_true", help="print one JSON object")
     plot = sub.add_parser("plot", help="draw loss, learning rate and throughput from the run's metrics to a PNG")
     plot.add_argument("run_dir")
-    plot.add_argument("--out", default=None, help=f"PNG path (default: RUN_DIR/{RunDir('.').metrics_png.name})")
+    plot.add_argument("--out", default=None, help="PNG path (default: <run dir name>-metrics.png here)")
 
     evaluate = sub.add_parser(
         "eval", help="evaluate a run's best (else latest) checkpoint, a checkpoint folder or a weights file"

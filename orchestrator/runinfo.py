@@ -88,6 +88,11 @@ def _round(value: object, digits: int) -> object:
     return round(value, digits) if isinstance(value, float) else value
 
 
+def default_plot_path(paths: RunDir) -> Path:
+    """``<run dir name>-metrics.png`` in the current directory: following a run never writes into its run dir."""
+    return Path(f"{paths.root.resolve().name or 'run'}-metrics.png")
+
+
 def plot(paths: RunDir, out: Path) -> Path:
     """Loss, learning rate and throughput against the global step, from the run's metrics file, as a PNG."""
     import matplotlib  # noqa: PLC0415 - only for this command
@@ -145,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
                 for key, value in info.items():
                     print(f"{key.replace('_', ' ')}: {_text(key, value)}")
         else:
-            print(f"wrote {plot(paths, Path(args.out) if args.out else paths.metrics_png)}")
+            print(f"wrote {plot(paths, Path(args.out) if args.out else default_plot_path(paths))}")
     except FileNotFoundError as exc:
         print(f"orchestrator: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

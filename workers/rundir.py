@@ -13,7 +13,7 @@ Layout (README.md, "Run directory")::
     logs/rank-<r>.log                each rank's log
     logs/error-rank-<r>.json         a failed rank's error record (workers.contract.ErrorRecord)
     logs/heartbeat-rank-<r>.json     a rank's liveness (workers.heartbeat)
-    metrics.jsonl, metrics.png       one JSON row per logged step; ``orchestrator plot``'s default output
+    metrics.jsonl                    one JSON row per logged step
     metrics.attempt-<n>.jsonl        rows of an attempt that died after its last checkpoint (moved aside at restart)
     tracking.json, wandb/            the wandb run id; wandb's own files
     samples/rank-<r>.jsonl           audit trail of consumed sample indices (``data.record_indices``)
@@ -90,10 +90,6 @@ class RunDir:
 
     def metrics_attempts(self) -> list[Path]:
         return sorted(self.root.glob("metrics.attempt-*.jsonl")) if self.root.is_dir() else []
-
-    @property
-    def metrics_png(self) -> Path:
-        return self.root / "metrics.png"
 
     @property
     def tracking(self) -> Path:
