@@ -1,6 +1,6 @@
 """The ``orchestrator`` command line.
 
-``launch`` runs a config locally, ``submit`` on SLURM; ``status`` / ``plot`` follow a run; ``eval`` evaluates saved
+``launch`` runs a config locally (``resume`` a run again from its saved config), ``submit`` on SLURM; ``status`` / ``plot`` follow a run; ``eval`` evaluates saved
 weights; ``ckpt inspect`` / ``ckpt export`` read checkpoints. Exit codes: 0 done,
 1 training failed (the report names the rank that failed first), 2 usage or config error (one line, no
 traceback, nothing written).
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="key.sub=value",
         help="config overrides (anywhere on the line), e.g. train.max_steps=500",
     )
+
+    resume = sub.add_parser("resume", help="continue a run from its saved config (RUN_DIR/config.yaml), locally")
+    resume.add_argument("run_dir")
+    resume.add_argument("--nproc", type=int, default=None, help="worker processes (default: the run's launch.nproc)")
+    resume.add_argument("overrides", nargs="*", metavar="key.sub=value", help="changes to the saved config")
 
     submit = sub.add_parser("submit", help="run a config on SLURM (through submitit); prints the job id")
     submit.add_argument("config", help="the run's YAML config")
@@ -100,6 +105,7 @@ def _setup_console_logging() -> None:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from orchestrator.launcher import PrestartedGroup  # noqa: PLC0415 - the launch side, only for launch
+    from orchestrator.resume import note_changes, resume_config  # noqa: PLC0415
     from orchestrator.supervisor import run_with_restarts  # noqa: PLC0415
     from orchestrator.undo import RunDirSnapshot  # noqa: PLC0415
     from workers.preflight import (  # noqa: PLC0415
@@ -111,8 +117,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     )
 
     overrides = list(args.overrides) + ([f"launch.nproc={args.nproc}"] if args.nproc is not None else [])
-    cfg = load_config(args.config, overrides)  # config errors surface here, before torch is imported
+    # config errors surface here, before torch is imported
+    cfg = resume_config(args.run_dir, overrides) if args.command == "resume" else load_config(args.config, overrides)
     paths = RunDir(cfg.run.dir)
+    note_changes(cfg, paths)
     cheap_checks(cfg, paths, cfg.launch.nproc)  # before any interpreter is started: `--nproc 48` answers at once
     # The workers start now and import torch while the checks below run (they wait at a gate, writing nothing):
     # the two slow imports overlap instead of following each other.
@@ -191,14 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may follow options (`launch cfg.yaml --nproc 2 a.b=1`): argparse leaves those as extras.
     if (
         extra
-        and args.command in ("launch", "submit", "eval")
+        and args.command in ("launch", "resume", "submit", "eval")
         and all("=" in e and not e.startswith("-") for e in extra)
     ):
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.command == "launch":
+        if args.command in ("launch", "resume"):
             return cmd_launch(args)
         if args.command == "submit":
             return cmd_submit(args)
