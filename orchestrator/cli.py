@@ -1,9 +1,9 @@
 """The ``orchestrator`` command line.
 
-``launch`` runs a config locally (``resume`` a run again from its saved config), ``submit`` on SLURM; ``status`` / ``plot`` follow a run; ``eval`` evaluates saved
-weights; ``ckpt inspect`` / ``ckpt export`` read checkpoints. Exit codes: 0 done,
-1 training failed (the report names the rank that failed first), 2 usage or config error (one line, no
-traceback, nothing written).
+``launch`` runs a config locally (``resume`` a run again from its saved config), ``submit`` on SLURM; ``status`` /
+``plot`` follow a run; ``eval`` evaluates saved weights; ``ckpt inspect`` / ``ckpt export`` read checkpoints.
+Exit codes: 0 done, 1 training failed (the report names the rank that failed first), 2 usage or config error (one
+line, no traceback, nothing written).
 """
 
 from __future__ import annotations

@@ -215,6 +215,16 @@ def wandb_view(run: Path) -> tuple[str, list[list[int]], dict]:
     return rid, [history_steps(p) for p in logs], config
 
 
+def fingerprint(root: Path, mtimes: bool = True) -> dict[str, tuple]:
+    """Every entry under ``root`` (hidden ones too): size, content for files, and the mtime in ns (``mtimes``)."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        content = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+        found[str(path.relative_to(root))] = (st.st_size, content, st.st_mtime_ns if mtimes else 0)
+    return found
+
+
 def copy_run(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest

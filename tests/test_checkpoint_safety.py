@@ -14,7 +14,20 @@ import time
 
 import pytest
 import torch
-from conftest import EVERY, MAX_STEPS, QUICK, ROOT, cli, copy_run, env, latest_name, launch, load, tensors_equal
+from conftest import (
+    EVERY,
+    MAX_STEPS,
+    QUICK,
+    ROOT,
+    cli,
+    copy_run,
+    env,
+    fingerprint,
+    latest_name,
+    launch,
+    load,
+    tensors_equal,
+)
 
 
 def _ckpt(run, step):
@@ -144,10 +157,14 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_and_never_runs(refs, tmp_pa
     manifest["files"]["model.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
+    before = fingerprint(run, mtimes=False)
     proc = launch(run, 2, "train.max_steps=16", "launch.max_restarts=2", check=False)
-    assert proc.returncode == 1
-    assert "weights_only" in proc.stderr and "model.pt" in proc.stderr
-    assert "restarting" not in proc.stderr  # an unsafe checkpoint is not retried
+    # a usage error: one line, exit 2, never retried, and the run dir as it was (config.yaml and logs included)
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if "weights_only" in ln]
+    assert len(errors) == 1 and "model.pt" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert "restarting" not in proc.stderr
+    assert fingerprint(run, mtimes=False) == before
     out = cli("ckpt", "inspect", str(folder)).stdout
     assert "UNSAFE" in out
     assert not marker.exists(), "the payload ran"

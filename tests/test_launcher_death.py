@@ -175,7 +175,8 @@ def test_a_closed_terminal_is_a_graceful_stop_that_resumes_bitwise(refs, tmp_pat
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA for its usage error")
 def test_a_launch_that_exits_2_leaves_no_fork_server_behind(tmp_path):
     """A usage error found after the fork server was started (here: launch.device=cuda on a machine without one,
-    checked while the server imports torch): exit 2, and no process of the launch is left, not even the server mid-import."""
+    checked while the server imports torch): exit 2, and no process of the launch is left, not even the server
+    mid-import."""
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "launch", "configs/quickstart.yaml", f"run.dir={run}",

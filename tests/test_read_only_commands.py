@@ -7,25 +7,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import cli, env, latest_name
-
-
-def _fingerprint(root: Path) -> dict[str, tuple[int, int, bytes]]:
-    """Every entry under ``root`` (hidden ones too): size, mtime in ns, and content for files."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        st = path.lstat()
-        content = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
-        found[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns, content)
-    return found
+from conftest import cli, env, fingerprint, latest_name
 
 
 def test_status_plot_inspect_and_eval_write_nothing_into_the_run_dir(refs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(refs[2], run)
-    before = _fingerprint(run)
+    before = fingerprint(run)
     here = tmp_path / "cwd"
     here.mkdir()
     commands = [
@@ -43,4 +32,4 @@ def test_status_plot_inspect_and_eval_write_nothing_into_the_run_dir(refs, tmp_p
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert (here / "run-metrics.png").stat().st_size > 0
-    assert _fingerprint(run) == before, "a read-only command changed the run dir"
+    assert fingerprint(run) == before, "a read-only command changed the run dir"

@@ -34,6 +34,7 @@ from conftest import (
     copy_run,
     env,
     final_dir,
+    fingerprint,
     latest_name,
     launch,
     launch_and_kill,
@@ -207,10 +208,14 @@ def test_a_pickle_payload_in_dcp_metadata_is_refused_everywhere_and_never_runs(f
         _plant_payload(final_dir(run, step), marker)
     folder = final_dir(run, MAX_STEPS - EVERY)
 
+    before = fingerprint(run, mtimes=False)
     proc = launch(run, 2, FSDP, "train.max_steps=16", "launch.max_restarts=2", check=False)  # resume
-    assert proc.returncode == 1, proc.stderr
-    assert "UnsafeCheckpointError" in proc.stderr and ".metadata' is refused" in proc.stderr
+    assert proc.returncode == 2, proc.stderr  # a usage error: one line, the run dir as it was
+    assert [ln for ln in proc.stderr.splitlines() if ".metadata' is refused" in ln] == [
+        next(ln for ln in proc.stderr.splitlines() if ln.startswith("orchestrator: error:"))
+    ], proc.stderr
     assert "restarting" not in proc.stderr and "skipping checkpoint" not in proc.stderr  # not retried, not hidden
+    assert fingerprint(run, mtimes=False) == before
     out = cli("ckpt", "inspect", str(folder))
     assert out.returncode == 0 and "UNSAFE" in out.stdout and ".metadata" in out.stdout
     exported = cli("ckpt", "export", str(folder), str(tmp_path / "out.pt"))

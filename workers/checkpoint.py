@@ -41,7 +41,7 @@ from workers import dcp_io
 from workers.contract import TrainState, is_int
 from workers.dcp_io import DCP_DIR, METADATA, MODEL_PREFIX, OPTIM_PREFIX
 from workers.dist import DistContext
-from workers.errors import CheckpointError, IncompatibleCheckpointError
+from workers.errors import CheckpointError, IncompatibleCheckpointError, UnsafeCheckpointError
 from workers.fsutil import NEW_DIGEST, HashingWriter, atomic_write, digest_of, file_digest, fsync_dir, write_durable
 from workers.optim_state import from_named, from_positions, is_named, join_tensors, split_tensors, tensor_keys, to_named
 from workers.parallel import (
@@ -112,7 +112,8 @@ def _safe_load(path: Path) -> Any:
         raise CheckpointError(f"'{path}' is a folder, not a weights file") from None
     except Exception as exc:
         problem = _load_problem(exc) if _looks_like_torch(path) else "not a PyTorch weights file"
-        raise CheckpointError(f"'{path}' cannot be loaded safely (weights_only=True): {problem}") from None
+        error = UnsafeCheckpointError if problem.startswith(_REFUSED) else CheckpointError
+        raise error(f"'{path}' cannot be loaded safely (weights_only=True): {problem}") from None
 
 
 def _looks_like_torch(path: Path) -> bool:
@@ -126,6 +127,9 @@ def _looks_like_torch(path: Path) -> bool:
     return head in (b"", b"PK") or head[:1] == b"\x80"
 
 
+_REFUSED = "refused:"  # how _load_problem starts a pickle payload's description
+
+
 def _load_problem(exc: Exception) -> str:
     """One line on why torch.load refused a file. torch's message for a pickle payload advises loading it with
     ``weights_only=False`` — advice that must never reach a user about an untrusted file: name the global instead."""
@@ -134,7 +138,7 @@ def _load_problem(exc: Exception) -> str:
         lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
         globals_ = [ln for ln in lines if "GLOBAL" in ln]  # a pickled callable: the payload's name
         if globals_:
-            return f"refused: it holds pickled code, which is never run ({globals_[0].rstrip('.')})"
+            return f"{_REFUSED} it holds pickled code, which is never run ({globals_[0].rstrip('.')})"
         return "not a PyTorch weights file (or one holding pickled objects beyond tensors)"
     if not text.strip() or isinstance(exc, EOFError):
         return "the file is empty or truncated"

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from workers.errors import CheckpointError
+from workers.errors import CheckpointError, UnsafeCheckpointError
 
 DCP_DIR = "dcp"
 METADATA = ".metadata"
@@ -60,10 +60,6 @@ _ADMITTED = {
 # admitted class or function itself would rewrite it for the whole process (e.g. a method of a torch type).
 _BUILDABLE = (Metadata, TensorStorageMetadata, TensorProperties, ChunkStorageMetadata, MetadataIndex, StorageMeta,
               BytesStorageMetadata, _StorageInfo)  # fmt: skip
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint file holds pickled code or objects beyond what its format allows: refused, never run."""
 
 
 class _MetadataUnpickler(pickle._Unpickler):  # the pure-Python one: its opcodes can be overridden (BUILD)

@@ -35,6 +35,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint or weights file that cannot be used; the message names the path."""
 
 
+class UnsafeCheckpointError(CheckpointError, UsageError):
+    """A checkpoint or weights file that holds pickled code or objects beyond what its format allows (a payload
+    whose checksums match: forged, never the trace of a crash): refused, never run. A usage error too — exit 2, one
+    line, the run dir left as it was: someone must look at who wrote it; no restart or older checkpoint hides it."""
+
+
 class NonFiniteError(RuntimeError):
     """Training produced NaN/inf (gradients past ``train.max_nonfinite`` skips, or weights at a save). Every rank
     raises it at the same step (the decision rests on all-reduced values); never retried: an exact resume would
