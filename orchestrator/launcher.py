@@ -85,6 +85,12 @@ class RunResult:
         return self.root_cause.error.kind if self.root_cause and self.root_cause.error else None
 
     @property
+    def known_failure(self) -> bool:
+        """The root cause is a failure the product understands (usage, checkpoint, disk, numerics): one line says
+        it all."""
+        return self.failure_kind is not None and self.failure_kind.known
+
+    @property
     def usage_error(self) -> bool:
         return self.failure_kind is FailureKind.CONFIG
 
@@ -107,6 +113,8 @@ class RunResult:
         if self.lost_run_dir:
             return f"training stopped: {self.lost_run_dir}"
         rc = self.root_cause
+        if rc.error is not None and rc.error.kind.known and not rc.hung:  # its message says all: one line
+            return f"training failed: {rc.error.detail} [rank {rc.rank}; traceback in {self.logs_hint}]"
         lines = [f"training failed: rank {rc.rank} failed first ({rc.describe()})"]
         if rc.error and rc.error.traceback:
             lines += ["", f"traceback of rank {rc.rank}:", rc.error.traceback.rstrip()]
@@ -405,7 +413,7 @@ class LocalLauncher:
                     continue
             if failures and result.root_cause is None:
                 result.root_cause = min(failures, key=_failure_order)
-                if not result.usage_error:  # a usage error is reported once, as one line, by the supervisor
+                if not result.known_failure:  # a known failure is reported once, as one line, by the supervisor
                     log.error("%s; stopping the other workers", result.root_cause.describe())
                 self._teardown(procs, result)
         return result

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from workers import dcp_io
-from workers.contract import TrainState, is_int
+from workers.contract import TrainState, disk_trouble, is_int
 from workers.dcp_io import DCP_DIR, METADATA, MODEL_PREFIX, OPTIM_PREFIX
 from workers.dist import DistContext
 from workers.errors import CheckpointError, IncompatibleCheckpointError, UnsafeCheckpointError
@@ -544,7 +544,9 @@ class Checkpointer:
         try:
             tmp = self._fresh_tmp(target, str(os.getpid()))
             self._write_folder(target, tmp, payload, {})
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # RuntimeError: torch's zip writer on a full disk ("unexpected pos")
+            if not isinstance(exc, OSError) and disk_trouble(exc) is None:
+                raise
             raise _write_error(target, exc) from exc
         self._after_commit(payload)
         self.last_commit_s = time.perf_counter() - t0
@@ -788,10 +790,15 @@ def _check_optimizer_fits(
             )
 
 
-def _write_error(target: Path, exc: OSError) -> CheckpointError:
+def _write_error(target: Path, exc: BaseException) -> CheckpointError:
+    """The one-line error of a failed checkpoint write: a full or read-only disk is named as such."""
+    said = (exc.strerror if isinstance(exc, OSError) else None) or str(exc).strip().splitlines()[-1]
+    trouble = disk_trouble(exc)
+    hint = {None: "check free space and write permission on run.dir", "the file system is read-only":
+            "make run.dir's file system writable"}.get(trouble, "free space on run.dir's file system")  # fmt: skip
     return CheckpointError(
-        f"cannot write checkpoint '{target}': {exc.strerror or exc} — older checkpoints are intact. "
-        "HINT: check free space and write permission on run.dir"
+        f"cannot write checkpoint '{target}': {f'{trouble} ({said})' if trouble else said} — older checkpoints are "
+        f"intact. HINT: {hint}, then run the same command again"
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import json
 import time
 import traceback
@@ -43,6 +44,7 @@ class FailureKind(str, enum.Enum):
     CONFIG = "config"  # a usage error (UsageError): the user must change something
     CHECKPOINT = "checkpoint"  # an unusable checkpoint or weights file, or a failed write
     NUMERICS = "numerics"  # NaN/inf in training (NonFiniteError): an exact resume would only repeat it
+    DISK = "disk"  # a full or read-only file system, wherever it was met (a log, the metrics, a checkpoint)
     EXCEPTION = "exception"  # anything else: a restart from the latest checkpoint may heal it
 
     @classmethod
@@ -51,11 +53,36 @@ class FailureKind(str, enum.Enum):
             return cls.CONFIG
         if isinstance(exc, NonFiniteError):
             return cls.NUMERICS
+        if disk_trouble(exc) is not None:
+            return cls.DISK
         return cls.CHECKPOINT if isinstance(exc, CheckpointError) else cls.EXCEPTION
 
     @property
     def retryable(self) -> bool:
         return self is FailureKind.EXCEPTION
+
+    @property
+    def known(self) -> bool:
+        """A failure the product understands: its message says all (one line); the traceback only helps us."""
+        return self is not FailureKind.EXCEPTION
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "the file system is read-only"}  # fmt: skip
+
+
+def disk_trouble(exc: BaseException) -> str | None:
+    """What is wrong with the disk, when ``exc`` (or what caused it) says so: a full disk (ENOSPC, EDQUOT — also
+    as torch's zip writer reports a short write: "unexpected pos") or a read-only file system; None otherwise."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+            return _DISK_ERRNOS[exc.errno]
+        if "unexpected pos" in str(exc) or "No space left on device" in str(exc):
+            return _DISK_ERRNOS[errno.ENOSPC]
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from workers.contract import (
 )
 from workers.errors import UsageError
 from workers.lifeline import Ties, forget_fork_server
-from workers.logsetup import setup_logging
+from workers.logsetup import CONSOLE_ONLY, FILE_ONLY, setup_logging
 from workers.preflight import lock_run_dir, preflight, save_resolved_config
 from workers.rundir import RunDir
 from workers.stop import StopFlag, die_with_parent
@@ -102,8 +102,9 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BaseException as exc:
-        _report(start, ErrorRecord.from_exception(rank, exc, slurm.job_id()))
-        log.error("rank %d failed:\n%s", rank, "".join(traceback.format_exception(exc)))
+        record = ErrorRecord.from_exception(rank, exc, slurm.job_id())
+        _report(start, record)
+        _log_failure(record, start)
         if not logging.getLogger().handlers:
             traceback.print_exc()
         return EXIT_FAILED
@@ -114,6 +115,18 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
         if ctx is not None:
             with contextlib.suppress(Exception):
                 ctx.destroy()
+
+
+def _log_failure(record: ErrorRecord, start: WorkerStart) -> None:
+    """A known failure (non-finite, disk, checkpoint) is one line on the console — none under our launcher, which
+    reports it once for the group — and its traceback goes to the rank's log file only; anything else is logged
+    with its traceback."""
+    if not record.kind.known:
+        log.error("rank %d failed:\n%s", record.rank, record.traceback)
+        return
+    if start.print_usage_errors:
+        log.error("rank %d failed: %s", record.rank, record.detail, extra=CONSOLE_ONLY)
+    log.error("rank %d failed:\n%s", record.rank, record.traceback, extra=FILE_ONLY)
 
 
 def _report(start: WorkerStart, record: ErrorRecord) -> None:

@@ -8,9 +8,27 @@ import sys
 
 from workers.rundir import RunDir
 
+# ``log.error(..., extra=FILE_ONLY)``: for the rank's log file alone (a traceback the console report leaves out);
+# ``extra=CONSOLE_ONLY``: for the console alone (the file has the fuller line).
+FILE_ONLY = {"destination": "file"}
+CONSOLE_ONLY = {"destination": "console"}
+
+
+class _To(logging.Filter):
+    """Passes the records for this destination, and every record that names none."""
+
+    def __init__(self, destination: str) -> None:
+        super().__init__()
+        self.destination = destination
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "destination", self.destination) == self.destination
+
 
 def setup_logging(paths: RunDir, rank: int) -> None:
-    """Rank-prefixed lines to ``RunDir.rank_log(rank)``; rank 0 also to the console (stderr)."""
+    """Rank-prefixed lines to ``RunDir.rank_log(rank)``; rank 0 also to the console (stderr). A record marked
+    ``FILE_ONLY`` or ``CONSOLE_ONLY`` goes to that one only; a known failure's line to the console comes from any
+    rank (ranks other than 0 are otherwise quiet there)."""
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.handlers.clear()
@@ -18,8 +36,10 @@ def setup_logging(paths: RunDir, rank: int) -> None:
     paths.logs.mkdir(parents=True, exist_ok=True)
     handler: logging.Handler = logging.FileHandler(paths.rank_log(rank))
     handler.setFormatter(fmt)
+    handler.addFilter(_To("file"))
     root.addHandler(handler)
     if rank == 0:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(fmt)
+        console.addFilter(_To("console"))
         root.addHandler(console)
