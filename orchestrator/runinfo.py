@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.slurm import status_info as slurm_status_info
-from workers.contract import EXIT_OK, EXIT_USAGE, TrainState, first_failure
-from workers.errors import CheckpointError
+from workers.config import Config, load_config
+from workers.contract import EXIT_OK, EXIT_USAGE, TrainState, first_failure, is_int
+from workers.errors import CheckpointError, ConfigError
 from workers.fsutil import RunDirLock
 from workers.rundir import STATE_FILE, RunDir
 from workers.tracking import read_metrics, read_run_id
@@ -29,18 +30,57 @@ def status(paths: RunDir) -> dict[str, Any]:
     train_rows = [r for r in rows if not _is_eval(r)]
     last = train_rows[-1] if train_rows else {}
     running = _is_running(paths)
-    info = {
-        "run_dir": str(paths.root), "state": "running" if running else "not running",
-        "step": last.get("step"), "loss": _round(last.get("loss"), 6),
-        "samples_per_s": _round(last.get("samples_per_s"), 1), "restarts": last.get("restarts"),
-        "world_size": last.get("world_size"), "latest_checkpoint": paths.latest_name(),
-        "wandb_run_id": read_run_id(paths), **_eval_info(paths, rows),
-    }  # fmt: skip
+    cfg = _saved_config(paths)
     failure = None if running else first_failure(paths)
+    info = {
+        "run_dir": str(paths.root), "state": "running" if running else _ended_state(paths, cfg, failure is not None),
+        "step": last.get("step"), "target_step": cfg.train.max_steps if cfg else None,
+        "loss": _round(last.get("loss"), 6), "samples_per_s": _round(last.get("samples_per_s"), 1),
+        "restarts": _count(last.get("restarts")), "world_size": _count(last.get("world_size")),
+        "latest_checkpoint": paths.latest_name(), "wandb_run_id": read_run_id(paths), **_eval_info(paths, rows),
+    }  # fmt: skip
     if failure is not None:  # the last launch failed: say who, why, and where to read more
-        info["state"] = "failed"
         info["failure"] = f"rank {failure.rank}: {failure.message} (log: {paths.rank_log(failure.rank)})"
     return {**info, **slurm_status_info(paths)}
+
+
+# The states of a run, as ``status`` names them.
+RUNNING, DONE, STOPPED, EARLY_STOPPED, FAILED, NOT_STARTED = (
+    "running", "done", "stopped", "early-stopped", "failed", "not started",
+)  # fmt: skip
+
+
+def _ended_state(paths: RunDir, cfg: Config | None, failed: bool) -> str:
+    """A run no launch holds now: failed (its last launch did), done (its newest checkpoint is at max_steps),
+    early-stopped (eval.patience ran out), stopped (interrupted: the same command resumes it), or not started."""
+    if failed:
+        return FAILED
+    name = paths.latest_name()
+    if name is None:
+        return NOT_STARTED
+    try:
+        saved = TrainState.read(paths.checkpoints / name / STATE_FILE)
+    except CheckpointError:
+        return STOPPED
+    if cfg is not None and saved.step >= cfg.train.max_steps:
+        return DONE
+    patience = cfg.eval.patience if cfg is not None else None
+    bad_evals = (saved.selection or {}).get("bad_evals")
+    if patience is not None and is_int(bad_evals) and bad_evals >= patience:
+        return EARLY_STOPPED
+    return STOPPED
+
+
+def _saved_config(paths: RunDir) -> Config | None:
+    try:
+        return load_config(paths.config)
+    except ConfigError:
+        return None  # a config that no longer reads: the state is told without it
+
+
+def _count(value: object) -> object:
+    """A count the metrics file holds as a float (JSON numbers of the loop's counters) as the integer it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _is_eval(row: dict[str, Any]) -> bool:
