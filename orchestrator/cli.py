@@ -94,13 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LineClearing(logging.Formatter):
+    """On a terminal, each launcher line first clears the line it lands on: rank 0's progress bar may be drawn
+    there (another process's; it draws itself again at its next update)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\r\x1b[K" + super().format(record)
+
+
 def _setup_console_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s [launcher] %(levelname)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(asctime)s [launcher] %(levelname)s: %(message)s"
+    tty = sys.stderr.isatty()
+    handler.setFormatter((_LineClearing if tty else logging.Formatter)(fmt, datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -155,6 +162,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     paths = RunDir(cfg.run.dir)
     slurm.require_slurm()
+    slurm.require_controller()
     preflight(cfg, paths, cfg.slurm.world_size)
     active = slurm.active_jobs(paths)
     if active:

@@ -89,10 +89,31 @@ def require_slurm() -> None:
         )
 
 
-def _run(cmd: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr); exit code -1 when the command could not run at all."""
+# How long the controller may take to answer a ping: a live one answers in milliseconds; sbatch against a dead one
+# would retry for MessageTimeout x retries (tens of seconds) before saying "Unable to contact slurm controller".
+CONTROLLER_WAIT_S = 3.0
+
+
+def require_controller() -> None:
+    """ClusterRefusedError (exit 2) naming the controller when no SLURM controller answers (no configuration found,
+    slurmctld down or unreachable), within :data:`CONTROLLER_WAIT_S` — before a job could be refused for it in
+    words that blame the partition or the account."""
+    where = f"SLURM_CONF={os.environ['SLURM_CONF']}" if "SLURM_CONF" in os.environ else "no SLURM_CONF set"
+    hint = f"HINT: start slurmctld or point SLURM_CONF at the cluster's slurm.conf ({where})"
+    rc, out, err = _run(["scontrol", "ping"], timeout=CONTROLLER_WAIT_S)
+    said = " ".join((err or out).split())[:200] or f"exit {rc}"
+    if rc == -1 and "timed out" in err.lower():
+        raise ClusterRefusedError(
+            f"the SLURM controller does not answer (no reply within {CONTROLLER_WAIT_S:g} s). {hint}"
+        )
+    if rc != 0 or "UP" not in out:
+        raise ClusterRefusedError(f"no SLURM controller answers ({said}). {hint}")
+
+
+def _run(cmd: list[str], timeout: float = 30) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr); exit code -1 when the command could not run at all or timed out."""
     try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError) as exc:
         return -1, "", str(exc)
     return proc.returncode, proc.stdout, proc.stderr

@@ -188,3 +188,26 @@ def test_a_launch_that_exits_2_leaves_no_fork_server_behind(tmp_path):
     assert "launch.device" in err
     left = _session(proc.pid)  # looked at once, right after the exit: the server must not finish importing first
     assert not left, [(p.pid, p.cmdline()) for p in left]
+
+
+def test_the_progress_bar_stays_clean_when_other_processes_write_to_the_terminal(tmp_path):
+    """On a terminal, rank 0 draws the bar; the launcher (another process) and wandb's process write too. wandb is
+    silent (its banner lines would land inside the bar), and every launcher line clears the line it lands on."""
+    run = tmp_path / "run"
+    term = TerminalLaunch("configs/quickstart.yaml", "--nproc", "2", f"run.dir={run}", *LONG)  # wandb offline
+    _wait_for(lambda: len(_committed(run)) >= 2, term.alive, "second checkpoint")
+    os.kill(term.pid, signal.SIGTERM)  # the launcher says "stop requested" while the bar is drawn
+    deadline = time.monotonic() + 60
+    while term.alive():
+        assert time.monotonic() < deadline, "the launch did not stop"
+        time.sleep(0.05)
+    assert term.proc.returncode == 0
+    out = term.text()
+    assert "ETA" in out, out[-2000:]  # the bar was drawn
+    pieces = [p.lstrip("\x1b[K") for line in out.splitlines() for p in line.split("\r")]
+    assert not [p for p in pieces if p.startswith("wandb:")], out[-2000:]  # wandb's own banner lines
+    starts = [i for i in range(len(out)) if out.startswith("[launcher]", i)]
+    assert starts, out[-2000:]
+    for i in starts:  # "HH:MM:SS [launcher] ...": what precedes the time is a line start or a cleared line
+        before = out[: i - len("00:00:00 ")]
+        assert before.endswith(("\n", "\r\x1b[K")) or not before, repr(out[max(0, i - 80) : i + 40])

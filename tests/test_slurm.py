@@ -33,6 +33,8 @@ from conftest import (
     wandb_view,
 )
 
+from orchestrator.launcher import free_port
+
 DEV_CONF = Path(os.environ.get("ORCH_SLURM_DIR", "/tmp/orch-slurm")) / "etc" / "slurm.conf"
 # One cluster of two nodes: these tests run one after another, in one test process (pytest-xdist's loadgroup).
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -269,3 +271,25 @@ def test_early_stopping_ends_the_job_without_a_requeue(tmp_path):
     assert "early stopping at step 6" in proc.stdout, proc.stdout
     assert [(e["event"], e.get("step")) for e in events(run)] == [("start", None), ("completed", 6)]
     assert latest_name(run) == "step-00000006" and slurm_state(job) == "COMPLETED"
+
+
+@pytest.mark.parametrize("trouble", ["controller down", "no configuration"])
+def test_a_controller_that_does_not_answer_is_named_as_such(trouble, tmp_path):
+    """A slurm.conf whose controller port nobody listens on, and a SLURM_CONF naming no file: exit 2, one line
+    that names the controller and SLURM_CONF — not a partition or account problem — and nothing written."""
+    conf = tmp_path / "slurm.conf"
+    if trouble == "controller down":
+        text = Path(os.environ["SLURM_CONF"]).read_text()
+        port = free_port()  # free now: nothing answers there
+        lines = [ln for ln in text.splitlines() if not ln.strip().lower().startswith("slurmctldport")]
+        conf.write_text("\n".join([*lines, f"SlurmctldPort={port}"]) + "\n")
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "submit", "configs/quickstart.yaml", f"run.dir={run}", *QUICK],
+        env={**env(), "SLURM_CONF": str(conf)}, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "SLURM controller" in proc.stderr and f"SLURM_CONF={conf}" in proc.stderr, proc.stderr
+    assert "partition" not in proc.stderr and "account" not in proc.stderr
+    assert not run.exists()

@@ -157,7 +157,8 @@ class WandbSink:
             tags=list(t.tags) or None, config=cfg.to_dict(), dir=str(paths.root), id=rid, resume="allow",
             mode=mode,
             # workers own their console; wandb's system sampler would cost CPU on every rank-0 step
-            settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True, save_code=False),
+            # silent: wandb's own banner lines would break rank 0's progress bar; our log says the run id and mode
+            settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True, silent=True, save_code=False),
         )  # fmt: skip
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
