@@ -103,6 +103,14 @@ class DistContext:
         dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
         return box[0]
 
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank. Must be called on all ranks."""
+        if not (self.distributed and self.world_size > 1):
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj)  # NCCL: on the current device, which init_process_group set
+        return out
+
     def destroy(self) -> None:
         """Leave the process group (safe to call when none was joined)."""
         if self.distributed:

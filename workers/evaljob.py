@@ -20,7 +20,8 @@ from workers.tasks import build_task
 def evaluate_weights(cfg: Config, weights: Path, ctx: DistContext) -> EvalResult:
     """Build the task (torch seeded by ``train.seed``, as in training), load ``weights`` into its model and evaluate
     every metric over the whole eval set. Collective: must be called on all ranks. Usage problems (no eval set,
-    weights that do not fit the model) raise ConfigError."""
+    weights that do not fit the model, an ``eval.metric`` the evaluation does not produce, metric names that differ
+    between ranks or take a name of the row's own) raise ConfigError."""
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg.task.factory, dict(cfg.task.args))
     if getattr(task, "eval_dataset", None) is None:
@@ -43,5 +44,5 @@ def evaluate_weights(cfg: Config, weights: Path, ctx: DistContext) -> EvalResult
     evaluator = Evaluator(
         task, model, ctx, cfg.eval.batch_size, cfg.train.seed, lambda: autocast_for(cfg.train.precision, ctx.device)
     )
-    evaluator.probe(None)
+    evaluator.probe(cfg.eval.metric)  # a chosen metric the evaluation does not produce is a usage error here too
     return evaluator.run()

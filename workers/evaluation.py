@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 
 from workers.data import IndexedCollate, IndexedDataset, derive_seed, to_device
 from workers.dist import DistContext
-from workers.errors import ConfigError
+from workers.errors import ConfigError, UsageError
 from workers.stop import PREEMPT, STOP
 
 try:
@@ -40,6 +40,9 @@ except ImportError:  # numpy is optional for the orchestrator itself
 
 
 _STOP_CODES = (STOP, PREEMPT)  # the stop codes an eval can be abandoned for (workers.stop)
+# The eval row's own columns (eval/samples, eval/time_s): a task metric of either name would overwrite one, so the
+# probe refuses it.
+OWN_NAMES = ("samples", "time_s")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class EvalResult:
         return self.stop_code != 0
 
     def row(self) -> dict[str, float]:
-        """The metrics row (``eval/<name>``, ``eval/samples``, ``eval/time_s``)."""
+        """The metrics row (``eval/<name>``, ``eval/samples``, ``eval/time_s``: no metric is named like the last two,
+        see :data:`OWN_NAMES`)."""
         return {
             **{f"eval/{k}": v for k, v in self.metrics.items()},
             "eval/samples": self.samples,
@@ -93,15 +97,25 @@ class Evaluator:
 
     def probe(self, metric: str | None) -> list[str]:
         """Evaluate one batch (the first of the set, on every rank alike) to learn the metric names, before the first
-        training step; ConfigError when ``metric`` (None: any) is not one of them. Perturbs nothing. Local."""
+        training step. Collective: must be called on all ranks. Perturbs nothing.
+
+        ConfigError, the same on every rank, when the names differ between ranks (the eval's one all-reduce sums
+        them name by name: never position by position), when one is the row's own (``samples``, ``time_s``), or
+        when ``metric`` (None: any) is not one of them. A rank whose probe fails fails every rank: the others with
+        its usage error's line, or with a RuntimeError naming it."""
         first = list(range(min(self.batch_size, self.n)))
-        with _preserved_state(self.model, self.ctx.device):
-            self.names = sorted(self._evaluate(self._batch(first))[0])
-        if metric is not None and metric not in self.names:
-            raise ConfigError(
-                f"config key 'eval.metric' = {metric!r}: the task's evaluate() does not produce it. "
-                f"HINT: it produces {', '.join(self.names)}"
-            )
+        report: tuple[str, Any]
+        failure: Exception | None = None
+        try:
+            with _preserved_state(self.model, self.ctx.device):
+                report = ("ok", sorted(self._evaluate(self._batch(first))[0]))
+        except Exception as exc:  # every rank still joins the gather below, then all fail together
+            failure, report = exc, ("usage" if isinstance(exc, UsageError) else "failed", str(exc))
+        reports: list[Any] = self.ctx.all_gather_object(report)
+        if failure is not None:
+            raise failure
+        self.names = _agreed_names(reports)
+        _check_names(self.names, metric)
         return self.names
 
     def run(
@@ -257,6 +271,48 @@ class Evaluator:
                 )
             sums[str(name)] = value.detach().double().sum()
         return sums, size
+
+
+def _agreed_names(reports: list[tuple[str, Any]]) -> list[str]:
+    """The metric names every rank's probe found, from each rank's ``(kind, names or error text)``. A rank that
+    failed fails this one too (a usage error with its very line); names that differ are a ConfigError naming each
+    rank's."""
+    for rank, (kind, value) in enumerate(reports):
+        if kind == "usage":
+            raise ConfigError(value)
+        if kind == "failed":
+            raise RuntimeError(f"evaluation failed on rank {rank} (its log says why)")
+    by_names: dict[tuple[str, ...], list[int]] = {}
+    for rank, (_, names) in enumerate(reports):
+        by_names.setdefault(tuple(names), []).append(rank)
+    if len(by_names) > 1:
+        shown = "; ".join(f"{_ranks(ranks)}: {', '.join(names)}" for names, ranks in by_names.items())
+        raise ConfigError(
+            f"the task's evaluate() returns other metric names on other ranks ({shown}). HINT: return the same "
+            "metric names on every rank (they are summed across ranks name by name)"
+        )
+    return list(reports[0][1])
+
+
+def _check_names(names: list[str], metric: str | None) -> None:
+    """ConfigError for a metric named like a column of the row's own, or a chosen ``metric`` not among ``names``."""
+    clash = [name for name in names if name in OWN_NAMES]
+    if clash:
+        raise ConfigError(
+            f"the task's evaluate() returns a metric named {clash[0]!r}: eval/{clash[0]} is the orchestrator's own "
+            "column (eval/samples: the samples evaluated, eval/time_s: the eval's seconds). HINT: rename that metric"
+        )
+    if metric is not None and metric not in names:
+        raise ConfigError(
+            f"config key 'eval.metric' = {metric!r}: the task's evaluate() does not produce it. "
+            f"HINT: it produces {', '.join(names)}"
+        )
+
+
+def _ranks(ranks: list[int], most: int = 4) -> str:
+    """``rank 1`` / ``ranks 0, 2`` / ``ranks 0, 2, 4, 6, ... (9 ranks)``."""
+    shown = ", ".join(map(str, ranks[:most])) + (f", ... ({len(ranks)} ranks)" if len(ranks) > most else "")
+    return f"rank {shown}" if len(ranks) == 1 else f"ranks {shown}"
 
 
 class _preserved_state:

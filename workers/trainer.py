@@ -42,7 +42,7 @@ from workers.parallel import first_nonfinite_sharded, gradient_sync, is_sharded,
 from workers.reporting import Reporter, StepStats
 from workers.rundir import CONFIG_FILE, RunDir
 from workers.sample_rng import seed_all
-from workers.selection import ModelSelection
+from workers.selection import ModelSelection, selection_metric
 from workers.stepsync import StepSync
 from workers.stop import NONE, PREEMPT, REASONS, StopFlag
 from workers.tasks import build_task
@@ -116,8 +116,7 @@ class Trainer:
         if fp16 and self.cfg.train.nonfinite != "skip":
             log.warning("train.nonfinite=%s has no effect with fp16: its GradScaler skips overflowing steps itself",
                         self.cfg.train.nonfinite)  # fmt: skip
-        self.evaluator = self._make_evaluator()
-        self.selection = ModelSelection(self.cfg.eval) if self.evaluator is not None else None
+        self.evaluator, self.selection = self._make_evaluation()
 
     def _sync_batchnorm(self, model: nn.Module) -> nn.Module:
         """``train.sync_batchnorm``: BatchNorm statistics over the global batch. torch's SyncBatchNorm has CUDA
@@ -138,12 +137,13 @@ class Trainer:
         log.info("train.sync_batchnorm: %d BatchNorm layer(s) now SyncBatchNorm", count)
         return converted  # the task's hooks (optimizer, evaluate) are given this model
 
-    def _make_evaluator(self) -> Evaluator | None:
-        """The task's evaluation, when the config asks for one; its metric names are checked on one batch now,
-        before the first training step (an unknown ``eval.metric`` is a usage error, found at once)."""
+    def _make_evaluation(self) -> tuple[Evaluator | None, ModelSelection | None]:
+        """The task's evaluation and its model selection, when the config asks for evals. The metric names are
+        checked on one batch now, before the first training step: an unknown ``eval.metric``, or selection asked
+        for (patience, keep_best) with no metric to select by, is a usage error found at once."""
         ecfg = self.cfg.eval
         if not ecfg.enabled:
-            return None
+            return None, None
         if getattr(self.task, "eval_dataset", None) is None:
             key, value = ("eval.every", ecfg.every) if ecfg.every else ("eval.at_end", ecfg.at_end)
             raise ConfigError(
@@ -152,8 +152,8 @@ class Trainer:
             )
         evaluator = Evaluator(self.task, self.model, self.ctx, ecfg.batch_size, self.cfg.train.seed, self._autocast,
                               lockstep=self.sharded)  # fmt: skip
-        evaluator.probe(ecfg.metric)
-        return evaluator
+        names = evaluator.probe(ecfg.metric)
+        return evaluator, ModelSelection(ecfg, selection_metric(ecfg, names))
 
     def _restore(self) -> None:
         self.ckpt.clean_stale_temporaries()
@@ -177,7 +177,11 @@ class Trainer:
                 and state.selection is not None
                 and not self.selection.restore(state.selection)
             ):
-                log.warning("eval.metric or eval.mode changed since the checkpoint: model selection starts afresh")
+                log.warning(
+                    "eval.metric or eval.mode changed since the checkpoint: model selection starts afresh"
+                    if self.selection.metric is not None
+                    else "no eval.metric now (and no loss to default to): the checkpoint's model selection stops"
+                )
             apply_on_resume(self.optim, fresh, self.cfg.optim, self.cfg.train.max_steps)
             log.info(
                 "resumed from %s: step %d, %d samples seen, saved at world size %d, now %d",
@@ -363,11 +367,12 @@ class Trainer:
                 REASONS[result.stop_code],
             )  # fmt: skip
             return False, result.stop_code
-        value = result.metrics[self.cfg.eval.metric]
-        improved = self.selection.observe(self.step, value)
+        metric = self.selection.metric  # None: nothing selects; the eval is only recorded
+        improved = self.selection.observe(self.step, None if metric is None else result.metrics[metric])
         self.tracker.log(self.step, result.row(), is_eval=True)
         self.tracker.release_held()
-        self.reporter.show_eval(self.cfg.eval.metric, value)
+        bar = metric or next(iter(result.metrics))  # with no selection metric the progress bar shows the first
+        self.reporter.show_eval(bar, result.metrics[bar])
         shown = ", ".join(f"{k} {v:.6g}" for k, v in result.metrics.items())
         log.info(
             "eval at step %d: %s (%d samples, %.2f s)%s", self.step, shown, result.samples, result.time_s,
@@ -378,12 +383,12 @@ class Trainer:
     def _log_early_stop(self) -> None:
         log.info(
             "early stopping at step %d: eval.%s did not improve by eval.min_delta=%g in %d evals (%s)",
-            self.step, self.cfg.eval.metric, self.cfg.eval.min_delta, self.selection.bad_evals, self._best_text(),
+            self.step, self.selection.metric, self.cfg.eval.min_delta, self.selection.bad_evals, self._best_text(),
         )  # fmt: skip
 
     def _best_text(self) -> str:
         s = self.selection
-        return f"best eval.{self.cfg.eval.metric} {s.best_value:.6g} at step {s.best_step}"
+        return f"best eval.{s.metric} {s.best_value:.6g} at step {s.best_step}"
 
     def _train_step(
         self, model: nn.Module, batches: Iterator, recorder: IndexRecorder | None

@@ -228,7 +228,9 @@ class EvalConfig:
     every: int = 0  # steps between evals; 0: never during training
     batch_size: int = 32  # samples per eval batch on each rank
     at_end: bool = False  # also evaluate after the final step
-    metric: str = "loss"  # the metric that selects the best checkpoint (a name the task's evaluate returns)
+    # The metric that selects the best checkpoint (a name the eval produces). None: ``loss`` when the eval produces
+    # it; else the evals run and are reported, and selection (keep_best > 1, patience) asks for this key at start.
+    metric: str | None = None
     mode: str = "min"  # min | max: which direction of ``metric`` is better
     keep_best: int = 1  # the best k checkpoints are never deleted by retention
     patience: int | None = None  # early stopping: evals without an improvement of min_delta; null: off
@@ -238,7 +240,7 @@ class EvalConfig:
         check_min("eval.every", self.every, 0)
         check_range("eval.batch_size", self.batch_size, 1, _BIG)
         check_choice("eval.mode", self.mode, ("min", "max"))
-        if not self.metric.strip():
+        if self.metric is not None and not self.metric.strip():
             fail("eval.metric", self.metric, "must name a metric", "e.g. loss")
         check_range("eval.keep_best", self.keep_best, 1, 100_000)  # the best itself is always kept
         check_range("eval.patience", self.patience, 1, 1_000_000)
