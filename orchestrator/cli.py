@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides (anywhere on the line), e.g. train.max_steps=500",
     )
 
-    resume = sub.add_parser("resume", help="continue a run from its saved config (RUN_DIR/config.yaml), locally")
+    resume = sub.add_parser("resume", help="continue a run from its own saved config, locally")
     resume.add_argument("run_dir")
     resume.add_argument("--nproc", type=int, default=None, help="worker processes (default: the run's launch.nproc)")
     resume.add_argument("overrides", nargs="*", metavar="key.sub=value", help="changes to the saved config")
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_argument("--json", action="store_true", help="print one JSON object")
     plot = sub.add_parser("plot", help="draw loss, learning rate and throughput from the run's metrics to a PNG")
     plot.add_argument("run_dir")
-    plot.add_argument("--out", default=None, help="PNG path (default: <run dir name>-metrics.png here)")
+    plot.add_argument("--out", default=None, help="PNG path (default: <run dir name>-plot.png here)")
 
     evaluate = sub.add_parser(
         "eval", help="evaluate a run's best (else latest) checkpoint, a checkpoint folder or a weights file"

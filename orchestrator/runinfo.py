@@ -129,8 +129,8 @@ def _round(value: object, digits: int) -> object:
 
 
 def default_plot_path(paths: RunDir) -> Path:
-    """``<run dir name>-metrics.png`` in the current directory: following a run never writes into its run dir."""
-    return Path(f"{paths.root.resolve().name or 'run'}-metrics.png")
+    """``<run dir name>-plot.png`` in the current directory: following a run never writes into its run dir."""
+    return Path(f"{paths.root.resolve().name or 'run'}-plot.png")
 
 
 def plot(paths: RunDir, out: Path) -> Path:

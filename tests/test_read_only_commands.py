@@ -31,5 +31,5 @@ def test_status_plot_inspect_and_eval_write_nothing_into_the_run_dir(refs, tmp_p
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "plot", str(run)], env=env(), cwd=here,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert (here / "run-metrics.png").stat().st_size > 0
+    assert (here / "run-plot.png").stat().st_size > 0
     assert fingerprint(run) == before, "a read-only command changed the run dir"
