@@ -94,7 +94,9 @@ def main() -> int:
         return report()
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     # GPU_CHECK_PARTS=sharded,benchmark (say) reruns only those parts, e.g. after a fix, to spare device time.
-    parts = set(filter(None, os.environ.get("GPU_CHECK_PARTS", "precision,numerics,sharded,benchmark").split(",")))
+    parts = set(
+        filter(None, os.environ.get("GPU_CHECK_PARTS", "precision,numerics,faults,sharded,benchmark").split(","))
+    )
     for precision in ("fp32", "bf16", "fp16") if "precision" in parts else ():
         run = tmp / precision
         proc = launch(run, f"train.precision={precision}")
@@ -135,6 +137,8 @@ def main() -> int:
             check("bf16: async (pinned) checkpoint = sync", same, f"exit {proc.returncode}")
     if "numerics" in parts:
         numerics(tmp)
+    if "faults" in parts:
+        faults(tmp)
     if "sharded" in parts:
         if not (tmp / "bf16").exists():  # the bf16 ddp run the sharded peak memory is compared with
             launch(tmp / "bf16", "train.precision=bf16")
@@ -213,6 +217,46 @@ def sharded(tmp: Path, ddp_run: Path) -> None:
         all(mem.values()),
         f"ddp {mem['ddp']} MB, fsdp {mem['fsdp']} MB",
     )
+
+
+def faults(tmp: Path) -> None:
+    """The launcher's death on the GPU: a long bf16 run, ``kill -9`` of the launcher's pid alone once a checkpoint
+    exists; every process of the launch (a session of its own) must be gone within 5 s — CUDA workers included —
+    and the GPU's memory given back; a relaunch right away must train alone (exit 0)."""
+    run = tmp / "killed-launcher"
+    cmd = [sys.executable, "-m", "orchestrator", "launch", "configs/quickstart.yaml", "--nproc", "1", f"run.dir={run}",
+           *COMMON, "train.precision=bf16", "train.max_steps=1000000", "train.checkpoint_every=50"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while RunDir(run).latest_name() is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if proc.poll() is not None or RunDir(run).latest_name() is None:
+        check("launcher kill -9: all gone in 5 s (CUDA)", False, "no checkpoint before the kill")
+        proc.kill()
+        return
+    os.kill(proc.pid, 9)
+    proc.wait()
+    deadline, left = time.monotonic() + 5, []
+    while time.monotonic() < deadline:
+        left = _session_pids(proc.pid)
+        if not left:
+            break
+        time.sleep(0.05)
+    check("launcher kill -9: all gone in 5 s (CUDA)", not left, f"left: {left}" if left else "")
+    again = launch(run, "train.precision=bf16", "train.max_steps=" + str(int(RunDir(run).latest_name()[5:]) + 20))
+    check("launcher kill -9: relaunch right after trains alone", again.returncode == 0, f"exit {again.returncode}")
+
+
+def _session_pids(sid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == sid and "Z" not in Path(f"/proc/{name}/stat").read_text().split()[2]:
+                    found.append(int(name))
+            except OSError:
+                continue
+    return found
 
 
 def numerics(tmp: Path) -> None:
