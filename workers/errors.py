@@ -42,6 +42,8 @@ class UnsafeCheckpointError(CheckpointError, UsageError):
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced NaN/inf (gradients past ``train.max_nonfinite`` skips, or weights at a save). Every rank
-    raises it at the same step (the decision rests on all-reduced values); never retried: an exact resume would
-    reproduce it. The message names the step, its samples' global stream positions and the last good checkpoint."""
+    """Training produced NaN/inf (gradients, or a buffer that was finite, past ``train.max_nonfinite`` skips; weights
+    or such a buffer at a save; a learning rate). Every rank raises it at the same step (the decision rests on
+    all-reduced values, or on the schedule every rank steps alike); never retried: an exact resume would reproduce
+    it. The message names the step, the last good checkpoint and what is not finite; for a step's gradients or
+    buffers, also its samples' global stream positions; for a learning rate, what set it (not the data)."""

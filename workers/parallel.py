@@ -134,16 +134,20 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def first_nonfinite_sharded(model: nn.Module, ctx: DistContext) -> str | None:
-    """The first floating-point parameter holding NaN/inf on *any* rank (each checks its shards; one all-reduce),
-    the same answer on every rank. Must be called on all ranks."""
-    named = [(n, local(p)) for n, p in model.named_parameters() if p.is_floating_point()]
-    if not named:
-        return None
-    bad = torch.stack([(~torch.isfinite(t)).any() if t.numel() else torch.zeros((), dtype=torch.bool)
-                       for _, t in named]).float().to(ctx.device)  # fmt: skip
+def nonfinite_mask(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Per tensor, 1.0 where this rank's part of it (its shard of a DTensor) holds NaN/inf, else 0.0: one float
+    tensor on the tensors' device, no host sync. An empty part is finite."""
+    return torch.stack([(~torch.isfinite(local(t))).any() for t in tensors]).float()
+
+
+def nonfinite_anywhere(tensors: list[torch.Tensor], ctx: DistContext) -> list[bool]:
+    """Per tensor, whether it holds NaN/inf on *any* rank (each rank looks at its part: its shards of a DTensor, its
+    own copy of a plain tensor; one all-reduce): the same answer on every rank. Must be called on all ranks."""
+    if not tensors:
+        return []
+    bad = nonfinite_mask(tensors).to(ctx.device)
     ctx.all_reduce_sum(bad)
-    return next((n for (n, _), b in zip(named, bad.tolist(), strict=True) if b), None)
+    return [count > 0 for count in bad.tolist()]
 
 
 def like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,9 @@ from workers.evaluation import Evaluator
 from workers.heartbeat import Heartbeat, NoHeartbeat
 from workers.optim import apply_on_resume, describe, group_settings
 from workers.optim import build as build_optim
-from workers.parallel import first_nonfinite_sharded, gradient_sync, is_sharded, replicated, shard
+from workers.parallel import gradient_sync, is_sharded, nonfinite_anywhere, nonfinite_mask, replicated, shard
 from workers.reporting import Reporter, StepStats
-from workers.rundir import CONFIG_FILE, RunDir
+from workers.rundir import CONFIG_FILE, RunDir, step_dir_name
 from workers.sample_rng import seed_all
 from workers.selection import ModelSelection, selection_metric
 from workers.stepsync import StepSync
@@ -264,6 +265,7 @@ class Trainer:
         if self.selection is not None and self.selection.should_stop:
             log.info("nothing to do: the run stopped early at step %d (%s)", self.step, self._best_text())
             return FitResult(self.step, stopped_early=False)
+        self._watch_buffers()  # after the resume (or init_from): the state the checks compare buffers to
         model = self.wrapped = self._wrap()
         self.tracker = Tracker(self.cfg, self.paths, self.ctx.is_main, self.step)
         self.reporter = Reporter(self.cfg, self.ctx, self.tracker, self.step, self.counts)
@@ -395,6 +397,7 @@ class Trainer:
     ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """One optimizer step; returns (loss, grad norm, seconds spent waiting for data). No host sync."""
         model.train()
+        self._check_finite_lr()  # before any work: a NaN/inf learning rate is the schedule's fault, found at once
         accum = self.plan.accum_steps
         loss_sum: torch.Tensor | None = None
         buffers = self.guard.snapshot(self.model) if self.guard is not None else None
@@ -414,7 +417,9 @@ class Trainer:
                     loss = self.task.loss(model, batch)
                     if accum > 1:  # (one op less a step without accumulation: small steps feel every op)
                         loss = loss / accum
-                self.scaler.scale(loss).backward()
+                # After the step's last forward, a watched buffer it made NaN/inf turns this rank's gradients NaN:
+                # the all-reduced grad norm carries that to every rank (no extra collective), the guard skips.
+                self.scaler.scale(self._alarmed(loss) if micro == accum - 1 else loss).backward()
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         grad_norm = None
         if self.cfg.train.grad_clip:
@@ -423,7 +428,8 @@ class Trainer:
         elif self.guard is not None and self.guard.active:  # the guard needs the norm even when nothing is clipped
             grad_norm = total_norm([p.grad for p in self.model.parameters() if p.grad is not None], self.ctx.device)
         # The gradients were all-reduced: the norm, and so this decision, is the same on every rank.
-        if self.guard is not None and self.guard.skips(grad_norm, self.step, self.paths):
+        culprit = partial(self._diverged_buffer, loss_sum)  # asked only when the norm is not finite
+        if self.guard is not None and self.guard.skips(grad_norm, self.step, self.paths, culprit):
             self.optimizer.zero_grad(set_to_none=True)  # the step's samples are consumed; the weights stay
             self.guard.restore_buffers(self.model, buffers)  # and so do BatchNorm's statistics of that forward
             self.reporter.note(nonfinite_skipped=float(self.guard.skipped))
@@ -444,7 +450,7 @@ class Trainer:
         ``blocking=False`` lets an async checkpointer commit in the background (see Checkpointer.save).
         """
         t0 = time.perf_counter()
-        self._check_finite_weights()
+        self._check_finite_state()
         if self.sync is not None:  # the rows up to this step are written before the checkpoint that ends them exists
             self.sync.flush()
         state = TrainState(
@@ -480,19 +486,99 @@ class Trainer:
         self.reporter.note(ckpt_blocked_s=round(blocked, 6), ckpt_save_s=round(self.ckpt.last_commit_s, 6))
         return folder
 
-    def _check_finite_weights(self) -> None:
-        """No checkpoint with NaN/inf weights is ever committed (retention would then delete the good ones). Rank 0's
-        state is what gets written: rank 0 looks, every rank gets its answer and raises together (one broadcast a
-        save; sharded parameters will differ by rank). Must be called on all ranks."""
-        if self.sharded:  # each rank holds other shards: all look, one all-reduce
-            bad = first_nonfinite_sharded(unwrap(self.model), self.ctx)
-        else:
-            bad = self.ctx.broadcast_object(first_nonfinite(unwrap(self.model)) if self.ctx.is_main else None)
-        if bad is not None:
+    # ------------------------------------------------------------ numerics (README.md, "Non-finite steps")
+
+    def _check_finite_state(self) -> None:
+        """No checkpoint with NaN/inf weights is ever committed (retention would then delete the good ones), nor with
+        a buffer that was finite at the last save (or the start) and is not now: a diverged running statistic. A
+        buffer that is NaN/inf by design (a -inf causal mask) was never finite, so it is saved as it is. Raises
+        NonFiniteError on every rank together. Must be called on all ranks."""
+        bad, finite = self._finite_state()
+        if bad is None:
+            self.buffer_watch.update(finite, f"the last checkpoint, {step_dir_name(self.step)}")
+            return
+        if bad in self.buffer_watch.names:
             raise NonFiniteError(
-                f"the weights are not finite at step {self.step} ('{bad}' holds NaN/inf): not saved; "
-                f"{_last_good(self.paths)}. HINT: lower optim.lr, set train.grad_clip, keep train.nonfinite=skip"
+                f"the buffer '{bad}' is not finite at step {self.step} (it was finite at {self.buffer_watch.since}): "
+                f"not saved; {_last_good(self.paths)}. HINT: find the samples with data.record_indices=true (inputs "
+                "large enough to overflow a running statistic, e.g. BatchNorm's running_var); train.nonfinite=skip "
+                "skips the step that makes a buffer diverge"
             )
+        raise NonFiniteError(
+            f"the weights are not finite at step {self.step} ('{bad}' holds NaN/inf): not saved; "
+            f"{_last_good(self.paths)}. HINT: lower optim.lr, set train.grad_clip, keep train.nonfinite=skip"
+        )
+
+    def _finite_state(self) -> tuple[str | None, list[bool]]:
+        """(the first floating-point parameter, or watched buffer, that holds NaN/inf, or None; per buffer of
+        ``self.buffer_watch.all``, whether it is finite) — the same on every rank. Not sharded: rank 0's state is
+        what a save writes, so rank 0 looks and broadcasts (one collective). Sharded: every rank looks at its shards
+        and its own buffers, one all-reduce. Must be called on all ranks."""
+        params = [(n, p) for n, p in unwrap(self.model).named_parameters() if p.is_floating_point()]
+        tensors = [p for _, p in params] + self.buffer_watch.tensors(self.buffer_watch.all)
+        if self.sharded:
+            flags = nonfinite_anywhere(tensors, self.ctx)
+        else:
+            mine = [b > 0 for b in nonfinite_mask(tensors).tolist()] if self.ctx.is_main and tensors else []
+            flags = self.ctx.broadcast_object(mine)  # (only rank 0's is sent)
+        param_flags, buffer_flags = flags[: len(params)], flags[len(params) :]
+        watched = self.buffer_watch.names
+        bad = next((n for (n, _), b in zip(params, param_flags, strict=True) if b), None)
+        if bad is None:
+            named = zip(self.buffer_watch.all, buffer_flags, strict=True)
+            bad = next((n for (n, _, _), b in named if b and n in watched), None)
+        return bad, [not b for b in buffer_flags]
+
+    def _watch_buffers(self) -> None:
+        """Start the buffer checks: the buffers finite now (after a resume or ``train.init_from``) are watched."""
+        self.buffer_watch = WatchedBuffers(unwrap(self.model))
+        _, finite = self._finite_state()  # (non-finite weights now: the first save names them)
+        since = f"the last checkpoint, {step_dir_name(self.step)}" if self.step else "the start of the run"
+        self.buffer_watch.update(finite, since)
+
+    def _alarmed(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss``, times NaN when a watched buffer holds NaN/inf (times exactly 1.0 otherwise: the same gradients,
+        bit for bit). Only with the guard on: without it, the save check is what refuses such a buffer."""
+        alarm = self.buffer_watch.alarm() if self.guard is not None and self.guard.active else None
+        return loss if alarm is None else loss * alarm.to(loss.dtype)
+
+    def _diverged_buffer(self, loss: torch.Tensor) -> str | None:
+        """Why this step's grad norm is not finite, when it is a buffer: the first watched buffer that holds NaN/inf
+        on some rank now (its forward made it so: it was finite before the step), provided no rank's loss was
+        NaN/inf (then the gradients were too, and they are named as before). The same on every rank: one
+        all-reduce, on the rare non-finite path only (every rank is on it: the decision rests on the all-reduced
+        norm). Must be called on all ranks."""
+        watched = self.buffer_watch.watched
+        if not watched:  # the same on every rank
+            return None
+        flags = nonfinite_mask([loss, *self.buffer_watch.tensors(watched)]).to(self.ctx.device)
+        counts = self.ctx.all_reduce_sum(flags).tolist()
+        if counts[0]:
+            return None
+        return next((name for (name, _, _), c in zip(watched, counts[1:], strict=True) if c), None)
+
+    def _check_finite_lr(self) -> None:
+        """A NaN/inf learning rate is the schedule's (or the optimizer's) problem, not the data's: named as such before
+        the step uses it (it would make every weight NaN). Host-side, no sync; the same on every rank (every rank
+        steps the same schedule), so every rank raises NonFiniteError at the same step."""
+        found = first_nonfinite_lr(self.optimizer)
+        if found is None:
+            return
+        group, lr = found
+        if self.optim.task_scheduler:
+            at = getattr(self.scheduler, "last_epoch", self.step)
+            source = "the task's scheduler(optimizer, max_steps)"
+            hint = f"check what the task's scheduler computes at its step {at} (a NaN factor, a division by zero)"
+        elif self.optim.task_optimizer:
+            source = "the task's optimizer(model) (the group's lr, times the built-in schedule)"
+            hint = "give every parameter group of the task's optimizer a finite lr"
+        else:
+            source = "optim.lr and the built-in schedule"
+            hint = "check optim.lr, optim.warmup_steps and optim.schedule"
+        raise NonFiniteError(
+            f"the learning rate is not finite at step {self.step + 1}: param group {group} has lr {lr}, as set by "
+            f"{source}; the step was not taken; {_last_good(self.paths)}. HINT: {hint}"
+        )
 
 
 def total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -507,14 +593,60 @@ def total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-def first_nonfinite(model: nn.Module) -> str | None:
-    """The name of the first floating-point parameter holding NaN/inf, or None (one host sync). Parameters only:
-    buffers may hold inf by design (a causal mask of -inf), and a skipped step restores them anyway."""
-    named = [(n, t) for n, t in model.named_parameters() if t.is_floating_point()]
-    if not named:
-        return None
-    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
-    return next((n for (n, _), ok in zip(named, finite.tolist(), strict=True) if not ok), None)
+def first_nonfinite_lr(optimizer: torch.optim.Optimizer) -> tuple[int, float] | None:
+    """(group index, lr) of the first parameter group whose learning rate is NaN/inf, or None. A tensor lr is read
+    only on the CPU (on an accelerator that would be a host sync every step)."""
+    for g, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            if lr.device.type != "cpu" or lr.numel() != 1:
+                continue
+            lr = lr.item()
+        if isinstance(lr, (int, float)) and not math.isfinite(lr):
+            return g, float(lr)
+    return None
+
+
+def persistent_float_buffers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(state_dict name, owning module, attribute) of each floating-point buffer a checkpoint holds: a
+    non-persistent buffer is never saved, an integer one (num_batches_tracked) cannot hold NaN/inf."""
+    found = []
+    for prefix, module in model.named_modules():
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point() and key not in module._non_persistent_buffers_set:
+                found.append((f"{prefix}.{key}" if prefix else key, module, key))
+    return found
+
+
+class WatchedBuffers:
+    """The buffers no checkpoint may hold NaN/inf in: the model's persistent floating-point buffers that were finite
+    at the start, or at the last save. Decided per tensor, so a buffer that is NaN/inf by design (a -inf causal mask
+    registered as a buffer) is never watched, and a running statistic that diverges is (one that was NaN/inf and is
+    finite now is watched from the next save on). The set is the same on every rank: it comes out of
+    Trainer._finite_state's collective. Buffers are looked up by attribute each time (a task may reassign one)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.all = persistent_float_buffers(model)
+        self.watched: list[tuple[str, nn.Module, str]] = []
+        self.names: frozenset[str] = frozenset()
+        self.since = "the start of the run"  # where the watched ones were last seen finite (for messages)
+
+    def update(self, finite: list[bool], since: str) -> None:
+        """Watch, from now on, the buffers that are finite (``finite``: one flag per buffer of ``self.all``)."""
+        self.watched = [b for b, ok in zip(self.all, finite, strict=True) if ok]
+        self.names, self.since = frozenset(name for name, _, _ in self.watched), since
+
+    @staticmethod
+    def tensors(buffers: list[tuple[str, nn.Module, str]]) -> list[torch.Tensor]:
+        return [module._buffers[key] for _, module, key in buffers]
+
+    def alarm(self) -> torch.Tensor | None:
+        """1.0, or NaN when a watched buffer holds NaN/inf now; None when nothing is watched. On the device, no host
+        sync: two fused ops (0 * x is 0 for a finite x, NaN for inf or NaN; a norm of them is 0 or NaN)."""
+        if not self.watched:
+            return None
+        zeros = torch._foreach_mul(self.tensors(self.watched), 0.0)
+        return 1.0 + torch.stack(torch._foreach_norm(zeros)).sum()
 
 
 def _last_good(paths: RunDir) -> str:
@@ -547,12 +679,20 @@ class NonFiniteGuard:
     def restore(self, state: TrainState) -> None:
         self.skipped, self.streak = state.nonfinite_skipped or 0, state.nonfinite_streak or 0
 
-    def skips(self, grad_norm: torch.Tensor, step: int, paths: RunDir) -> bool:
+    def skips(
+        self, grad_norm: torch.Tensor, step: int, paths: RunDir, culprit: Callable[[], str | None] = lambda: None
+    ) -> bool:
         """Whether the step (0-based ``step``) is skipped; NonFiniteError past ``max_nonfinite`` or with ``halt``.
-        One host sync (the decision needs the value)."""
+        One host sync (the decision needs the value). ``culprit()``, asked only when the norm is not finite (on every
+        rank: may be collective), names the buffer that made it so (Trainer._alarmed), or None: the gradients."""
         if not self.active or math.isfinite(grad_norm.item()):  # .item(): 0.3 µs; bool(isfinite()): 6 µs
             self.streak = 0
             return False
+        buffer = culprit()
+        what = (
+            f"non-finite gradient norm ({float(grad_norm)})" if buffer is None
+            else f"the buffer '{buffer}' turned NaN/inf (it was finite before the step)"
+        )  # fmt: skip
         first, last = step * self.global_batch, (step + 1) * self.global_batch - 1
         where = f"at step {step + 1} (global stream positions {first}..{last})"
         self.streak += 1
@@ -561,13 +701,14 @@ class NonFiniteGuard:
                 f"{self.streak} consecutive non-finite steps, more than train.max_nonfinite={self.limit}"
             )  # fmt: skip
             raise NonFiniteError(
-                f"non-finite gradient norm ({float(grad_norm)}) {where}: {why}; {_last_good(paths)}. HINT: find the "
-                "samples with data.record_indices=true; lower optim.lr or set train.grad_clip"
-            )
+                f"{what} {where}: {why}; {_last_good(paths)}. HINT: find the samples with data.record_indices=true; "
+                + ("lower optim.lr or set train.grad_clip" if buffer is None else "a sample with huge inputs "
+                   "overflows a running statistic (e.g. BatchNorm's running_var)")
+            )  # fmt: skip
         self.skipped += 1
         log.warning(
-            "non-finite gradient norm (%s) %s: step skipped on every rank (no optimizer step; %d in a row, "
-            "%d in all; train.max_nonfinite=%d)", float(grad_norm), where, self.streak, self.skipped, self.limit,
+            "%s %s: step skipped on every rank (no optimizer step; %d in a row, %d in all; train.max_nonfinite=%d)",
+            what, where, self.streak, self.skipped, self.limit,
         )  # fmt: skip
         return True
 
