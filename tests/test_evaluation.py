@@ -115,7 +115,7 @@ def test_early_stopping_saves_and_ends_with_exit_0_and_a_relaunch_is_done(tmp_pa
     run = tmp_path / "run"
     early = [*SELECT, "eval.mode=max", "eval.patience=2"]  # best at step 2; no improvement at 4, 6: stop at 6
     proc = launch(run, 2, *early)
-    assert "early stopping at step 6" in proc.stderr and "best eval.loss" in proc.stderr and "at step 2" in proc.stderr
+    assert "early stopping at step 6" in proc.stderr and "best eval/loss" in proc.stderr and "at step 2" in proc.stderr
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
     assert not (run / "checkpoints" / "step-00000008").exists()
     again = launch(run, 2, *early)

@@ -134,7 +134,7 @@ class Reporter:
     def show_eval(self, metric: str, value: float) -> None:
         """The latest eval's value of ``eval.metric``, shown on the progress bar (rank 0, on a terminal)."""
         if self.progress:
-            self.progress.eval_text = f"eval.{metric} {value:.4g} "
+            self.progress.eval_text = f"eval/{metric} {value:.4g} "
 
     def close(self) -> None:
         """End the progress bar (if any); the console's log lines go back to plain writes."""

@@ -375,7 +375,7 @@ class Trainer:
         self.tracker.release_held()
         bar = metric or next(iter(result.metrics))  # with no selection metric the progress bar shows the first
         self.reporter.show_eval(bar, result.metrics[bar])
-        shown = ", ".join(f"{k} {v:.6g}" for k, v in result.metrics.items())
+        shown = ", ".join(f"eval/{k} {v:.6g}" for k, v in result.metrics.items())  # one spelling: the rows' keys
         log.info(
             "eval at step %d: %s (%d samples, %.2f s)%s", self.step, shown, result.samples, result.time_s,
             " — new best" if improved else "",
@@ -384,13 +384,13 @@ class Trainer:
 
     def _log_early_stop(self) -> None:
         log.info(
-            "early stopping at step %d: eval.%s did not improve by eval.min_delta=%g in %d evals (%s)",
+            "early stopping at step %d: eval/%s did not improve by eval.min_delta=%g in %d evals (%s)",
             self.step, self.selection.metric, self.cfg.eval.min_delta, self.selection.bad_evals, self._best_text(),
         )  # fmt: skip
 
     def _best_text(self) -> str:
         s = self.selection
-        return f"best eval.{s.metric} {s.best_value:.6g} at step {s.best_step}"
+        return f"best eval/{s.metric} {s.best_value:.6g} at step {s.best_step}"
 
     def _train_step(
         self, model: nn.Module, batches: Iterator, recorder: IndexRecorder | None
