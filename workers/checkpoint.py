@@ -261,8 +261,7 @@ def verify(folder: Path) -> dict[str, Any]:
     manifest = _read_manifest(folder)
     for name, entry in manifest["files"].items():
         path = folder / name
-        if path.is_symlink():  # a link could point anywhere: never hash or load through one
-            raise CheckpointError(f"'{path}' is a symbolic link, not a file of the checkpoint")
+        _refuse_links(folder, name)
         if not path.is_file():
             raise CheckpointError(f"'{folder}' is missing {name}")
         if path.stat().st_size != entry["size"]:
@@ -281,6 +280,21 @@ def verify(folder: Path) -> dict[str, Any]:
             )
     read_train_state(folder)  # hashes match, but the state must also read by schema (a forged or buggy file)
     return manifest
+
+
+def _refuse_links(folder: Path, name: str) -> None:
+    """CheckpointError when the manifest's file ``name`` or a folder on its way inside ``folder`` (``dcp/``) is a
+    symbolic link. A link could point anywhere (another run's shards, a file that changes later): checksums that
+    match through one prove nothing about the checkpoint's own files, so nothing is hashed or loaded through one."""
+    inside = folder
+    for part in Path(name).parts:
+        inside = inside / part
+        if inside.is_symlink():
+            what = "file" if inside == folder / name else "folder"
+            raise CheckpointError(
+                f"'{inside}' is a symbolic link, not a {what} of the checkpoint. HINT: put the {what} itself in "
+                "the checkpoint (copy it there instead of linking it)"
+            )
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

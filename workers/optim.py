@@ -11,8 +11,10 @@ weights and embeddings (``optim.no_decay``) in a group without weight decay.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,13 +103,14 @@ def build(cfg: OptimConfig, task: Any, model: nn.Module, max_steps: int) -> Buil
     own = getattr(task, "optimizer", None)
     if own is not None and not callable(own):
         raise ConfigError(f"the task's 'optimizer' is {type(own).__name__}, not a function. HINT: {_HOOK_HINT}")
-    optimizer = own(model) if own is not None else builtin_optimizer(cfg, model)
+    optimizer = _task_optimizer(own, model) if own is not None else builtin_optimizer(cfg, model)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(
             f"the task's optimizer(model) returned {type(optimizer).__name__}, not a torch.optim.Optimizer. "
             f"HINT: {_HOOK_HINT}"
         )
     check_params_of(model, optimizer)
+    check_steps_without_closure(optimizer)
     own_schedule = getattr(task, "scheduler", None)
     if own_schedule is not None and not callable(own_schedule):
         raise ConfigError(
@@ -129,6 +132,43 @@ def build(cfg: OptimConfig, task: Any, model: nn.Module, max_steps: int) -> Buil
 
 
 _HOOK_HINT = "task.optimizer(model) must return e.g. torch.optim.AdamW(model.parameters(), lr=...)"
+_TWO_GROUPS = "some parameters appear in more than one parameter group"  # torch's ValueError, word for word
+
+
+def _task_optimizer(own: Callable[[nn.Module], Any], model: nn.Module) -> Any:
+    """Call the task's ``optimizer(model)``. torch refuses arguments it cannot use with a ValueError (a parameter in
+    two groups, a negative lr): the same on every call, so a ConfigError (exit 2), never a restart. torch only
+    warns of a parameter twice in one group: that warning is silenced here, :func:`check_params_of` names it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate parameters")
+        try:
+            return own(model)
+        except ValueError as exc:
+            if _TWO_GROUPS in str(exc):
+                raise ConfigError(
+                    f"the task's optimizer holds a parameter in more than one parameter group (torch: {exc}). "
+                    "HINT: put each parameter in one group only"
+                ) from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ConfigError(f"the task's optimizer(model) failed: ValueError: {first}. HINT: {_HOOK_HINT}") from None
+
+
+def check_steps_without_closure(optimizer: torch.optim.Optimizer) -> None:
+    """The loop calls ``optimizer.step()`` once per optimizer step, after backward, with no closure: an optimizer
+    whose step needs one (LBFGS re-evaluates the loss itself, several times a step) is a ConfigError."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # a step without a signature to read: it is tried as it is
+        closure = None
+    needs = isinstance(optimizer, torch.optim.LBFGS) or (
+        closure is not None and closure.default is inspect.Parameter.empty
+    )
+    if needs:
+        raise ConfigError(
+            f"the task's optimizer is {type(optimizer).__name__}, whose step() needs a closure (it evaluates the "
+            "loss itself); the training loop steps once per batch from the gradients of its own backward. "
+            "HINT: return an optimizer that steps from the gradients alone (SGD, Adam, AdamW, ...)"
+        )
 
 
 def _schedule(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:

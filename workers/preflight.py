@@ -60,6 +60,8 @@ def _check_run_dir(paths: RunDir) -> None:
         raise ConfigError(f"config key 'run.dir' = '{root}': is a symlink to nothing. HINT: fix or remove the link")
     if root.exists() and not root.is_dir():
         raise ConfigError(f"config key 'run.dir' = '{root}': is a file, not a folder. HINT: use another run.dir")
+    if root.is_dir():
+        _check_holds_no_other_files(paths)
     existing = root
     while not existing.exists():  # the nearest ancestor that exists must be a writable folder
         existing = existing.parent
@@ -73,6 +75,23 @@ def _check_run_dir(paths: RunDir) -> None:
     for name in (paths.config, paths.checkpoints, paths.logs):
         if name.exists() and not os.access(name, os.W_OK):
             raise ConfigError(f"config key 'run.dir' = '{root}': '{name}' is not writable. HINT: check its permissions")
+
+
+def _check_holds_no_other_files(paths: RunDir) -> None:
+    """An existing ``run.dir`` is empty or a run's own (:meth:`RunDir.holds_a_run`); else ConfigError naming what is
+    there. A run writes its config, logs, checkpoints and more into its folder (workers.rundir) and replaces a config
+    file there: among a user's own files (a data folder, the home folder, a repository, /etc) it would mix its files
+    with theirs and overwrite one of the same name."""
+    if paths.holds_a_run():
+        return
+    entries = sorted(os.listdir(paths.root))
+    if not entries:
+        return
+    shown = ", ".join(entries[:3]) + (f", ... ({len(entries)} entries)" if len(entries) > 3 else "")
+    raise ConfigError(
+        f"config key 'run.dir' = '{paths.root}': is a folder of other files ({shown}), not a run dir; a run would "
+        "write its config, logs and checkpoints among them. HINT: name a new or empty folder, e.g. run.dir=runs/my-run"
+    )
 
 
 def newest_train_state(paths: RunDir) -> TrainState | None:

@@ -99,6 +99,12 @@ class RunDir:
     def wandb(self) -> Path:
         return self.root / "wandb"
 
+    def holds_a_run(self) -> bool:
+        """Whether ``root`` carries a mark that only a run leaves: the lock file (every launch, the torchrun and
+        SLURM entries included, takes it before it writes anything else), the checkpoints folder, or the job record
+        of a run submitted to SLURM. A ``config.yaml`` or ``logs/`` alone is no such mark: users have their own."""
+        return self.lock.is_file() or self.checkpoints.is_dir() or self.slurm_jobs.is_file()
+
     # ---------------------------------------------------------------- checkpoints
     @property
     def checkpoints(self) -> Path:

@@ -296,3 +296,27 @@ def named_metrics(metric_names: str = "mse,mae", rank1_metric_names: str | None 
 
     task.evaluate = evaluate
     return task
+
+
+def input_classes(eval_device: str | None = None, optimizer_kind: str | None = None, **kwargs):
+    """``quick`` (its arguments in ``kwargs``) with one of the mistakes tests/test_input_classes.py makes as a user
+    would. ``eval_device``: an ``evaluate`` whose per-sample values are moved to that device ("meta": the one other
+    device a CPU-only machine has). ``optimizer_kind``: ``lbfgs`` (an optimizer whose step needs a closure),
+    ``two_groups`` (one parameter in two param groups), ``twice_in_group`` (one parameter twice in one group)."""
+    task = quick(**kwargs)
+    if eval_device is not None:
+
+        def evaluate(model, batch):
+            x, y = batch
+            return {"mse": ((model(x) - y) ** 2).mean(dim=1).to(eval_device)}
+
+        task.evaluate = evaluate
+    if optimizer_kind == "lbfgs":
+        task.optimizer = lambda model: torch.optim.LBFGS(model.parameters(), lr=0.1)
+    if optimizer_kind == "two_groups":
+        task.optimizer = lambda model: torch.optim.AdamW(
+            [{"params": list(model.parameters())}, {"params": [next(model.parameters())], "lr": 1e-4}], lr=1e-3
+        )
+    if optimizer_kind == "twice_in_group":
+        task.optimizer = lambda model: torch.optim.SGD([*model.parameters(), next(model.parameters())], lr=0.1)
+    return task

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from workers.config.schema import Config, fail, plain
+from workers.config.schema import CONTROL_CHARS, Config, fail, plain
 from workers.errors import ConfigError
 
 INT64_MAX = 2**63 - 1  # every int key fits torch's int64 (a seed, a step count)
@@ -141,6 +141,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _number(key, value, tp)
     if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
+    if value is None:  # `run.dir=~`: YAML reads a bare ~ (or null, or nothing after a colon) as no value
+        fail(key, value, f"expected {_type_name(tp)}, got no value", "YAML reads ~ and null as no value: quote it")
     fail(key, value, f"expected {_type_name(tp)}, got {type(value).__name__}")
 
 
@@ -177,6 +179,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{item}': key {exc.key!r} is given twice") from None
     except yaml.YAMLError:
         value = raw  # not YAML: keep the literal string
+    if isinstance(value, str) and CONTROL_CHARS.search(raw):  # YAML turns a raw line break into a space, silently
+        fail(key.strip(), raw, "holds a line break or another control character", "type the value on one line")
     return key.strip().split("."), value
 
 
@@ -191,17 +195,75 @@ def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def _nest_dotted_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """``train.max_steps: 5`` at the top of a YAML file means ``train: {max_steps: 5}`` (applied in file order,
-    like an override, so it wins over the section's own value)."""
+    """``train.max_steps: 5`` at the top of a YAML file means ``train: {max_steps: 5}``; sections given both ways
+    are merged key by key. A key set both ways (``train.max_steps`` and ``max_steps`` in ``train``) is a
+    ConfigError: whichever came second would silently replace the other (:func:`load_config` names both lines)."""
     nested: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(key, str) and "." in key:
-            _apply_override(nested, key.split("."), value)
-        elif isinstance(nested.get(key), dict) and isinstance(value, dict):
-            nested[key] = {**value, **nested[key]}
-        else:
-            nested[key] = value
+        path = key.split(".") if isinstance(key, str) else [key]
+        section = value
+        for part in reversed(path[1:]):
+            section = {part: section}
+        _merge(nested, {path[0]: section}, "")
     return nested
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any], prefix: str) -> None:
+    """Add ``new`` to ``into`` key by key, recursing where both hold a non-empty mapping (in place). A key both give
+    otherwise is a ConfigError naming it (an empty mapping counts as a value, as :func:`_leaves` has it)."""
+    for key, value in new.items():
+        both_sections = isinstance(into.get(key), dict) and isinstance(value, dict) and into[key] and value
+        if both_sections:
+            _merge(into[key], value, f"{prefix}{key}.")
+        elif key in into:
+            raise ConfigError(
+                f"config key '{prefix}{key}' is given twice (as a dotted key and inside its section); one would "
+                "silently replace the other. HINT: keep one of them"
+            )
+        else:
+            into[key] = value
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _leaves(path: tuple[str, ...], line: int, node: yaml.Node) -> typing.Iterator[tuple[tuple[str, ...], int]]:
+    """Every key path a YAML node sets below ``path`` (a scalar, a list or an empty mapping ends one), with the line
+    of its last key."""
+    if not (isinstance(node, yaml.MappingNode) and node.value):
+        yield path, line
+        return
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
+            yield from _leaves((*path, key_node.value), key_node.start_mark.line + 1, value_node)
+
+
+def _check_dotted_and_nested(path: Path, text: str) -> None:
+    """ConfigError naming both lines when one key is set twice in a file, once through a dotted top-level key and
+    once inside its section (or through two dotted keys, one inside the other). Only the composed YAML nodes know
+    the lines; :func:`_nest_dotted_keys` refuses the same without them."""
+    root = yaml.compose(text, Loader=_Loader)
+    if not isinstance(root, yaml.MappingNode):
+        return
+    leaves: dict[tuple[str, ...], int] = {}  # each key path set so far -> its line
+    inner: dict[tuple[str, ...], int] = {}  # each section above one -> that path's line
+    for key_node, value_node in root.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+            continue
+        top = tuple(key_node.value.split("."))
+        for keys, line in _leaves(top, key_node.start_mark.line + 1, value_node):
+            clash = next((keys[:i] for i in range(1, len(keys) + 1) if keys[:i] in leaves), None)
+            first = leaves[clash] if clash else inner.get(keys)
+            if first is not None:
+                shown = ".".join(clash or keys)
+                raise ConfigError(
+                    f"config file '{path}': '{shown}' is given twice (lines {min(first, line)} and "
+                    f"{max(first, line)}: a dotted key and a section both set it); one would silently replace the "
+                    "other. HINT: keep one of them"
+                )
+            leaves[keys] = line
+            for i in range(1, len(keys)):
+                inner.setdefault(keys[:i], line)
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -224,7 +286,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found. HINT: e.g. configs/quickstart.yaml")
     try:
-        data = _yaml(path.read_text())
+        text = path.read_text()
+        data = _yaml(text)
     except _DuplicateKey as exc:
         raise ConfigError(
             f"config file '{path}': key {exc.key!r} is given twice (lines {exc.first_line} and {exc.second_line}); "
@@ -237,6 +300,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
+    _check_dotted_and_nested(path, text)
     return config_from_dict(data, overrides)
 
 

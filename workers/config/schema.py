@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,8 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         fail(key, value, f"must be one of {', '.join(choices)}")
 
 
+# Line breaks, tabs and the other C0/C1 control characters (and DEL): never part of a name a user means.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DAY_S = 86400.0
 _BIG = 2**31  # far above any real batch, worker or accumulation count
 
@@ -65,6 +69,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.dir.strip():
             fail("run.dir", self.dir, "must name a folder", "e.g. run.dir=runs/my-run")
+        control = CONTROL_CHARS.search(self.dir)
+        if control:  # a line break in the path splits log and status lines, and SLURM batch scripts that name it
+            fail("run.dir", self.dir, f"holds a control character ({control.group()!r})",
+                 "name the folder without line breaks, tabs or other control characters")  # fmt: skip
+        # `run.dir=~/runs/x`: the shell leaves a ~ after `=` alone; the home folder is meant, not a folder named ~.
+        object.__setattr__(self, "dir", os.path.expanduser(self.dir))
         try:
             root = Path(self.dir).expanduser().resolve()
         except (RuntimeError, ValueError, OSError) as exc:  # ~nosuchuser, a symlink loop, a NUL byte
