@@ -112,7 +112,7 @@ def _setup_console_logging() -> None:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from orchestrator.launcher import PrestartedGroup  # noqa: PLC0415 - the launch side, only for launch
-    from orchestrator.resume import note_changes, resume_config  # noqa: PLC0415
+    from orchestrator.resume import resume_config  # noqa: PLC0415
     from orchestrator.supervisor import run_with_restarts  # noqa: PLC0415
     from orchestrator.undo import RunDirSnapshot  # noqa: PLC0415
     from workers.preflight import (  # noqa: PLC0415
@@ -127,7 +127,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
     # config errors surface here, before torch is imported
     cfg = resume_config(args.run_dir, overrides) if args.command == "resume" else load_config(args.config, overrides)
     paths = RunDir(cfg.run.dir)
-    note_changes(cfg, paths)
     cheap_checks(cfg, paths, cfg.launch.nproc)  # before any interpreter is started: `--nproc 48` answers at once
     # The workers start now and import torch while the checks below run (they wait at a gate, writing nothing):
     # the two slow imports overlap instead of following each other.

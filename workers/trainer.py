@@ -28,7 +28,9 @@ from workers.config import (
     Config,
     check_not_past_the_end,
     check_resume_compatible,
+    config_changes,
     dump_config,
+    load_config,
     plan_batches,
 )
 from workers.contract import TrainState
@@ -192,8 +194,24 @@ class Trainer:
                 state.world_size,
                 self.ctx.world_size,
             )
+            self._note_config_changes(folder)
         elif self.cfg.train.init_from:
             self._init_from(self.cfg.train.init_from)
+
+    def _note_config_changes(self, folder: Path) -> None:
+        """Say which keys differ from the config the checkpoint was saved with (an fsdp run relaunched without
+        ``train.parallel=fsdp`` would otherwise go on as ddp without a word). After every resume check passed: a
+        refused resume stays one line."""
+        try:
+            saved = load_config(folder / CONFIG_FILE)
+        except ConfigError:
+            return  # an older checkpoint without its config, or one that no longer reads: nothing to compare
+        changes = config_changes(saved, self.cfg)
+        if changes and self.ctx.is_main:
+            log.warning(
+                "the config differs from the one %s was saved with: %s. HINT: `orchestrator resume %s` continues "
+                "with the run's saved config", folder.name, "; ".join(changes), self.paths.root,
+            )  # fmt: skip
 
     def _init_from(self, source: str) -> None:
         """Start from the weights in ``train.init_from``; anything wrong with them is the user's to fix (exit 2)."""
