@@ -60,7 +60,10 @@ log = logging.getLogger("workers.checkpoint")
 FORMAT_VERSION = 1
 DCP_METADATA = f"{DCP_DIR}/{METADATA}"  # the manifest entry that makes a checkpoint a sharded one
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-__all__ = ["CheckpointError", "Checkpointer", "find_latest_valid", "load_weights", "read_train_state", "verify"]
+__all__ = [
+    "CheckpointError", "Checkpointer", "find_latest_valid", "load_weights", "locate_weights", "read_located",
+    "read_train_state", "verify",
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------- unwrapping
@@ -159,6 +162,21 @@ def first_mismatch(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> str
     return f"the weights have '{extra[0]}', which the model has not" if extra else None
 
 
+def locate_weights(path: str | Path) -> Path:
+    """What :func:`load_weights` reads for ``path``: a weights file as given; for a run dir, its newest valid
+    checkpoint's ``model.pt``; for a checkpoint folder, its ``model.pt`` — or the (verified) folder itself when it
+    is sharded without one. CheckpointError when a folder holds no valid checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    run = RunDir(path)
+    ckpt = find_latest_valid(run.checkpoints) if run.checkpoints.is_dir() else path
+    if ckpt is None:
+        raise CheckpointError(f"'{path}' holds no valid checkpoint")
+    files = verify(ckpt)["files"]
+    return ckpt / MODEL_FILE if MODEL_FILE in files else ckpt
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A clean, prefix-free model state_dict from any of the usual layouts.
 
@@ -166,16 +184,13 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     or a dict holding one under ``model`` / ``state_dict`` / ``model_state_dict``; keys may carry
     ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes.
     """
-    path = Path(path)
-    if path.is_dir():
-        run = RunDir(path)
-        ckpt = find_latest_valid(run.checkpoints) if run.checkpoints.is_dir() else path
-        if ckpt is None:
-            raise CheckpointError(f"'{path}' holds no valid checkpoint")
-        files = verify(ckpt)["files"]
-        if MODEL_FILE not in files:  # a sharded checkpoint without the exported model: its shards, gathered here
-            return dcp_io.read_full(ckpt / DCP_DIR, MODEL_PREFIX)
-        path = ckpt / MODEL_FILE
+    return read_located(locate_weights(path))
+
+
+def read_located(path: Path) -> dict[str, torch.Tensor]:
+    """The weights at a place :func:`locate_weights` returned (already verified: not read twice)."""
+    if path.is_dir():  # a sharded checkpoint without the exported model: its shards, gathered here
+        return dcp_io.read_full(path / DCP_DIR, MODEL_PREFIX)
     obj = _safe_load(path)
     if not _is_state_dict(obj) and isinstance(obj, Mapping):
         for key in ("model", "state_dict", "model_state_dict"):

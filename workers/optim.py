@@ -196,20 +196,23 @@ def check_params_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
             seen.add(id(param))
 
 
-def describe(built: Built) -> str:
+def describe(built: Built, cfg: OptimConfig) -> str:
     """One log line: the optimizer, the schedule, and each group's size and settings (logged once training starts,
-    so that a run refused before then prints only its one-line error)."""
+    so that a run refused before then prints only its one-line error). A group's lr is the configured one (its
+    ``initial_lr``), not the warmup's scaled-down value at this step."""
     parts = []
     for g, group in enumerate(built.optimizer.param_groups):
         count = sum(p.numel() for p in group["params"])
         parts.append(
-            f"group {g}: {len(group['params'])} tensors, {count:,} parameters, lr {group['lr']:g}, "
-            f"weight_decay {group.get('weight_decay', 0.0):g}"
+            f"group {g}: {len(group['params'])} tensors, {count:,} parameters, "
+            f"lr {group.get('initial_lr', group['lr']):g}, weight_decay {group.get('weight_decay', 0.0):g}"
         )
+    schedule = (
+        "the task's" if built.task_scheduler else f"built-in ({cfg.warmup_steps} warmup steps, then {cfg.schedule})"
+    )
     whose = {True: "the task's", False: "built-in"}
-    return (
-        f"optimizer {type(built.optimizer).__name__} ({whose[built.task_optimizer]}), "
-        f"schedule {whose[built.task_scheduler]}: {'; '.join(parts)}"
+    return f"optimizer {type(built.optimizer).__name__} ({whose[built.task_optimizer]}), schedule {schedule}: " + (
+        "; ".join(parts)
     )
 
 

@@ -22,7 +22,15 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from workers.checkpoint import Checkpointer, first_mismatch, load_full_weights, load_weights, read_train_state, unwrap
+from workers.checkpoint import (
+    Checkpointer,
+    first_mismatch,
+    load_full_weights,
+    locate_weights,
+    read_located,
+    read_train_state,
+    unwrap,
+)
 from workers.config import (
     BatchPlan,
     Config,
@@ -216,7 +224,8 @@ class Trainer:
     def _init_from(self, source: str) -> None:
         """Start from the weights in ``train.init_from``; anything wrong with them is the user's to fix (exit 2)."""
         try:
-            weights = load_weights(source)
+            origin = locate_weights(source)  # a run dir: its newest valid checkpoint, named in the log below
+            weights = read_located(origin)
         except CheckpointError as exc:
             raise ConfigError(f"config key 'train.init_from' = {source!r}: {exc}") from None
         problem = first_mismatch(unwrap(self.model), weights)
@@ -226,7 +235,7 @@ class Trainer:
                 "HINT: check task.factory / task.args, or the file"
             )
         load_full_weights(unwrap(self.model), weights)  # sliced to this rank's shards when sharded
-        log.info("initialised weights from %s", source)
+        log.info("initialised weights from %s", origin)
 
     def _wrap(self) -> nn.Module:
         model = self.model
@@ -290,7 +299,7 @@ class Trainer:
         recorder = IndexRecorder(self.paths, self.ctx, self.step) if self.cfg.data.record_indices else None
         sync = self.sync = StepSync(self.ctx, self.stop, self.cfg.train.log_every, self.reporter.complete)
         batches = self._batches()
-        log.info("%s", describe(self.optim))
+        log.info("%s", describe(self.optim, self.cfg.optim))
         log.info(
             "training steps %d..%d on %s (%s, %s): world size %d, %d samples/rank/step in %d micro-batch(es) of %d",
             self.step,
