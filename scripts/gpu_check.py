@@ -150,13 +150,13 @@ def main() -> int:
 
 
 def _peak_mem_mb(run: Path) -> float | None:
-    """The largest cuda_max_mem_mb* value in the run's metrics rows."""
+    """The largest ``rank<r>/cuda_max_mem_mb`` value in the run's metrics rows."""
     values = [
         v
         for line in RunDir(run).metrics.read_text().splitlines()
         if line.strip()
         for k, v in json.loads(line).items()
-        if k.startswith("cuda_max_mem_mb") and isinstance(v, (int, float))
+        if k.endswith("cuda_max_mem_mb") and isinstance(v, (int, float))  # rank<r>/cuda_max_mem_mb
     ]
     return max(values) if values else None
 
