@@ -211,3 +211,28 @@ def test_the_progress_bar_stays_clean_when_other_processes_write_to_the_terminal
     for i in starts:  # "HH:MM:SS [launcher] ...": what precedes the time is a line start or a cleared line
         before = out[: i - len("00:00:00 ")]
         assert before.endswith(("\n", "\r\x1b[K")) or not before, repr(out[max(0, i - 80) : i + 40])
+
+
+def test_ctrl_c_in_the_terminal_saves_and_the_run_continues_on_one_worker(tmp_path):
+    """The README's resume example as a user does it: the default config in a terminal, a real Ctrl-C (the terminal
+    signals the whole foreground process group: launcher, fork server, workers), then `orchestrator resume` on 1."""
+    run = tmp_path / "run"
+    term = TerminalLaunch("configs/quickstart.yaml", "--nproc", "2", f"run.dir={run}", *LONG)
+    _wait_for(lambda: len(_committed(run)) >= 2, term.alive, "second checkpoint")
+    at_stop = max(int(name.split("-")[1]) for name in _committed(run))
+    os.write(term.master, b"\x03")  # Ctrl-C, through the terminal's line discipline
+    deadline = time.monotonic() + 60
+    while term.alive():
+        assert time.monotonic() < deadline, "the launch did not stop"
+        time.sleep(0.05)
+    assert term.proc.returncode == 0, term.text()[-2000:]
+    log = (run / "logs" / "rank-0.log").read_text()
+    saved = int(log.split("all ranks saved step ")[1].split()[0])
+    assert "stop requested (SIGINT during step" in log and "second stop request" not in term.text()
+    assert at_stop < saved and f"step-{saved:08d}" in _committed(run)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "resume", str(run), "--nproc", "1", f"train.max_steps={saved + 50}"],
+        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"step {saved}," in proc.stderr and "saved at world size 2, now 1" in proc.stderr, proc.stderr
