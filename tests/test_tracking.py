@@ -134,7 +134,7 @@ def test_progress_bar_on_a_terminal_and_plain_lines_on_a_pipe(refs, tmp_path):
 def test_status_and_plot_from_metrics_jsonl(refs, tmp_path):
     run = copy_run(refs[2], tmp_path / "run")
     info = json.loads(cli("status", str(run), "--json", check=True).stdout)
-    assert info["step"] == MAX_STEPS and info["state"] == "not running" and info["restarts"] == 0
+    assert info["step"] == MAX_STEPS and info["state"] == "done" and info["restarts"] == 0
     assert info["latest_checkpoint"] == f"step-{MAX_STEPS:08d}" and info["samples_per_s"] > 0
     out = tmp_path / "curves.png"
     cli("plot", str(run), "--out", str(out), check=True)

@@ -25,6 +25,15 @@ class _To(logging.Filter):
         return getattr(record, "destination", self.destination) == self.destination
 
 
+class _RankLogFile(logging.FileHandler):
+    """The rank's log file. A record that cannot be written (a full or read-only disk) is dropped without a word:
+    logging's default prints a traceback of its own to the console, and the failure it would log reaches the
+    console once anyway (the launcher's report, over the worker's pipe)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        return
+
+
 def setup_logging(paths: RunDir, rank: int) -> None:
     """Rank-prefixed lines to ``RunDir.rank_log(rank)``; rank 0 also to the console (stderr). A record marked
     ``FILE_ONLY`` or ``CONSOLE_ONLY`` goes to that one only; a known failure's line to the console comes from any
@@ -34,7 +43,7 @@ def setup_logging(paths: RunDir, rank: int) -> None:
     root.handlers.clear()
     root.setLevel(logging.INFO)
     paths.logs.mkdir(parents=True, exist_ok=True)
-    handler: logging.Handler = logging.FileHandler(paths.rank_log(rank))
+    handler: logging.Handler = _RankLogFile(paths.rank_log(rank))
     handler.setFormatter(fmt)
     handler.addFilter(_To("file"))
     root.addHandler(handler)
