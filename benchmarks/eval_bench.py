@@ -2,7 +2,7 @@
 training.
 
 - eval throughput: 2 ranks (gloo, one thread each) evaluate the same model on the same eval set — ours through
-  :class:`workers.evaluation.Evaluator` (what training and ``orchestrator eval`` run), the hand-written loop the
+  :class:`workers.eval.evaluator.Evaluator` (what training and ``orchestrator eval`` run), the hand-written loop the
   way a user writes it: a ``DataLoader`` over the rank's contiguous slice, ``model.eval()``, ``torch.no_grad()``,
   the loss times the batch size summed, one all-reduce at the end. The two alternate in the same processes; each
   is timed from a barrier to the end of its all-reduce (the slower rank's time); ratio = hand-written time / ours
@@ -47,7 +47,7 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
     from torch.utils.data import DataLoader, Subset  # noqa: PLC0415
 
     from workers.dist import DistContext, autocast_for  # noqa: PLC0415
-    from workers.evaluation import Evaluator  # noqa: PLC0415
+    from workers.eval.evaluator import Evaluator  # noqa: PLC0415
     from workers.tasks.quickstart import build  # noqa: PLC0415
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from workers import dcp_io
 from workers.checkpoint import (
     DCP_DIR,
     CheckpointError,
+    dcp_io,
     find_latest_valid,
     load_weights,
     read_train_state,

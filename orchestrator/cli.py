@@ -148,7 +148,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from orchestrator import slurm  # noqa: PLC0415
+    from orchestrator import slurm_submit as slurm  # noqa: PLC0415
     from workers.preflight import preflight, save_resolved_config  # noqa: PLC0415
 
     flags = {
@@ -184,7 +184,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from orchestrator import slurm  # noqa: PLC0415
+    from orchestrator import slurm_submit as slurm  # noqa: PLC0415
 
     paths = RunDir(args.run_dir)
     if not slurm.load_jobs(paths):

@@ -5,7 +5,7 @@ manifest first), or a weights file (plain, ``module.``/``_orig_mod.`` prefixes, 
 then ``--config`` names the config it was trained with). The config is the run's (or the folder's own copy)
 unless ``--config`` is given; ``key=value`` overrides apply on top (e.g. ``eval.batch_size=64``).
 
-``N`` worker processes evaluate through the same code path as training's evals (workers.evaljob), so the numbers
+``N`` worker processes evaluate through the same code path as training's evals (workers.eval.job), so the numbers
 are the run's eval rows, on any ``N``. Nothing is written: not into the run dir, not anywhere.
 """
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orchestrator.slurm import status_info as slurm_status_info
+from orchestrator.slurm_submit import status_info as slurm_status_info
 from workers.config import Config, load_config
 from workers.contract import EXIT_OK, EXIT_USAGE, TrainState, first_failure, is_int
 from workers.errors import CheckpointError, ConfigError

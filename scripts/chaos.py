@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from workers import dcp_io
+from workers.checkpoint import dcp_io
 from workers.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]

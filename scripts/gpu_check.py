@@ -185,7 +185,7 @@ def sharded(tmp: Path, ddp_run: Path) -> None:
         shards.is_file() and all(t.device.type == "cpu" and not k.startswith("module.") for k, t in sd.items()),
         f"{len(sd)} tensors",
     )
-    from workers import dcp_io  # noqa: PLC0415
+    from workers.checkpoint import dcp_io  # noqa: PLC0415
 
     gathered = dcp_io.read_full(folder / "dcp", dcp_io.MODEL_PREFIX)
     check("fsdp: ckpt shards == model.pt", equal(gathered, sd), "")

@@ -205,7 +205,7 @@ def killed2(tmp_path_factory) -> Path:
 
 def wandb_view(run: Path) -> tuple[str, list[list[int]], dict]:
     """(wandb run id, logged steps per start of the run, recorded config), read back from wandb's offline files."""
-    from workers.wandb_records import history_steps, offline_logs, read_records
+    from workers.tracking.wandb_records import history_steps, offline_logs, read_records
 
     rid = json.loads((run / "tracking.json").read_text())["wandb_run_id"]
     logs = offline_logs(run, rid)

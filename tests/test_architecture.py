@@ -53,10 +53,10 @@ def test_the_import_contracts_hold_and_catch_a_planted_cycle_and_a_reverse_impor
     assert "1 broken" in cycle.stdout
 
     tree = _copy_tree(tmp_path / "again")
-    _plant(tree, "workers/trainer.py", "import orchestrator.launcher")
+    _plant(tree, "workers/train/trainer.py", "import orchestrator.launcher")
     reverse = _lint(tree)
     assert reverse.returncode != 0
-    assert "workers.trainer -> orchestrator.launcher" in reverse.stdout, reverse.stdout
+    assert "workers.train.trainer -> orchestrator.launcher" in reverse.stdout, reverse.stdout
 
 
 # The run dir's literal names: only workers/rundir.py may spell them (acceptance of the structure issue).

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import copy_run, launch
 
-from workers.checkpoint import _write_error
+from workers.checkpoint.files import write_error
 from workers.contract import FailureKind, disk_trouble
 
 
@@ -63,7 +63,7 @@ def test_torchs_unexpected_pos_on_a_full_disk_is_named_a_full_disk_and_never_ret
     assert "unexpected pos" in str(caught.value)  # torch's own words: if they change, this test says so
     assert disk_trouble(caught.value) == "the disk is full"
     assert FailureKind.of(caught.value) is FailureKind.DISK and not FailureKind.DISK.retryable
-    message = str(_write_error(full_tmpfs / "step-00000004", caught.value))
+    message = str(write_error(full_tmpfs / "step-00000004", caught.value))
     assert "the disk is full" in message and "older checkpoints are intact" in message
     assert FailureKind.of(OSError(28, "No space left on device")) is FailureKind.DISK
     assert FailureKind.of(RuntimeError("a bug")) is FailureKind.EXCEPTION

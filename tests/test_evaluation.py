@@ -125,7 +125,7 @@ def test_early_stopping_saves_and_ends_with_exit_0_and_a_relaunch_is_done(tmp_pa
 
 def test_selection_keeps_the_strict_best_ignores_non_finite_values_and_counts_patience():
     from workers.config import EvalConfig
-    from workers.selection import ModelSelection
+    from workers.eval.selection import ModelSelection
 
     sel = ModelSelection(EvalConfig(every=1, min_delta=0.01, patience=2))
     assert sel.observe(1, float("nan")) is False and sel.best_step is None  # NaN is never a best
@@ -153,7 +153,7 @@ def _wandb_evals(run) -> list[tuple[int, float]]:
     """(step, eval/mse) of every wandb history row that has an eval, over all the run's offline logs."""
     from conftest import wandb_view
 
-    from workers.wandb_records import offline_logs, read_records
+    from workers.tracking.wandb_records import offline_logs, read_records
 
     rid = wandb_view(run)[0]
     out = []

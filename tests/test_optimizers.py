@@ -119,9 +119,9 @@ def test_a_checkpoint_of_the_first_format_resumes_to_the_same_bits(tmp_path):
 def test_tied_weights_and_malformed_optimizer_state():
     from torch import nn
 
-    from workers.checkpoint import _check_optimizer_fits
+    from workers.checkpoint.compat import check_optimizer_fits
     from workers.errors import CheckpointError
-    from workers.optim_state import from_named, from_positions, to_named
+    from workers.checkpoint.optim_state import from_named, from_positions, to_named
 
     class Tied(nn.Module):  # the head registered before the embedding it shares its weight with
         def __init__(self) -> None:
@@ -140,7 +140,7 @@ def test_tied_weights_and_malformed_optimizer_state():
     opt = torch.optim.AdamW(
         [{"params": [model.head.weight], "name": "tied"}, {"params": list(model.proj.parameters())}]
     )
-    _check_optimizer_fits(Path("ckpt"), opt, opt.state_dict(), "AdamW")
+    check_optimizer_fits(Path("ckpt"), opt, opt.state_dict(), "AdamW")
     good = to_named(model, opt)
     assert from_named("ckpt", model, opt, good)["param_groups"][0]["params"] == [0]
 

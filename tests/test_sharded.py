@@ -45,7 +45,7 @@ from conftest import (
 )
 from test_exactness import expected_sequence
 
-from workers import dcp_io
+from workers.checkpoint import dcp_io
 from workers.fsutil import NEW_DIGEST, file_digest
 from workers.tasks.quickstart import make_model
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from workers.dist import DistContext
-from workers.stepsync import StepSync
+from workers.tracking.stepsync import StepSync
 from workers.stop import NONE, PREEMPT, StopFlag
 
 LOG_EVERY, STOP_AT = 10, 23

@@ -14,7 +14,7 @@ import sys
 import pytest
 from conftest import EVERY, MAX_STEPS, QUICK, ROOT, cli, copy_run, env, launch, launch_and_kill, load, wandb_view
 
-from workers.wandb_records import history_steps, offline_logs
+from workers.tracking.wandb_records import history_steps, offline_logs
 
 OFFLINE = ["tracking.mode=offline", "train.log_every=2"]
 EXPECTED_STEPS = [1, *range(2, MAX_STEPS + 1, 2)]

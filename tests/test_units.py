@@ -158,7 +158,7 @@ def test_per_sample_seeding_leaves_unused_generators_alone_and_equals_seeding_al
     import numpy as np
 
     from workers.data import IndexedDataset
-    from workers.sample_rng import SampleSeeder, sample_seed, seed_all
+    from workers.data.seeding import SampleSeeder, sample_seed, seed_all
 
     every = int(kind.split("every ")[1].split("th")[0].split("rd")[0]) if "every" in kind else 1
     start = int(kind.split("from ")[1].split()[-1]) if "from" in kind else 0
@@ -187,7 +187,7 @@ def test_per_sample_seeding_leaves_unused_generators_alone_and_equals_seeding_al
 
 def test_samples_are_seeded_by_stream_position_unless_the_task_opts_out():
     from workers.data import IndexedDataset
-    from workers.slurm import parse_time_left
+    from workers.slurm_job import parse_time_left
 
     seeded = IndexedDataset(_RandomSamples(), seed=7)
     a, b = seeded[(42, 3)][1], seeded[(42, 3)][1]

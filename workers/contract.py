@@ -209,7 +209,7 @@ class TrainState:
     torch: str | None = None
     time: float | None = None
     optimizer: str | None = None  # the optimizer's class name (a resume with another optimizer is refused)
-    selection: dict[str, Any] | None = None  # model selection (workers.selection): best, k best, patience counter
+    selection: dict[str, Any] | None = None  # model selection (workers.eval.selection): best, k best, patience counter
     nonfinite_skipped: int | None = None  # steps skipped for non-finite gradients so far (train.nonfinite)
     nonfinite_streak: int | None = None  # consecutive ones up to this step (a resume continues the count)
     parallel: str | None = None  # train.parallel at save: "ddp" (model.pt + optim.pt) | "fsdp" (shards under dcp/)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers import slurm
+from workers import slurm_job as slurm
 from workers.config import Config, config_from_dict, load_config, plan_batches
 from workers.contract import (
     ENV_LAUNCHER,
@@ -67,7 +67,7 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
 
     from workers.dist import DistContext, check_precision, cpu_threads_per_worker  # noqa: PLC0415
     from workers.heartbeat import NoHeartbeat, heartbeat_for  # noqa: PLC0415
-    from workers.trainer import Trainer  # noqa: PLC0415
+    from workers.train.trainer import Trainer  # noqa: PLC0415
 
     paths = RunDir(cfg.run.dir)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -227,7 +227,7 @@ def _evaluate_and_report(cfg: Config, weights: Path, conn: Any) -> int:
     import torch  # noqa: PLC0415 - the worker's own import
 
     from workers.dist import DistContext, cpu_threads_per_worker  # noqa: PLC0415
-    from workers.evaljob import evaluate_weights  # noqa: PLC0415
+    from workers.eval.job import evaluate_weights  # noqa: PLC0415
 
     ctx = None
     try:

@@ -31,4 +31,4 @@ import torch.distributed.checkpoint  # noqa: E402 - train.parallel=fsdp's checkp
 import torch.distributed.fsdp  # noqa: E402, F401
 
 import workers.entry  # noqa: E402
-import workers.trainer  # noqa: E402, F401
+import workers.train.trainer  # noqa: E402, F401

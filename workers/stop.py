@@ -1,13 +1,13 @@
 """The stop flag: signals only set it (no collective, no I/O in a handler). Torch-free, so a worker installs it
 first thing, before the slow imports.
 
-Two kinds of request, agreed across ranks as the larger of the two codes (see workers.stepsync; "the next step
+Two kinds of request, agreed across ranks as the larger of the two codes (see workers.tracking.stepsync; "the next step
 boundary" below means the boundary of the second exchange after the signal — exchanges come about every 50 ms, or
 every step when steps are longer — the same step on every rank):
 
 - ``STOP`` (SIGTERM, SIGINT, SIGHUP — a closed terminal or ssh session): save at the next step boundary and exit 0;
 - ``PREEMPT`` (SIGUSR1, SIGUSR2: SLURM's notice before a preemption or the time limit): save at the next step
-  boundary; under SLURM, rank 0 then requeues the job (workers/slurm.py).
+  boundary; under SLURM, rank 0 then requeues the job (workers/slurm_job.py).
 """
 
 from __future__ import annotations

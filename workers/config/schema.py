@@ -233,7 +233,7 @@ class LaunchConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation on the task's ``eval_dataset``: exact over the whole set on any world size (workers.evaluation)."""
+    """Evaluation on the task's ``eval_dataset``: exact over the whole set on any world size."""
 
     every: int = 0  # steps between evals; 0: never during training
     batch_size: int = 32  # samples per eval batch on each rank

@@ -8,7 +8,7 @@ every rank, after torch has been seeded with ``train.seed``, and returns any obj
 - ``loss(model, batch) -> Tensor``: the *mean* loss over the micro-batch (a scalar); ``batch`` is what the
   collate function makes of the samples, already moved to the worker's device;
 - optionally ``collate_fn(samples) -> batch`` (default: torch's ``default_collate``);
-- optionally ``eval_dataset`` and ``evaluate(model, batch) -> {name: per-sample values}`` (workers.evaluation);
+- optionally ``eval_dataset`` and ``evaluate(model, batch) -> {name: per-sample values}`` (workers.eval.evaluator);
 - optionally ``optimizer(model) -> torch.optim.Optimizer`` over the *unwrapped* model's own parameters, and
   ``scheduler(optimizer, max_steps)``, stepped once per optimizer step (workers.optim);
 - optionally ``random_samples = False``: ``__getitem__`` draws no randomness (no per-sample RNG seeding).

@@ -1,4 +1,4 @@
-"""Per-step reporting: metrics at log steps (gathered in the background with the stop check, workers.stepsync;
+"""Per-step reporting: metrics at log steps (gathered in the background with the stop check, workers.tracking.stepsync;
 no per-step collective or host sync), a progress bar on rank 0's terminal, plain log lines when the output is not
 a terminal."""
 
@@ -38,7 +38,7 @@ class Reporter:
     """Called every step on every rank; does real work only at log steps.
 
     At a log step each rank reads its values (loss, CPU %, RSS, CUDA peak, step time) and hands them to the
-    step sync, which gathers them with the stop check in one background collective (workers.stepsync); the row
+    step sync, which gathers them with the stop check in one background collective (workers.tracking.stepsync); the row
     is completed when that exchange has finished — at the next exchange, or when a checkpoint flushes it — and
     rank 0 writes it. No collective of its own; on GPUs reading the loss (and grad norm) is the one host sync, at
     log steps only.

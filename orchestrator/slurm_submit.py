@@ -1,7 +1,7 @@
 """The launch side of SLURM: ``orchestrator submit`` (through submitit), ``--wait``, ``cancel``, and the SLURM part
 of ``orchestrator status``.
 
-The job side (what each task runs, preemption → save → requeue) is workers/slurm.py and workers.entry.SlurmJob.
+The job side (what each task runs, preemption → save → requeue) is workers/slurm_job.py and workers.entry.SlurmJob.
 Job ids are kept in ``RunDir.slurm_jobs``; the job side appends its events to ``RunDir.slurm_events``; submitit
 keeps its scripts and per-task stdout/stderr under ``RunDir.submitit_job(<job id>)``. Live state comes from squeue,
 then scontrol (finished jobs, for a while), then sacct (clusters with accounting).
@@ -28,7 +28,7 @@ from workers.entry import SlurmJob
 from workers.errors import ClusterRefusedError
 from workers.fsutil import atomic_write
 from workers.rundir import RunDir
-from workers.slurm import read_events, record_event
+from workers.slurm_job import read_events, record_event
 
 # States after which a job never runs again. REQUEUED, PENDING, RUNNING, COMPLETING, ... are not in it. GONE: the
 # controller has forgotten the job (it ended long ago) and no accounting remembers it. UNKNOWN (SLURM did not

@@ -1,148 +1,29 @@
-"""Metrics: the run's metrics file (``RunDir.metrics``) always, wandb on rank 0 when enabled. One continuous run
-across every restart.
-
-- The wandb run id is created once and kept in the run's tracking file (``RunDir.tracking``); every start (local
-  restart, resume on another world size, SLURM requeue) calls ``wandb.init(id=..., resume="allow")`` on rank 0 with it.
-- Everything is logged against the *global* step. On resume, steps already logged before the stop (the run may
-  have gone past its last checkpoint) are not logged again: their values are identical, and skipping them
-  keeps every curve free of duplicates and gaps.
-- wandb runs in a child process of rank 0 (:class:`WandbProcess`): the training loop only queues rows.
-- With ``tracking.mode: disabled`` wandb is never imported and nothing is written under ``wandb/``.
+"""wandb in a child process of rank 0: the training loop only queues rows; the child logs them, back-fills a
+resumed run's rows from the metrics file, and finishes within a bounded time after a stop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
 import queue
-import re
-import secrets
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from workers.config import Config, config_from_dict
-from workers.contract import is_int
-from workers.fsutil import atomic_write
 from workers.logsetup import setup_logging
 from workers.rundir import RunDir
 from workers.stop import STOP_SIGNALS, die_with_parent, ignore_stop_signals
-from workers.wandb_records import last_persisted_step
+from workers.tracking.metrics_file import read_metrics
+from workers.tracking.wandb_records import last_persisted_step
 
 log = logging.getLogger("workers.tracking")
-
-
-class Sink(Protocol):
-    skip_through: int  # steps <= this are already in this sink (logged before a stop): not logged again
-
-    def log(self, step: int, row: dict[str, Any]) -> None: ...
-    def finish(self, quick: bool = False) -> None: ...
-
-
-def read_run_id(paths: RunDir) -> str | None:
-    """The run's wandb run id from its tracking file; None when absent or malformed."""
-    try:
-        rid = json.loads(paths.tracking.read_text())["wandb_run_id"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        return None
-    return rid if isinstance(rid, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,128}", rid) else None
-
-
-def run_id(paths: RunDir) -> str:
-    """The run's tracking id: read from the tracking file, created there on first use. Rank 0 only."""
-    rid = read_run_id(paths)
-    if rid is not None:
-        return rid
-    if paths.tracking.exists():
-        log.warning("%s is malformed: starting a new wandb run id (the old run is not continued)", paths.tracking)
-    rid = secrets.token_hex(4)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    atomic_write(paths.tracking, json.dumps({"wandb_run_id": rid}) + "\n")
-    return rid
-
-
-def read_metrics(paths: RunDir) -> list[dict[str, Any]]:
-    """The rows of the run's metrics file: JSON objects with an integer ``step`` (a line torn by a kill, or
-    anything else malformed, is skipped)."""
-    rows, skipped = [], 0
-    if paths.metrics.exists():
-        lines = paths.metrics.read_text(errors="replace").splitlines()
-        for number, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if isinstance(row, dict) and is_int(row.get("step")):
-                rows.append(row)
-            elif line.strip() and number < len(lines):  # a torn last line is a kill's normal trace, not damage
-                skipped += 1
-    if skipped:
-        log.warning("%s: skipped %d malformed row(s) (not a JSON object with an integer step)", paths.metrics, skipped)
-    return rows
-
-
-def _drop_torn_last_line(path: Path) -> None:
-    """A kill in the middle of an append leaves a partial last line: cut it so the file stays valid JSONL."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        atomic_write(path, data[: data.rfind(b"\n") + 1])
-
-
-def set_aside_dead_rows(paths: RunDir, start_step: int) -> None:
-    """At a start from ``start_step``, rows of later steps belong to an attempt that died after its last
-    checkpoint (or, with another config, a run that started over): move them to ``metrics.attempt-<n>.jsonl`` so
-    the metrics file always describes the run its checkpoints describe. Rank 0, before any row is written."""
-    if not paths.metrics.exists():
-        return
-    keep, dead, malformed = [], [], 0
-    for line in paths.metrics.read_text(errors="replace").splitlines(keepends=True):
-        try:
-            step = json.loads(line).get("step")
-        except (ValueError, AttributeError):
-            step = None
-        malformed += not is_int(step) and bool(line.strip())
-        (dead if is_int(step) and step > start_step else keep).append(line)
-    if malformed:  # kept where they are (readers skip them): damage is reported, never "repaired" away
-        log.warning(
-            "%s: skipped %d malformed row(s) (not a JSON object with an integer step)", paths.metrics, malformed
-        )
-    if not dead:
-        return
-    aside = paths.metrics_attempt(len(paths.metrics_attempts()) + 1)
-    atomic_write(aside, "".join(dead))  # first: a kill in between duplicates rows, never loses them
-    atomic_write(paths.metrics, "".join(keep))
-    log.warning(
-        "%s: %d row(s) after step %d belong to an attempt that ended without a later checkpoint; moved to %s",
-        paths.metrics.name, len(dead), start_step, aside.name,
-    )  # fmt: skip
-
-
-class JsonlSink:
-    """Appends one JSON object per logged step to the run's metrics file."""
-
-    def __init__(self, paths: RunDir, start_step: int) -> None:
-        self.path = paths.metrics
-        _drop_torn_last_line(self.path)
-        set_aside_dead_rows(paths, start_step)
-        self.skip_through = start_step
-        self._file = None
-
-    def log(self, step: int, row: dict[str, Any]) -> None:
-        if self._file is None:
-            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - kept open; line-buffered: a kill keeps rows
-        self._file.write(json.dumps({"step": step, **row}) + "\n")
-
-    def finish(self, quick: bool = False) -> None:
-        if self._file is not None:
-            self._file.close()
 
 
 class WandbSink:
@@ -363,54 +244,3 @@ class _CpuMeter:
 
     def used_s(self) -> float:
         return self._now() - self.start
-
-
-class Tracker:
-    """Rank 0's metric sinks behind one call; on other ranks it holds nothing and logs nothing.
-
-    An eval step's rows: the metrics file gets the train row at once, then the eval row. wandb gets both together,
-    only once the eval has finished (:meth:`hold_for_eval` ... :meth:`release_held`): a wandb step, once written,
-    cannot take more keys from a later start, so when the eval of a step does not finish in this start (a stop
-    abandons it, a kill), wandb must not have that step yet — the next start back-fills the train row from the
-    metrics file and logs the eval row beside it.
-    """
-
-    def __init__(self, cfg: Config, paths: RunDir, is_main: bool, start_step: int = 0) -> None:
-        """``start_step``: the step this start resumes from (0 for a fresh start); later rows are a dead attempt's."""
-        self.sinks: list[Sink] = []
-        self.run_id: str | None = None
-        self.held_step: int | None = None
-        self.held: dict[str, Any] = {}
-        if not is_main:
-            return
-        self.sinks.append(JsonlSink(paths, start_step))
-        if cfg.tracking.mode != "disabled":
-            self.run_id = run_id(paths)
-            self.sinks.append(WandbProcess(cfg, self.run_id, wandb_mode(cfg), start_step))
-
-    def log(self, step: int, row: dict[str, Any], is_eval: bool = False) -> None:
-        """``is_eval``: an eval row, which may be at the step this start resumed from (an eval that a stop
-        abandoned there runs first on resume; its row is in no sink yet)."""
-        for sink in self.sinks:
-            if step > sink.skip_through or (is_eval and step == sink.skip_through):
-                if step == self.held_step and isinstance(sink, WandbProcess):
-                    self.held.update(row)
-                else:
-                    sink.log(step, row)
-
-    def hold_for_eval(self, step: int) -> None:
-        """An eval is due at ``step``: its rows reach wandb together, at :meth:`release_held`."""
-        self.held_step, self.held = step, {}
-
-    def release_held(self, send: bool = True) -> None:
-        """Send the held step's rows to wandb as one (``send=False``: the eval did not finish; drop them)."""
-        if send and self.held_step is not None and self.held:
-            for sink in self.sinks:
-                if isinstance(sink, WandbProcess):
-                    sink.log(self.held_step, self.held)
-        self.held_step, self.held = None, {}
-
-    def finish(self, quick: bool = False) -> None:
-        """End every sink; ``quick`` (after a stop or an error) bounds the wait for wandb to a few seconds."""
-        for sink in self.sinks:
-            sink.finish(quick)

@@ -1,5 +1,5 @@
 """Evaluate saved weights outside training (``orchestrator eval``): the task's model with those weights, through the
-very :class:`~workers.evaluation.Evaluator` that training uses — the same exact, distributed code path, so the
+very :class:`~workers.eval.evaluator.Evaluator` that training uses — the same exact, distributed code path, so the
 numbers match the run's eval rows on any number of ranks. Reads the weights; writes nothing.
 """
 
@@ -13,7 +13,7 @@ from workers.checkpoint import first_mismatch, load_weights
 from workers.config import Config
 from workers.dist import DistContext, autocast_for
 from workers.errors import CheckpointError, ConfigError
-from workers.evaluation import EvalResult, Evaluator
+from workers.eval.evaluator import EvalResult, Evaluator
 from workers.tasks import build_task
 
 

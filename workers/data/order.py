@@ -1,0 +1,73 @@
+"""Resumable distributed sampling over one *global* sample order.
+
+The order of epoch ``e`` is ``randperm(len(dataset))`` seeded by ``(seed, e)``; epochs are concatenated into one
+endless stream. Optimizer step ``s`` consumes stream positions ``[s*G, (s+1)*G)`` (``G`` = global batch) and
+rank ``r`` takes the ``r``-th contiguous slice of it. The only state is the global cursor ``s*G``, so any world
+size consumes the identical sequence of samples, from any step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import torch
+
+from workers.config import BatchPlan
+
+_EPOCH_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) pairs from colliding for small seeds
+
+
+class GlobalOrder:
+    """The endless global stream of sample indices for a dataset of ``n`` samples."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n <= 0:
+            raise ValueError("the task's dataset is empty")
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of one epoch: a function of (seed, epoch) only. Cached for the current epoch."""
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * _EPOCH_SEED_STRIDE + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+        return self._perm
+
+    def take(self, start: int, count: int) -> list[int]:
+        """Stream positions ``[start, start+count)`` as dataset indices (may cross epoch boundaries)."""
+        out: list[int] = []
+        while count > 0:
+            epoch, offset = divmod(start, self.n)
+            chunk = min(count, self.n - offset)
+            out.extend(self.permutation(epoch)[offset : offset + chunk].tolist())
+            start, count = start + chunk, count - chunk
+        return out
+
+
+class StepBatchSampler:
+    """Yields this rank's micro-batches, step after step, from ``start_step`` on: lists of
+    ``(stream position, dataset index)``. Endless: the trainer stops taking batches after its last step.
+    """
+
+    def __init__(self, n: int, seed: int, plan: BatchPlan, rank: int, start_step: int) -> None:
+        self.order, self.plan, self.rank, self.start_step = GlobalOrder(n, seed), plan, rank, start_step
+
+    def positions_for_step(self, step: int) -> tuple[int, int]:
+        """The stream positions ``[start, start+count)`` rank ``self.rank`` consumes in step ``step`` (0-based)."""
+        return step * self.plan.global_batch_size + self.rank * self.plan.per_rank_batch, self.plan.per_rank_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step, micro = self.start_step, self.plan.micro_batch
+        while True:
+            start, count = self.positions_for_step(step)
+            items = list(enumerate(self.order.take(start, count), start))  # (stream position, dataset index)
+            for i in range(0, count, micro):
+                yield items[i : i + micro]
+            step += 1
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of ints/strings (no overflow, no collisions between fields)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
