@@ -120,8 +120,8 @@ def test_tied_weights_and_malformed_optimizer_state():
     from torch import nn
 
     from workers.checkpoint.compat import check_optimizer_fits
-    from workers.errors import CheckpointError
     from workers.checkpoint.optim_state import from_named, from_positions, to_named
+    from workers.errors import CheckpointError
 
     class Tied(nn.Module):  # the head registered before the embedding it shares its weight with
         def __init__(self) -> None:

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from workers.dist import DistContext
-from workers.tracking.stepsync import StepSync
 from workers.stop import NONE, PREEMPT, StopFlag
+from workers.tracking.stepsync import StepSync
 
 LOG_EVERY, STOP_AT = 10, 23
 
