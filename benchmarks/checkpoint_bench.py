@@ -15,6 +15,7 @@ Single process on CPU (world size 1, no process group): the write path is the sa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from workers.checkpoint import Checkpointer
+from workers.checkpoint import Checkpointer, HeldState, OptimizerState
 from workers.contract import TrainState
 from workers.dist import DistContext
 from workers.rundir import RunDir
@@ -90,9 +91,13 @@ def bench_size(total_mb: float, repeats: int, base: Path) -> dict:
         rows["torch.save"]["total_s"].append(dt)
         path.unlink()
         for mode in ("sync", "async"):
-            ckpt = Checkpointer(RunDir(base / f"{mode}-{r}"), ctx, keep=1, async_save=mode == "async")
+            held = HeldState(dataclasses.replace(train_state, step=r + 1))
+            ckpt = Checkpointer(
+                RunDir(base / f"{mode}-{r}"), ctx, model=model, optim=OptimizerState(model, opt, sched, scaler),
+                progress=held, keep=1, async_save=mode == "async",
+            )  # fmt: skip
             t0 = time.perf_counter()
-            folder = ckpt.save(r + 1, model, opt, sched, scaler, train_state, blocking=mode == "sync")
+            folder = ckpt.save(r + 1, blocking=mode == "sync")
             blocked = time.perf_counter() - t0
             ckpt.wait()
             total = time.perf_counter() - t0
@@ -101,7 +106,7 @@ def bench_size(total_mb: float, repeats: int, base: Path) -> dict:
             rows[mode]["total_s"].append(total)
             if mode == "sync":
                 t0 = time.perf_counter()
-                ckpt.load(folder, model, opt, sched, scaler)
+                ckpt.restore(folder)
                 load_s.append(time.perf_counter() - t0)
             shutil.rmtree(ckpt.paths.root)
     out = {

@@ -40,7 +40,7 @@ def per_step_cost(hidden: int, clip: float, reps: int) -> dict:
     from torch import nn  # noqa: PLC0415
 
     from workers.tasks.quickstart import build  # noqa: PLC0415
-    from workers.train.trainer import total_norm  # noqa: PLC0415
+    from workers.train.numerics import total_norm  # noqa: PLC0415
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -56,7 +56,7 @@ def per_step_cost(hidden: int, clip: float, reps: int) -> dict:
         optimizer.zero_grad(set_to_none=False)  # keep the gradients for the guard's timing below
         return norm
 
-    def guard(norm: torch.Tensor | None) -> bool:  # what train.nonfinite=skip adds to it (workers.train.trainer)
+    def guard(norm: torch.Tensor | None) -> bool:  # what train.nonfinite=skip adds to it (workers.train.numerics)
         if norm is None:
             norm = total_norm([p.grad for p in model.parameters() if p.grad is not None], torch.device("cpu"))
         return math.isfinite(norm.item())

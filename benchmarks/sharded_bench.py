@@ -19,6 +19,7 @@ Checkpointer (sharded: every rank writes its DCP shard; ddp: rank 0 writes every
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -37,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from workers.checkpoint import Checkpointer
+from workers.checkpoint import Checkpointer, HeldState, OptimizerState, SavePlan
 from workers.contract import TrainState
 from workers.dist import DistContext
 from workers.parallel import parameters_bytes, shard
@@ -118,10 +119,14 @@ def _checkpoint(mode: str, ctx: DistContext, total_mb: float, repeats: int, base
     for r in range(repeats):
         for use_async in (False, True):
             root = base / f"{mode}-{total_mb}-{r}-{int(use_async)}"
-            ckpt = Checkpointer(RunDir(root), ctx, keep=1, async_save=use_async, parallel=mode)
+            held = HeldState(dataclasses.replace(state, step=r + 1), SavePlan(export_model=False))
+            ckpt = Checkpointer(
+                RunDir(root), ctx, model=trained, optim=OptimizerState(trained, opt, sched, scaler), progress=held,
+                keep=1, async_save=use_async, sharded=mode == "fsdp",
+            )  # fmt: skip
             dist.barrier()
             t0 = time.perf_counter()
-            folder = ckpt.save(r + 1, trained, opt, sched, scaler, state, blocking=not use_async, export_model=False)
+            folder = ckpt.save(r + 1, blocking=not use_async)
             blocked = time.perf_counter() - t0
             ckpt.wait()
             ctx.barrier()  # committed on every rank
@@ -133,7 +138,7 @@ def _checkpoint(mode: str, ctx: DistContext, total_mb: float, repeats: int, base
                 times["sync_s"].append(_slowest(total))
                 dist.barrier()
                 t0 = time.perf_counter()
-                ckpt.load(folder, trained, opt, sched, scaler)
+                ckpt.restore(folder)
                 times["load_s"].append(_slowest(time.perf_counter() - t0))
             ckpt.close()
             dist.barrier()

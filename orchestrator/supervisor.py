@@ -12,7 +12,8 @@ import logging
 import sys
 from collections.abc import Callable
 
-from orchestrator.launcher import LocalLauncher, PrestartedGroup, RunResult, SignalRelay
+from orchestrator.launcher import LocalLauncher, PrestartedGroup, SignalRelay
+from orchestrator.outcome import RunResult
 from workers.config import Config
 from workers.contract import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from workers.fsutil import RunDirLock

@@ -71,12 +71,14 @@ CHECKPOINT_DAMAGE: dict[str, Callable[[Path], None]] = {
 
 
 def _resume_point(run: Path) -> Path | None:
-    """The training path's own choice (Checkpointer.find_resume_point, in this process, world size 1)."""
-    from workers.checkpoint import Checkpointer
+    """The training path's own choice (the checkpointer's resume point, in this process, world size 1)."""
+    from workers.checkpoint import choose_resume_point
+    from workers.checkpoint.commit import Committer
     from workers.dist import DistContext
     from workers.rundir import RunDir
 
-    return Checkpointer(RunDir(run), DistContext.from_env("cpu", env={})).find_resume_point()
+    paths = RunDir(run)
+    return choose_resume_point(paths, DistContext.from_env("cpu", env={}), Committer(paths, 2, {})).resolved()
 
 
 @pytest.mark.parametrize("case", sorted(CHECKPOINT_DAMAGE))

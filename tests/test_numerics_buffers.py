@@ -42,7 +42,7 @@ def _huge_index() -> str:
 def test_the_alarm_is_exactly_one_until_a_watched_buffer_holds_nan_or_inf():
     """The per-step alarm multiplies the loss: exactly 1.0 (the same gradients, bit for bit) while the watched buffers
     are finite, however large (no overflow of its own), NaN as soon as one holds NaN or inf; the others are ignored."""
-    from workers.train.trainer import WatchedBuffers  # (here: the CLI tests of this file run without it)
+    from workers.train.numerics import WatchedBuffers  # (here: the CLI tests of this file run without it)
 
     model = torch.nn.Module()
     model.register_buffer("stat", torch.full((3,), 3e38))  # finite, at the edge of float32

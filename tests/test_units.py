@@ -262,7 +262,7 @@ def test_a_rendezvous_port_taken_meanwhile_is_recognised_from_torchs_own_error()
 
     import torch.distributed as dist
 
-    from orchestrator.launcher import RankOutcome, RunResult
+    from orchestrator.outcome import RankOutcome, RunResult
     from workers.contract import ErrorRecord
 
     with socket.socket() as taken:

@@ -8,6 +8,8 @@ The layout of one checkpoint and the commit protocol are described in ``workers.
 
 from workers.checkpoint.manager import Checkpointer
 from workers.checkpoint.manifest import find_latest_valid, read_train_state, verify
+from workers.checkpoint.restore import ResumeChoice, choose_resume_point
+from workers.checkpoint.states import HeldState, OptimizerState, SavePlan
 from workers.checkpoint.weights import (
     first_mismatch,
     load_full_weights,
@@ -19,6 +21,8 @@ from workers.checkpoint.weights import (
 )
 
 __all__ = [
-    "Checkpointer", "find_latest_valid", "first_mismatch", "load_full_weights", "load_weights", "locate_weights",
-    "read_located", "read_train_state", "strip_wrapper_prefixes", "unwrap", "verify",
+    "Checkpointer", "HeldState", "OptimizerState", "ResumeChoice", "SavePlan", "choose_resume_point",
+    "find_latest_valid",
+    "first_mismatch", "load_full_weights", "load_weights", "locate_weights", "read_located", "read_train_state",
+    "strip_wrapper_prefixes", "unwrap", "verify",
 ]  # fmt: skip

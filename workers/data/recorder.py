@@ -37,3 +37,7 @@ class IndexRecorder:
             )
             + "\n"
         )
+
+    def close(self) -> None:
+        """Close the samples file (each line is already written: the file is line-buffered)."""
+        self.file.close()

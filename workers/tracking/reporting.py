@@ -32,6 +32,7 @@ class StepStats:
     lr: float
     step_time_s: float
     data_wait_s: float
+    nonfinite_skipped: int | None = None  # the guard's count of skipped steps, when this step was skipped
 
 
 class Reporter:
@@ -71,6 +72,8 @@ class Reporter:
 
     def step(self, step: int, stats: StepStats) -> list[float] | None:
         """Account one step; at a log step return this rank's log values for the step sync to gather."""
+        if stats.nonfinite_skipped is not None:
+            self.extra["nonfinite_skipped"] = float(stats.nonfinite_skipped)
         self.data_wait += stats.data_wait_s
         self.step_time += stats.step_time_s
         if self.progress:

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from workers.config import (
-    Config,
-)
+from workers.config import Config
 from workers.contract import TrainState
+from workers.dist import DistContext
 from workers.errors import NonFiniteError
-from workers.parallel import replicated
-from workers.rundir import RunDir
+from workers.optim import Built
+from workers.parallel import nonfinite_anywhere, nonfinite_mask, replicated
+from workers.rundir import RunDir, step_dir_name
 
 log = logging.getLogger("workers.trainer")
 
@@ -153,3 +153,116 @@ class NonFiniteGuard:
             what, where, self.streak, self.skipped, self.limit,
         )  # fmt: skip
         return True
+
+
+class Numerics:
+    """The numerics checks of one worker: the guard (None with fp16, whose GradScaler skips overflowing steps
+    itself), the watched buffers, the finite-state check of every save and the learning-rate check of every step.
+    Every method that decides is the same on every rank (its collective, or host values every rank shares)."""
+
+    def __init__(
+        self, model: nn.Module, ctx: DistContext, sharded: bool, paths: RunDir, guard: NonFiniteGuard | None,
+        optim: Built,
+    ) -> None:  # fmt: skip
+        self.model, self.ctx, self.sharded, self.paths, self.guard, self.optim = (
+            model,
+            ctx,
+            sharded,
+            paths,
+            guard,
+            optim,
+        )
+        self.buffer_watch = WatchedBuffers(model)
+
+    def watch_buffers(self, step: int) -> None:
+        """Start the buffer checks: the buffers finite now (after a resume or ``train.init_from``) are watched.
+        Collective."""
+        self.buffer_watch = WatchedBuffers(self.model)
+        _, finite = self._finite_state()  # (non-finite weights now: the first save names them)
+        self.buffer_watch.update(
+            finite, f"the last checkpoint, {step_dir_name(step)}" if step else "the start of the run"
+        )
+
+    def check_finite_state(self, step: int) -> None:
+        """No checkpoint with NaN/inf weights is ever committed (retention would then delete the good ones), nor with
+        a buffer that was finite at the last save (or the start) and is not now: a diverged running statistic. A
+        buffer that is NaN/inf by design (a -inf causal mask) was never finite, so it is saved as it is. Raises
+        NonFiniteError on every rank together. Collective."""
+        bad, finite = self._finite_state()
+        if bad is None:
+            self.buffer_watch.update(finite, f"the last checkpoint, {step_dir_name(step)}")
+            return
+        if bad in self.buffer_watch.names:
+            raise NonFiniteError(
+                f"the buffer '{bad}' is not finite at step {step} (it was finite at {self.buffer_watch.since}): "
+                f"not saved; {last_good(self.paths)}. HINT: find the samples with data.record_indices=true (inputs "
+                "large enough to overflow a running statistic, e.g. BatchNorm's running_var); train.nonfinite=skip "
+                "skips the step that makes a buffer diverge"
+            )
+        raise NonFiniteError(
+            f"the weights are not finite at step {step} ('{bad}' holds NaN/inf): not saved; "
+            f"{last_good(self.paths)}. HINT: lower optim.lr, set train.grad_clip, keep train.nonfinite=skip"
+        )
+
+    def _finite_state(self) -> tuple[str | None, list[bool]]:
+        """(the first floating-point parameter, or watched buffer, that holds NaN/inf, or None; per buffer of
+        ``buffer_watch.all``, whether it is finite) — the same on every rank. Not sharded: rank 0's state is what a
+        save writes, so rank 0 looks and broadcasts (one collective). Sharded: every rank looks at its shards and
+        its own buffers, one all-reduce."""
+        params = [(n, p) for n, p in self.model.named_parameters() if p.is_floating_point()]
+        tensors = [p for _, p in params] + self.buffer_watch.tensors(self.buffer_watch.all)
+        if self.sharded:
+            flags = nonfinite_anywhere(tensors, self.ctx)
+        else:
+            mine = [b > 0 for b in nonfinite_mask(tensors).tolist()] if self.ctx.is_main and tensors else []
+            flags = self.ctx.broadcast_object(mine)  # (only rank 0's is sent)
+        param_flags, buffer_flags = flags[: len(params)], flags[len(params) :]
+        watched = self.buffer_watch.names
+        bad = next((n for (n, _), b in zip(params, param_flags, strict=True) if b), None)
+        if bad is None:
+            named = zip(self.buffer_watch.all, buffer_flags, strict=True)
+            bad = next((n for (n, _, _), b in named if b and n in watched), None)
+        return bad, [not b for b in buffer_flags]
+
+    def alarmed(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss``, times NaN when a watched buffer holds NaN/inf (times exactly 1.0 otherwise: the same gradients,
+        bit for bit). Only with the guard on: without it, the save check is what refuses such a buffer."""
+        alarm = self.buffer_watch.alarm() if self.guard is not None and self.guard.active else None
+        return loss if alarm is None else loss * alarm.to(loss.dtype)
+
+    def diverged_buffer(self, loss: torch.Tensor) -> str | None:
+        """Why this step's grad norm is not finite, when it is a buffer: the first watched buffer that holds NaN/inf
+        on some rank now (its forward made it so: it was finite before the step), provided no rank's loss was
+        NaN/inf (then the gradients were too, and they are named as before). One all-reduce, on the rare non-finite
+        path only (every rank is on it: the decision rests on the all-reduced norm)."""
+        watched = self.buffer_watch.watched
+        if not watched:  # the same on every rank
+            return None
+        flags = nonfinite_mask([loss, *self.buffer_watch.tensors(watched)]).to(self.ctx.device)
+        counts = self.ctx.all_reduce_sum(flags).tolist()
+        if counts[0]:
+            return None
+        return next((name for (name, _, _), c in zip(watched, counts[1:], strict=True) if c), None)
+
+    def check_finite_lr(self, step: int) -> None:
+        """A NaN/inf learning rate is the schedule's (or the optimizer's) problem, not the data's: named as such before
+        step ``step`` (1-based) uses it (it would make every weight NaN). Host-side, no sync; the same on every rank
+        (every rank steps the same schedule), so every rank raises NonFiniteError at the same step."""
+        found = first_nonfinite_lr(self.optim.optimizer)
+        if found is None:
+            return
+        group, lr = found
+        if self.optim.task_scheduler:
+            at = getattr(self.optim.scheduler, "last_epoch", step - 1)
+            source = "the task's scheduler(optimizer, max_steps)"
+            hint = f"check what the task's scheduler computes at its step {at} (a NaN factor, a division by zero)"
+        elif self.optim.task_optimizer:
+            source = "the task's optimizer(model) (the group's lr, times the built-in schedule)"
+            hint = "give every parameter group of the task's optimizer a finite lr"
+        else:
+            source = "optim.lr and the built-in schedule"
+            hint = "check optim.lr, optim.warmup_steps and optim.schedule"
+        raise NonFiniteError(
+            f"the learning rate is not finite at step {step}: param group {group} has lr {lr}, as set by "
+            f"{source}; the step was not taken; {last_good(self.paths)}. HINT: {hint}"
+        )
