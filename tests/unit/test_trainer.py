@@ -1,0 +1,120 @@
+"""The trainer in-process (world size 1, no process group): built in one piece, it trains, stops on request with a
+save, resumes bitwise, evaluates and selects; its progress is the state a checkpoint holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.config import config_from_dict
+from workers.dist import DistContext
+from workers.errors import ConfigError
+from workers.rundir import RunDir
+from workers.stop import NONE, STOP, StopFlag
+from workers.train.parts import build_parts
+from workers.train.trainer import Trainer
+
+
+def _cfg(run, *overrides: str):
+    base = {
+        "run": {"dir": str(run)},
+        "task": {"factory": "workers.tasks.quickstart:build", "args": {"n": 96, "hidden": 8, "eval_n": 24}},
+        "data": {"global_batch_size": 8},
+        "train": {"max_steps": 8, "checkpoint_every": 4, "log_every": 2, "seed": 3},
+        "optim": {"lr": 0.01, "warmup_steps": 2},
+        "tracking": {"mode": "disabled"},
+    }
+    return config_from_dict(base, list(overrides))
+
+
+def _ctx() -> DistContext:
+    return DistContext.from_env("cpu", env={})
+
+
+def _fit(cfg, stop: StopFlag | None = None):
+    RunDir(cfg.run.dir).root.mkdir(parents=True, exist_ok=True)  # (the launch's preflight makes it)
+    return Trainer(cfg, _ctx(), RunDir(cfg.run.dir), stop=stop).fit()
+
+
+class StopAt(StopFlag):
+    """A stop request that arrives while step ``at`` is in flight (as a signal would set the flag)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    @property
+    def code(self) -> int:
+        return STOP if self.current_step >= self.at else NONE
+
+    @code.setter
+    def code(self, value: int) -> None:
+        pass
+
+
+def _weights(run, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(RunDir(run).step_dir(step) / "model.pt", weights_only=True)
+
+
+def test_a_run_stopped_and_resumed_ends_bitwise_equal_to_one_that_never_stopped(tmp_path):
+    straight = _fit(_cfg(tmp_path / "a"))
+    assert (straight.step, straight.stopped_early) == (8, False)
+
+    half = _fit(_cfg(tmp_path / "b"), StopAt(5))  # 5 is not a checkpoint step: the stop saves it
+    assert (half.step, half.stopped_early) == (5, True)
+    again = _fit(_cfg(tmp_path / "b"))
+    assert again.step == 8
+    a, b = _weights(tmp_path / "a", 8), _weights(tmp_path / "b", 8)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_request_saves_the_step_in_flight_and_leaves(tmp_path):
+    stop = StopFlag()
+    stop.code = STOP  # as the signal handler sets it
+    result = _fit(_cfg(tmp_path / "r"), stop)
+    assert (result.step, result.stopped_early, result.stop_reason) == (1, True, "stop")
+    assert RunDir(tmp_path / "r").latest_name() == "step-00000001"
+    rows = [line for line in RunDir(tmp_path / "r").metrics.read_text().splitlines() if line]
+    assert rows and '"step": 1' in rows[-1]  # the row of the step is written before its checkpoint exists
+
+
+def test_nothing_to_do_at_max_steps(tmp_path):
+    _fit(_cfg(tmp_path / "r", "train.max_steps=2"))
+    trainer = Trainer(_cfg(tmp_path / "r", "train.max_steps=2"), _ctx(), RunDir(tmp_path / "r"))
+    assert trainer.fit().step == 2 and trainer.step == 2
+
+
+def test_evaluation_and_selection_keep_the_best_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path / "r", "eval.every=2", "eval.keep_best=1", "train.keep_checkpoints=1")
+    assert _fit(cfg).step == 8
+    paths = RunDir(tmp_path / "r")
+    best = paths.best_name()
+    assert best is not None and (paths.checkpoints / best).is_dir()
+    evals = [line for line in paths.metrics.read_text().splitlines() if "eval/loss" in line]
+    assert len(evals) == 4  # steps 2, 4, 6, 8
+
+
+def test_the_progress_is_the_checkpoints_train_state(tmp_path):
+    parts = build_parts(_cfg(tmp_path / "r", "eval.every=2"), _ctx(), RunDir(tmp_path / "r"))
+    parts.progress.step = 4
+    state = parts.progress.state_dict()
+    assert (state.step, state.samples_seen, state.global_batch_size, state.seed) == (4, 32, 8, 3)
+    assert state.optimizer == "AdamW" and state.selection is not None and state.nonfinite_skipped == 0
+    plan = parts.progress.save_plan()
+    assert plan.export_model is False and plan.best_step is None  # export_model=final; nothing evaluated yet
+    parts.progress.step = 8
+    assert parts.progress.save_plan().export_model is True
+    parts.progress.load_state_dict(state)
+    assert parts.progress.step == 4
+
+
+def test_the_parts_are_frozen_and_refuse_a_config_they_cannot_run(tmp_path):
+    parts = build_parts(_cfg(tmp_path / "r"), _ctx(), RunDir(tmp_path / "r"))
+    with pytest.raises(AttributeError):
+        parts.model = None  # type: ignore[misc]
+    assert parts.evaluator is None and parts.selection is None and not parts.sharded
+    with pytest.raises(ConfigError, match=r"'train\.sync_batchnorm' = True: torch's SyncBatchNorm runs on CUDA"):
+        build_parts(_cfg(tmp_path / "r", "train.sync_batchnorm=true"), _ctx(), RunDir(tmp_path / "r"))
+    no_eval = _cfg(tmp_path / "r", "task.args={n: 96, hidden: 8, eval_n: 0}", "eval.every=2")
+    with pytest.raises(ConfigError, match=r"'eval\.every' = 2: the task has no eval_dataset"):
+        build_parts(no_eval, _ctx(), RunDir(tmp_path / "r"))
