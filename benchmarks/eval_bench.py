@@ -48,6 +48,7 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
     from workers.dist import DistContext, autocast_for  # noqa: PLC0415
     from workers.eval.evaluator import Evaluator  # noqa: PLC0415
+    from workers.tasks import resolve  # noqa: PLC0415
     from workers.tasks.quickstart import build  # noqa: PLC0415
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
@@ -57,7 +58,7 @@ def _rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
     ctx = DistContext.from_env("cpu")
     ctx.init_process_group(300)
     torch.manual_seed(0)
-    task = build(n=256, hidden=args["hidden"], eval_n=args["eval_n"])
+    task = resolve(build(n=256, hidden=args["hidden"], eval_n=args["eval_n"]))
     model, batch_size, n = task.model, args["batch"], len(task.eval_dataset)
     ours = Evaluator(task, model, ctx, batch_size, 0, lambda: autocast_for("fp32", ctx.device))
     ours.probe("loss")

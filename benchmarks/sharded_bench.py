@@ -43,6 +43,7 @@ from workers.contract import TrainState
 from workers.dist import DistContext
 from workers.parallel import parameters_bytes, shard
 from workers.rundir import RunDir
+from workers.tasks import resolve
 
 WIDTH = 1024
 
@@ -64,7 +65,8 @@ def _build(mode: str, ctx: DistContext, total_mb: float) -> tuple[nn.Module, nn.
     torch.manual_seed(0)
     bare = _model(total_mb)
     if mode == "fsdp":
-        trained = shard(bare, SimpleNamespace(), ctx, "fp32", reshard_after_forward=True)
+        no_hooks = resolve(SimpleNamespace(model=bare, dataset=[], loss=None))  # default units: the direct children
+        trained = shard(bare, no_hooks, ctx, "fp32", reshard_after_forward=True)
     else:
         trained = nn.parallel.DistributedDataParallel(bare)
     opt = torch.optim.AdamW(trained.parameters(), lr=1e-3)

@@ -285,11 +285,12 @@ def test_fsdp_bf16_hands_the_loss_fp32_outputs(tmp_path):
 
     from workers.dist import DistContext
     from workers.parallel import shard
+    from workers.tasks import resolve
     from workers.tasks.quickstart import build
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        task = build(n=64, hidden=16)
+        task = resolve(build(n=64, hidden=16))
         ctx = DistContext(0, 0, 1, 1, "127.0.0.1", 0, torch.device("cpu"), "gloo", "single")
         model = shard(task.model, task, ctx, "bf16", reshard_after_forward=True)
         seen: list[torch.dtype] = []

@@ -24,6 +24,7 @@ from torch import nn
 
 from workers.config import OptimConfig
 from workers.errors import ConfigError
+from workers.tasks import Task
 
 log = logging.getLogger("workers.optim")
 
@@ -97,10 +98,10 @@ def builtin_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimiz
     return cls(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def build(cfg: OptimConfig, task: Any, model: nn.Module, max_steps: int) -> Built:
+def build(cfg: OptimConfig, task: Task, model: nn.Module, max_steps: int) -> Built:
     """The run's optimizer and schedule (the task's when it has them). ``model`` is the unwrapped model, already
     on its device. A task hook that returns something unusable is a ConfigError naming it."""
-    own = getattr(task, "optimizer", None)
+    own = task.optimizer
     if own is not None and not callable(own):
         raise ConfigError(f"the task's 'optimizer' is {type(own).__name__}, not a function. HINT: {_HOOK_HINT}")
     optimizer = _task_optimizer(own, model) if own is not None else builtin_optimizer(cfg, model)
@@ -111,7 +112,7 @@ def build(cfg: OptimConfig, task: Any, model: nn.Module, max_steps: int) -> Buil
         )
     check_params_of(model, optimizer)
     check_steps_without_closure(optimizer)
-    own_schedule = getattr(task, "scheduler", None)
+    own_schedule = task.scheduler
     if own_schedule is not None and not callable(own_schedule):
         raise ConfigError(
             f"the task's 'scheduler' is {type(own_schedule).__name__}, not a function. HINT: task.scheduler("

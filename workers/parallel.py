@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from workers.dist import DistContext
 from workers.errors import ConfigError
+from workers.tasks import Task
 
 log = logging.getLogger("workers.parallel")
 
@@ -36,10 +37,10 @@ def any_sharded(tensors: Iterable[torch.Tensor]) -> bool:
     return any(isinstance(t, DTensor) for t in tensors)
 
 
-def shard_units(task: Any, model: nn.Module) -> list[nn.Module]:
+def shard_units(task: Task, model: nn.Module) -> list[nn.Module]:
     """The modules that get their own ``fully_shard`` (each one all-gathers and frees its parameters on its own):
     ``task.shard_units(model)`` when the task has it, else the direct children holding parameters."""
-    hook = getattr(task, "shard_units", None)
+    hook = task.shard_units
     if hook is None:
         return [c for c in model.children() if any(True for _ in c.parameters())]
     returned = hook(model)
@@ -70,7 +71,7 @@ def mixed_precision(precision: str) -> Any:
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
-def shard(model: nn.Module, task: Any, ctx: DistContext, precision: str, reshard_after_forward: bool) -> nn.Module:
+def shard(model: nn.Module, task: Task, ctx: DistContext, precision: str, reshard_after_forward: bool) -> nn.Module:
     """Apply FSDP2 in place (units first, then the root) and return the model. Must be called on all ranks, before
     the optimizer is built (it must hold the sharded parameters). Without a process group (one process, no
     launcher) there is nothing to shard over: the model stays whole; checkpoints are still of the sharded kind."""

@@ -32,6 +32,7 @@ from workers.data import IndexedCollate, IndexedDataset, derive_seed, to_device
 from workers.dist import DistContext
 from workers.errors import ConfigError, UsageError
 from workers.stop import PREEMPT, STOP
+from workers.tasks import Task
 
 try:
     import numpy as _np
@@ -73,7 +74,7 @@ class Evaluator:
 
     def __init__(
         self,
-        task: Any,
+        task: Task,
         model: nn.Module,
         ctx: DistContext,
         batch_size: int,
@@ -90,9 +91,9 @@ class Evaluator:
         self.n = len(self.dataset)
         if self.n <= 0:
             raise ConfigError("the task's eval_dataset is empty. HINT: give it samples, or set eval.every=0")
-        self.seed_samples = bool(getattr(task, "random_samples", True))
+        self.seed_samples = task.random_samples
         self.samples = IndexedDataset(self.dataset, derive_seed(seed, "eval"), self.seed_samples)
-        self.collate = IndexedCollate(getattr(task, "collate_fn", None))
+        self.collate = IndexedCollate(task.collate_fn)
         self.names: list[str] = []
 
     def probe(self, metric: str | None) -> list[str]:
@@ -237,7 +238,7 @@ class Evaluator:
         start, end = self.ctx.rank * self.n // self.ctx.world_size, (self.ctx.rank + 1) * self.n // self.ctx.world_size
         if not self.seed_samples:  # nothing to seed: the plain loader a user would write over the slice (faster)
             plain = DataLoader(Subset(self.dataset, range(start, end)), batch_size=self.batch_size,
-                               collate_fn=getattr(self.task, "collate_fn", None))  # fmt: skip
+                               collate_fn=self.task.collate_fn)  # fmt: skip
             yield from plain
             return
         chunks = [list(range(i, min(i + self.batch_size, end))) for i in range(start, end, self.batch_size)]
@@ -254,7 +255,7 @@ class Evaluator:
         batch = to_device(batch, self.ctx.device)
         size = _batch_size(batch)
         with torch.no_grad(), self.autocast():
-            if not hasattr(self.task, "evaluate"):  # the batch's mean loss, weighted by its size
+            if self.task.evaluate is None:  # the batch's mean loss, weighted by its size
                 loss = self.task.loss(self.model, batch).detach()
                 on_host = self.ctx.device.type == "cpu"  # a float on the CPU; a tensor on a GPU (no host sync)
                 return {"loss": float(loss) * size if on_host else loss.double().reshape(()) * size}, size

@@ -24,7 +24,7 @@ def evaluate_weights(cfg: Config, weights: Path, ctx: DistContext) -> EvalResult
     between ranks or take a name of the row's own) raise ConfigError."""
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg.task.factory, dict(cfg.task.args))
-    if getattr(task, "eval_dataset", None) is None:
+    if task.eval_dataset is None:
         raise ConfigError(
             f"config key 'task.factory' = {cfg.task.factory!r}: the task has no eval_dataset, so there is nothing "
             "to evaluate. HINT: give the task an eval_dataset (and optionally evaluate(model, batch))"

@@ -11,26 +11,31 @@ every rank, after torch has been seeded with ``train.seed``, and returns any obj
 - optionally ``eval_dataset`` and ``evaluate(model, batch) -> {name: per-sample values}`` (workers.eval.evaluator);
 - optionally ``optimizer(model) -> torch.optim.Optimizer`` over the *unwrapped* model's own parameters, and
   ``scheduler(optimizer, max_steps)``, stepped once per optimizer step (workers.optim);
-- optionally ``random_samples = False``: ``__getitem__`` draws no randomness (no per-sample RNG seeding).
+- optionally ``random_samples = False``: ``__getitem__`` draws no randomness (no per-sample RNG seeding);
+- optionally ``shard_units(model) -> [submodules]``: with ``train.parallel: fsdp``, the units that each get their
+  own ``fully_shard`` (workers.parallel; default: the model's direct children holding parameters).
+
+:func:`build_task` resolves the object into a frozen :class:`~workers.tasks.spec.Task` once (workers.tasks.spec):
+every other module reads its typed attributes, ``None`` for a hook the task does not define.
 
 This package must stay free of torch imports: the launcher checks a factory's module before torch loads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import functools
 import importlib
 import importlib.util
 import inspect
-import itertools
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from workers.errors import ConfigError
+from workers.tasks.spec import Task, resolve
+
+__all__ = ["Task", "build_task", "check_factory_args", "check_factory_module", "resolve", "resolve_factory"]
 
 
 def check_factory_module(spec: str) -> None:
@@ -123,49 +128,7 @@ def _is_instance(value: Any, allowed: tuple[type, ...]) -> bool:
     return isinstance(value, allowed)
 
 
-def build_task(spec: str, args: dict[str, Any]) -> Any:
-    """Call the factory and check the returned object against the task contract."""
-    task = resolve_factory(spec)(**args)
-    missing = [name for name in ("model", "dataset", "loss") if not hasattr(task, name)]
-    if missing:
-        raise ConfigError(
-            f"config key 'task.factory' = {spec!r}: the object it returned ({type(task).__name__}) lacks "
-            f"{', '.join(missing)}. HINT: return an object with model, dataset and loss(model, batch)"
-        )
-    evaluate = getattr(task, "evaluate", None)
-    if callable(evaluate):
-        with contextlib.suppress(AttributeError, TypeError):  # a frozen or slotted task object: left unchecked
-            task.evaluate = _on_the_models_device(evaluate)
-    return task
-
-
-def _on_the_models_device(evaluate: Callable[..., Any]) -> Callable[..., Any]:
-    """``evaluate`` whose per-sample values must lie on the model's device: else a ConfigError naming the metric
-    and both devices. The evaluation sums them there (and the probe calls evaluate once before the first training
-    step, so the mistake is found before training); a value left on the CPU under a GPU model, or on 'meta', would
-    fail in the middle of training instead (or, on a GPU, cost a copy per batch)."""
-
-    @functools.wraps(evaluate)
-    def checked(model: Any, batch: Any) -> Any:
-        out = evaluate(model, batch)
-        device = _device_of(model)
-        if device is None or not isinstance(out, Mapping):  # the evaluation names a malformed result itself
-            return out
-        for name, value in out.items():
-            where = getattr(value, "device", None)
-            if where is not None and where != device:
-                raise ConfigError(
-                    f"the task's evaluate() returned {name!r} on device {where}, the model is on {device}. HINT: "
-                    "compute per-sample values from the model's outputs and leave them on its device (no .cpu() or "
-                    ".to(), no new tensor without device=)"
-                )
-        return out
-
-    return checked
-
-
-def _device_of(model: Any) -> Any:
-    """The device of the model's first parameter (or buffer); None for a model without either (nothing to check)."""
-    tensors = itertools.chain(model.parameters(), model.buffers()) if hasattr(model, "parameters") else iter(())
-    first = next(tensors, None)
-    return getattr(first, "device", None)
+def build_task(spec: str, args: dict[str, Any]) -> Task:
+    """Call the factory and resolve what it returned against the task contract (:func:`workers.tasks.spec.resolve`):
+    the typed :class:`~workers.tasks.spec.Task` every worker module reads."""
+    return resolve(resolve_factory(spec)(**args), spec)

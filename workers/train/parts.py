@@ -114,7 +114,7 @@ def _evaluation(
     ecfg = cfg.eval
     if not ecfg.enabled:
         return None, None
-    if getattr(task, "eval_dataset", None) is None:
+    if task.eval_dataset is None:
         key, value = ("eval.every", ecfg.every) if ecfg.every else ("eval.at_end", ecfg.at_end)
         raise ConfigError(
             f"config key '{key}' = {value!r}: the task has no eval_dataset. HINT: give the task an eval_dataset "

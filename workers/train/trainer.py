@@ -83,10 +83,10 @@ def open_run(parts: Parts, paths: RunDir, stop: StopFlag, step: int, counts: Map
     recorder = IndexRecorder(paths, ctx, step) if cfg.data.record_indices else None
     sampler = StepBatchSampler(len(p.task.dataset), cfg.train.seed, p.plan, ctx.rank, step)
     loader = make_loader(
-        p.task.dataset, sampler, cfg.data.num_workers, getattr(p.task, "collate_fn", None),
+        p.task.dataset, sampler, cfg.data.num_workers, p.task.collate_fn,
         ctx.device.type == "cuda",
         # A task whose samples involve no randomness says so (``random_samples = False``): no per-sample seeding.
-        seed_samples=bool(getattr(p.task, "random_samples", True)),
+        seed_samples=p.task.random_samples,
     )  # fmt: skip
     log.info("%s", describe(p.optim, cfg.optim))
     log.info(
