@@ -228,3 +228,64 @@ def fingerprint(root: Path, mtimes: bool = True) -> dict[str, tuple]:
 def copy_run(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest
+
+
+# Which tests prove which package: after a change to workers/<package>/, `python -m pytest -q -m <package>` runs its
+# fast tests (tests/unit/) and the end-to-end tests that drive it (README.md, "Run the tests"). A test file may prove
+# several packages; every test file belongs to at least one group (test_architecture checks that).
+SUITES: dict[str, tuple[str, ...]] = {
+    "checkpoint": (
+        "test_checkpoints.py",
+        "test_checkpoint_safety.py",
+        "test_broken_run_state.py",
+        "test_exactness.py",
+        "test_sharded.py",
+        "test_optimizers.py",
+        "test_clean_reports.py",
+        "test_resume_command.py",
+        "test_fault_tolerance.py",
+        "test_checkpointer.py",
+        "test_checkpoint_format.py",
+    ),
+    "data": ("test_exactness.py", "test_units.py", "test_input_classes.py", "test_data.py"),
+    "eval": ("test_evaluation.py", "test_eval_defects.py", "test_readme_examples.py", "test_eval.py"),
+    "tracking": (
+        "test_tracking.py",
+        "test_stepsync.py",
+        "test_status_states.py",
+        "test_read_only_commands.py",
+        "test_tracking_unit.py",
+    ),
+    "train": (
+        "test_numerics.py",
+        "test_numerics_buffers.py",
+        "test_exactness.py",
+        "test_optimizers.py",
+        "test_sharded.py",
+        "test_wording.py",
+        "test_trainer.py",
+        "test_numerics_unit.py",
+        "test_optim.py",
+    ),
+    "config": ("test_bad_input.py", "test_input_classes.py", "test_units.py", "test_cli.py", "test_config.py"),
+    "launch": (
+        "test_cli.py",
+        "test_launcher_death.py",
+        "test_fault_tolerance.py",
+        "test_bad_input.py",
+        "test_readme_examples.py",
+        "test_resume_command.py",
+        "test_status_states.py",
+        "test_clean_reports.py",
+        "test_architecture.py",
+    ),
+    "slurm": ("test_slurm.py",),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with the packages its file proves (SUITES)."""
+    for item in items:
+        for group, files in SUITES.items():
+            if item.path.name in files and group != "slurm":  # (the SLURM tests mark themselves)
+                item.add_marker(getattr(pytest.mark, group))

@@ -123,3 +123,11 @@ def test_error_records_carry_the_failure_kind_as_an_enum(tmp_path):
     for junk in ("", "[]", '{"rank": 0}', '{"rank": "0", "kind": "config", "message": "m"}', '{"kind": "nope"}'):
         path.write_text(junk)
         assert ErrorRecord.read(path) is None
+
+
+def test_every_end_to_end_test_file_proves_some_package():
+    from conftest import SUITES
+
+    grouped = {name for files in SUITES.values() for name in files}
+    loose = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if p.name not in grouped]
+    assert not loose, f"add these to SUITES in tests/conftest.py: {loose}"

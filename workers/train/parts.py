@@ -23,7 +23,7 @@ from workers.optim import Built
 from workers.optim import build as build_optim
 from workers.parallel import is_sharded, shard
 from workers.rundir import CONFIG_FILE, RunDir
-from workers.tasks import build_task
+from workers.tasks import Task, build_task
 from workers.train.numerics import NonFiniteGuard, Numerics
 from workers.train.progress import RunProgress
 
@@ -37,7 +37,7 @@ class Parts:
 
     cfg: Config
     plan: BatchPlan
-    task: Any  # what the task factory returned (workers.tasks)
+    task: Task  # the task contract, resolved (workers.tasks.spec)
     model: nn.Module  # the bare model: SyncBatchNorm converted, sharded in place under fsdp; never wrapped
     sharded: bool  # FSDP2 sharded the model (fsdp with a process group)
     optim: Built  # the optimizer and its schedule, and whether the task made them
@@ -106,7 +106,7 @@ def _sync_batchnorm(cfg: Config, ctx: DistContext, model: nn.Module) -> nn.Modul
 
 
 def _evaluation(
-    cfg: Config, ctx: DistContext, task: Any, model: nn.Module, autocast: Callable[[], Any], sharded: bool
+    cfg: Config, ctx: DistContext, task: Task, model: nn.Module, autocast: Callable[[], Any], sharded: bool
 ) -> tuple[Evaluator | None, ModelSelection | None]:
     """The task's evaluation and its model selection, when the config asks for evals. The metric names are
     checked on one batch now, before the first training step: an unknown ``eval.metric``, or selection asked
