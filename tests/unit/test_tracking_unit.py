@@ -1,0 +1,155 @@
+"""workers/tracking/: the metrics file (rows, a torn line, a dead attempt's rows set aside), the tracking id, the
+tracker with tracking disabled, and the step sync (world size 1, and the stop agreement and log table of 2 ranks)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from workers.config import config_from_dict
+from workers.rundir import RunDir
+from workers.stop import NONE, STOP, StopFlag
+from workers.tracking import Tracker, read_metrics, read_run_id, run_id
+from workers.tracking.metrics_file import JsonlSink, set_aside_dead_rows
+from workers.tracking.stepsync import StepSync
+
+from .helpers import run_on_ranks
+
+
+def _rows(*steps: int) -> str:
+    return "".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in steps)
+
+
+def test_the_sink_appends_one_row_per_step_and_reads_back(run_dir: RunDir):
+    sink = JsonlSink(run_dir, start_step=0)
+    assert not run_dir.metrics.exists()  # opened at the first row
+    sink.log(1, {"loss": 0.5, "lr": 1e-3})
+    sink.log(2, {"loss": 0.25})
+    sink.finish()
+    assert run_dir.metrics.read_text().splitlines()[0] == '{"step": 1, "loss": 0.5, "lr": 0.001}'
+    assert read_metrics(run_dir) == [{"step": 1, "loss": 0.5, "lr": 0.001}, {"step": 2, "loss": 0.25}]
+    assert read_metrics(RunDir(run_dir.root / "none")) == []
+
+
+def test_reading_skips_a_torn_line_and_warns_only_for_damage_inside(run_dir: RunDir, caplog):
+    run_dir.metrics.write_text(_rows(1, 2) + '{"step": 3, "lo')
+    with caplog.at_level(logging.WARNING, logger="workers.tracking"):
+        assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+    assert not caplog.records  # a torn last line is a kill's normal trace
+    run_dir.metrics.write_text(_rows(1) + "garbage\n" + '{"step": true}\n' + '{"step": "4"}\n' + _rows(5))
+    with caplog.at_level(logging.WARNING, logger="workers.tracking"):
+        assert [r["step"] for r in read_metrics(run_dir)] == [1, 5]
+    assert "skipped 3 malformed row(s)" in caplog.text
+
+
+def test_a_restart_sets_aside_the_rows_of_the_attempt_that_died(run_dir: RunDir):
+    run_dir.metrics.write_text(_rows(2, 4, 6, 8) + '{"step": 10, "lo')  # killed mid-append after step 8
+    sink = JsonlSink(run_dir, start_step=4)  # resumed from the checkpoint of step 4
+    assert [r["step"] for r in read_metrics(run_dir)] == [2, 4]
+    assert run_dir.metrics_attempt(1).read_text() == _rows(6, 8)  # the torn line was cut first
+    sink.log(6, {"loss": 0.0})
+    sink.finish()
+    assert [r["step"] for r in read_metrics(run_dir)] == [2, 4, 6]
+    set_aside_dead_rows(run_dir, 5)  # a second dead attempt gets the next number
+    assert run_dir.metrics_attempt(2).read_text() == '{"step": 6, "loss": 0.0}\n'
+    assert run_dir.metrics_attempts() == [run_dir.metrics_attempt(1), run_dir.metrics_attempt(2)]
+    set_aside_dead_rows(run_dir, 5)  # nothing later: nothing moves
+    assert len(run_dir.metrics_attempts()) == 2
+
+
+def test_malformed_rows_stay_where_they_are_when_rows_are_set_aside(run_dir: RunDir, caplog):
+    run_dir.metrics.write_text(_rows(1) + "not json\n" + _rows(3))
+    with caplog.at_level(logging.WARNING, logger="workers.tracking"):
+        set_aside_dead_rows(run_dir, 1)
+    assert run_dir.metrics.read_text() == _rows(1) + "not json\n"  # damage is reported, never "repaired" away
+    assert run_dir.metrics_attempt(1).read_text() == _rows(3) and "skipped 1 malformed" in caplog.text
+
+
+def test_the_tracking_id_is_made_once_and_kept(run_dir: RunDir, caplog):
+    assert read_run_id(run_dir) is None
+    rid = run_id(run_dir)
+    assert len(rid) == 8 and run_id(run_dir) == rid == read_run_id(run_dir)
+    assert json.loads(run_dir.tracking.read_text()) == {"wandb_run_id": rid}
+    for bad in ('{"wandb_run_id": "a/b"}', '{"wandb_run_id": 7}', "[]", "{"):
+        run_dir.tracking.write_text(bad)
+        assert read_run_id(run_dir) is None
+    with caplog.at_level(logging.WARNING, logger="workers.tracking"):
+        fresh = run_id(run_dir)
+    assert fresh != rid and read_run_id(run_dir) == fresh and "is malformed" in caplog.text
+
+
+def _tracker(run_dir: RunDir, is_main: bool = True, start_step: int = 0) -> Tracker:
+    cfg = config_from_dict({}, [f"run.dir={run_dir.root}", "tracking.mode=disabled"])
+    return Tracker(cfg, run_dir, is_main, start_step)
+
+
+def test_a_disabled_tracker_writes_the_metrics_file_only(run_dir: RunDir):
+    tracker = _tracker(run_dir)
+    assert tracker.run_id is None and len(tracker.sinks) == 1
+    tracker.hold_for_eval(2)  # only wandb waits for an eval: the metrics file gets rows at once
+    tracker.log(1, {"loss": 1.0})
+    tracker.log(2, {"loss": 0.5})
+    tracker.log(2, {"eval/loss": 0.7}, is_eval=True)
+    tracker.release_held()
+    tracker.finish()
+    assert read_metrics(run_dir) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 2, "eval/loss": 0.7}]
+    assert sorted(p.name for p in run_dir.root.iterdir()) == ["metrics.jsonl"]  # no wandb/, no tracking.json
+
+
+def test_a_resumed_tracker_logs_no_step_twice_but_the_eval_of_its_start_step(run_dir: RunDir):
+    run_dir.metrics.write_text(_rows(1, 2))
+    tracker = _tracker(run_dir, start_step=2)
+    tracker.log(2, {"loss": 9.9})  # already in the file (logged before the stop): not again
+    tracker.log(2, {"eval/loss": 0.7}, is_eval=True)  # the eval a stop abandoned at step 2 runs first on resume
+    tracker.log(3, {"loss": 0.3})
+    tracker.finish()
+    assert [(r["step"], sorted(r)) for r in read_metrics(run_dir)] == [
+        (1, ["loss", "step"]),
+        (2, ["loss", "step"]),
+        (2, ["eval/loss", "step"]),
+        (3, ["loss", "step"]),
+    ]
+
+
+def test_the_step_sync_of_one_rank_answers_at_once(ctx):
+    stop, tables = StopFlag(), []
+    sync = StepSync(ctx, stop, log_every=2, on_table=lambda step, table: tables.append((step, table)))
+    assert not sync.active
+    assert sync.step(1, 0.01, [1.5, 2.0]) == NONE and tables == [(1, [[1.5, 2.0]])]
+    assert sync.step(2, 0.01, None) == NONE and len(tables) == 1
+    stop.code = STOP
+    assert sync.step(3, 0.01, None) == STOP  # no peer to agree with: this rank's request is the answer
+    sync.flush()
+    assert sync.agreed_code == NONE
+
+
+def _two_rank_sync(ctx):
+    stop, tables, codes = StopFlag(), [], []
+    sync = StepSync(ctx, stop, log_every=4, on_table=lambda step, table: tables.append((step, table)))
+    for step in range(1, 13):
+        if ctx.rank == 1 and step == 6:
+            stop.code = STOP  # a signal on rank 1 only, while step 6 is in flight
+        values = [step * 10.0 + ctx.rank, -1.0] if step in (1, 4, 8, 12) else None
+        codes.append(sync.step(step, 0.1, values))  # 0.1 s steps: an exchange every step
+    sync.flush()
+    return {"active": sync.active, "codes": codes, "tables": tables}
+
+
+def test_two_ranks_agree_on_the_stop_step_and_gather_every_ranks_log_values():
+    ranks = run_on_ranks(_two_rank_sync)
+    assert ranks[0]["codes"] == ranks[1]["codes"] and ranks[0]["active"]
+    assert ranks[0]["codes"].index(STOP) == 6  # step 7: the exchange of step 6, read at the next one
+    assert set(ranks[0]["codes"][:6]) == {NONE}
+    for r in ranks:
+        assert [step for step, _ in r["tables"]] == [1, 4, 8, 12]  # the last one at the flush
+        for step, table in r["tables"]:
+            # the stop code and step time columns are the sync's own; on_table gets the log values, by rank
+            assert table == [[step * 10.0, -1.0], [step * 10.0 + 1, -1.0]]
+
+
+def test_a_tracker_on_another_rank_holds_nothing(run_dir: RunDir):
+    tracker = _tracker(run_dir, is_main=False)
+    tracker.hold_for_eval(3)
+    tracker.log(3, {"loss": 1.0})
+    tracker.release_held()
+    assert tracker.sinks == [] and tracker.held == {} and not run_dir.metrics.exists()
