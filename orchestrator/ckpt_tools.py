@@ -13,8 +13,8 @@ import torch
 
 from workers.checkpoint import dcp_io, find_latest_valid, load_weights, read_train_state, verify
 from workers.checkpoint.dcp_io import DCP_DIR
-from workers.errors import CheckpointError
 from workers.contract import EXIT_OK, EXIT_USAGE
+from workers.errors import CheckpointError
 from workers.fsutil import atomic_write
 from workers.rundir import MODEL_FILE, RunDir
 

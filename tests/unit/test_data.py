@@ -52,15 +52,12 @@ def test_each_epoch_is_a_permutation_fixed_by_seed_and_epoch():
         GlobalOrder(0, SEED)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="product bug (workers/data/order.py): the epoch seed seed * 1_000_003 + epoch overflows torch's 64-bit "
-    "seed for train.seed above 2**64 / 1_000_003 (~1.8e13); the config accepts up to 2**63 - 1",
-)
 def test_the_largest_seed_the_config_accepts_makes_a_stream():
     seed = config_from_dict({}, [f"train.seed={2**63 - 1}"]).train.seed
     assert sorted(GlobalOrder(N, seed).take(0, N)) == list(range(N))
+    # below the wrap, the epoch seed is what it always was: existing runs keep their order
+    small = GlobalOrder(N, SEED).permutation(3).tolist()
+    assert small == torch.randperm(N, generator=torch.Generator().manual_seed(SEED * 1_000_003 + 3)).tolist()
 
 
 @pytest.mark.parametrize("world", [2, 3, 6])

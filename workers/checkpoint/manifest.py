@@ -128,8 +128,10 @@ def is_sharded_checkpoint(folder: Path) -> bool:
 def find_latest_valid(ckpt_dir: Path, warn: bool = True) -> Path | None:
     """The newest checkpoint that passes :func:`verify`; broken newer ones are skipped with a warning.
 
-    An unsafe one (a pickle payload whose checksums match: forged, never the trace of a crash) is not skipped but
-    raised: falling back to an older checkpoint would hide an attack on the run dir."""
+    An unsafe one that verification sees (pickled objects in a sharded checkpoint's DCP metadata, whose checksums
+    match: forged, never the trace of a crash) is not skipped but raised: falling back to an older checkpoint would
+    hide an attack on the run dir. Pickled code in ``model.pt`` / ``optim.pt`` is not read here; loading refuses it
+    (UnsafeCheckpointError) when the checkpoint is used."""
     for _, folder in step_folders(ckpt_dir):
         try:
             verify(folder)

@@ -20,7 +20,7 @@ from workers.parallel import (
     is_sharded,
     like,
 )
-from workers.rundir import MODEL_FILE, RunDir
+from workers.rundir import MANIFEST_FILE, MODEL_FILE, RunDir
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -126,6 +126,11 @@ def locate_weights(path: str | Path) -> Path:
     if not path.is_dir():
         return path
     run = RunDir(path)
+    if not run.checkpoints.is_dir() and not (path / MANIFEST_FILE).exists():
+        raise CheckpointError(
+            f"'{path}' is a folder, but neither a run dir (it has no checkpoints folder) nor a checkpoint (it has no "
+            f"{MANIFEST_FILE}). HINT: name a run dir, one of its checkpoint folders, or a weights file"
+        )
     ckpt = find_latest_valid(run.checkpoints) if run.checkpoints.is_dir() else path
     if ckpt is None:
         raise CheckpointError(f"'{path}' holds no valid checkpoint")

@@ -30,7 +30,9 @@ class GlobalOrder:
     def permutation(self, epoch: int) -> torch.Tensor:
         """The order of one epoch: a function of (seed, epoch) only. Cached for the current epoch."""
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * _EPOCH_SEED_STRIDE + epoch)
+            # Modulo 2**64, torch's seed range: the same seed as ever below it (every seed up to ~1.8e13, so every
+            # existing run keeps its order); any larger train.seed the config accepts now makes a stream too.
+            gen = torch.Generator().manual_seed((self.seed * _EPOCH_SEED_STRIDE + epoch) % 2**64)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
         return self._perm
 
