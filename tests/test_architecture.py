@@ -131,3 +131,40 @@ def test_every_end_to_end_test_file_proves_some_package():
     grouped = {name for files in SUITES.values() for name in files}
     loose = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if p.name not in grouped]
     assert not loose, f"add these to SUITES in tests/conftest.py: {loose}"
+
+
+def _sources() -> list[Path]:
+    return sorted([*(ROOT / "workers").rglob("*.py"), *(ROOT / "orchestrator").rglob("*.py")])
+
+
+def test_no_module_class_or_function_grows_past_what_one_reader_holds():
+    """Structure v2's limits: a module of at most 450 lines, a class of 250, a function of 60."""
+    import ast
+
+    limits = {ast.ClassDef: 250, ast.FunctionDef: 60, ast.AsyncFunctionDef: 60}
+    too_big = []
+    for path in _sources():
+        text = path.read_text()
+        if len(text.splitlines()) > 450:
+            too_big.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            limit = limits.get(type(node))
+            if limit and node.end_lineno - node.lineno + 1 > limit:
+                too_big.append(f"{path.relative_to(ROOT)}: {node.name} {node.end_lineno - node.lineno + 1} lines")
+    assert not too_big, "\n".join(too_big)
+
+
+def test_the_task_contract_is_read_in_one_module():
+    """The task's optional hooks are looked up once, into the typed Task (workers/tasks/spec.py); everything else
+    reads its attributes."""
+    hooks = "collate_fn|eval_dataset|evaluate|optimizer|scheduler|shard_units|random_samples"
+    lookup = re.compile(rf"""\b(getattr|hasattr)\([^,()]+,\s*["']({hooks})["']""")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in _sources()
+        if path != ROOT / "workers" / "tasks" / "spec.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if lookup.search(line)
+    ]
+    assert not found, "\n".join(found)
+    assert lookup.search((ROOT / "workers" / "tasks" / "spec.py").read_text())  # (the pattern finds the real one)

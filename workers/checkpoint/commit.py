@@ -97,7 +97,7 @@ class Committer:
         committed = [(s, f) for s, f in self.paths.committed_folders() if s <= newest]
         for _, folder in [(s, f) for s, f in committed[self.keep :] if s not in keep_also]:
             if self.paths.best_name() == folder.name:  # no plan protects it now (selection started afresh, or off)
-                log.warning("checkpoints/best named %s, which retention now deletes: best is unset", folder.name)
+                log.warning("%s named %s, which retention now deletes: it is unset", self.paths.best, folder.name)
                 self.paths.best.unlink(missing_ok=True)
             # Rename first: a kill in the middle of the delete leaves a .trash- folder, never a half step- one.
             trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
