@@ -3,6 +3,8 @@ save, resumes bitwise, evaluates and selects; its progress is the state a checkp
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -118,3 +120,40 @@ def test_the_parts_are_frozen_and_refuse_a_config_they_cannot_run(tmp_path):
     no_eval = _cfg(tmp_path / "r", "task.args={n: 96, hidden: 8, eval_n: 0}", "eval.every=2")
     with pytest.raises(ConfigError, match=r"'eval\.every' = 2: the task has no eval_dataset"):
         build_parts(no_eval, _ctx(), RunDir(tmp_path / "r"))
+
+
+def test_a_stop_agreed_at_the_last_step_still_runs_the_final_eval(tmp_path):
+    """A resume at max_steps has nothing to do: an eval due at the last step cannot wait for it."""
+    cfg = _cfg(tmp_path / "r", "eval.every=3", "eval.at_end=true")
+    result = _fit(cfg, StopAt(8))
+    assert (result.step, result.stopped_early, result.stop_reason) == (8, True, "stop")
+    evals = [json.loads(line)["step"] for line in RunDir(tmp_path / "r").metrics.read_text().splitlines()
+             if "eval/loss" in line]  # fmt: skip
+    assert evals == [3, 6, 8]
+    assert _fit(cfg).step == 8  # and the relaunch finds nothing left to do
+
+
+def test_what_a_failed_start_opened_is_closed(tmp_path, monkeypatch):
+    from workers.train import trainer as trainer_module
+
+    closed = []
+    real_close = trainer_module.ReportingSession.close
+    monkeypatch.setattr(
+        trainer_module.ReportingSession, "close", lambda self, quick: closed.append(quick) or real_close(self, quick)
+    )
+
+    def unwritable(*args: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(trainer_module, "IndexRecorder", unwritable)
+    with pytest.raises(OSError, match="Read-only"):
+        _fit(_cfg(tmp_path / "r", "data.record_indices=true"))
+    assert closed == [True]  # the reporting (metrics file, wandb, progress bar) was closed, quickly
+
+
+def test_an_empty_dataset_is_a_usage_error_before_anything_runs(tmp_path):
+    cfg = _cfg(tmp_path / "r", "task.args={n: 0, hidden: 8, eval_n: 0}")
+    with pytest.raises(
+        ConfigError, match=r"'task\.factory' = 'workers\.tasks\.quickstart:build': the task's dataset is empty"
+    ):
+        build_parts(cfg, _ctx(), RunDir(tmp_path / "r"))

@@ -1,6 +1,7 @@
 """Rank 0's half of every save, whichever strategy gathered the state: write the files into a temporary folder,
 the manifest last, fsync, rename into place, move ``latest``, then ``best`` and retention. Also the clean-up of
-what killed saves leave behind. The only writer of the checkpoints folder's layout."""
+what killed saves leave behind. (Every rank writes its own shards into the temporary folder first, in a sharded
+save; at a resume, workers.checkpoint.restore sets broken folders aside and moves ``latest`` back.)"""
 
 from __future__ import annotations
 

@@ -64,7 +64,8 @@ class Checkpointer:
         Blocking (every final and stop save): when it returns, the checkpoint is committed on every rank's view.
         Non-blocking (only with ``async_save``): the commit happens in the background; its failure is raised by the
         next save, :meth:`wait` or :meth:`close`. After a commit, checkpoints beyond ``keep`` are deleted except the
-        plan's protected steps, and ``checkpoints/best`` names the plan's best step (workers.checkpoint.states).
+        plan's protected steps, and ``checkpoints/best`` names the plan's best step (workers.checkpoint.states); a
+        ``best`` whose folder retention deletes is unset.
         """
         state = self.progress.state_dict()
         if state.step != step:

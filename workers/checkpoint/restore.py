@@ -53,7 +53,10 @@ def choose_resume_point(paths: RunDir, ctx: DistContext, committer: Committer) -
     must learn it, none may be left waiting in the broadcast."""
     choice = ResumeChoice()
     if ctx.is_main:
-        choice = _choose(paths, committer)
+        try:
+            choice = _choose(paths, committer)
+        except OSError as exc:  # (setting a folder aside, moving latest): every rank must learn it, too
+            choice = ResumeChoice(refusal=f"cannot choose the resume point in '{paths.checkpoints}': {exc}")
     return ctx.broadcast_object(choice)
 
 

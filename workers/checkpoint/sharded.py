@@ -29,23 +29,24 @@ from workers.parallel import all_gather_objects, checkpoint_group, full_model_st
 
 class ShardedWrites(Writes):
     """All ranks, in the training thread: gather what is to be written (the exported full model is an all-gather),
-    then write now or hand it to this rank's background thread (``async_save``), which stages its shards to host
-    memory first."""
+    then write now or — ``async_save`` — stage the shards to host memory (still in the training thread: the live
+    tensors change with the next step) and hand them to this rank's background thread."""
 
-    _group: Any = None  # the checkpoint process group and the temporary folder's id, made at the first save
-    _tmp_id: str | None = None  # (collectively)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._group: Any = None  # the checkpoint process group and the temporary folder's id, made at the first
+        self._tmp_id: str | None = None  # save (collectively)
 
     def save(self, target: Path, train_state: TrainState, plan: SavePlan, blocking: bool) -> None:
         self.wait()  # at most one save in flight, on every rank alike
         if self._tmp_id is None:  # one id for the temporary folders of this launch, the same on every rank
             self._group = checkpoint_group(self.ctx)
             self._tmp_id = str(self.ctx.broadcast_object(f"{os.getpid()}"))
-        optim = self.optim.state_dict()
-        meta, optim_tensors = split_tensors(optim["optimizer"])
+        meta, optim_tensors = split_tensors(self.optim.named_optimizer())
         flat = {MODEL_PREFIX + k: v for k, v in self.model.state_dict().items()}
         flat.update({OPTIM_PREFIX + k: v for k, v in optim_tensors.items()})
         full = full_model_state(self.model, self.ctx) if plan.export_model else None  # collective
-        rest = {**optim, "optimizer": meta} if self.ctx.is_main else {}
+        rest = self.optim.state_dict(optimizer=meta) if self.ctx.is_main else {}  # (scheduler, scaler: rank 0's)
         if self.use_async(blocking):  # copies now: the live tensors change with the next step
             flat, rest = staged(flat), snapshot(rest)
             if full is not None and not is_sharded(self.model):

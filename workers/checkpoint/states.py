@@ -63,9 +63,15 @@ class OptimizerState:
     def bare(self) -> nn.Module:
         return unwrap(self.model)
 
-    def state_dict(self) -> dict[str, Any]:
+    def named_optimizer(self) -> dict[str, Any]:
+        """The optimizer's entry alone: its state keyed by parameter name (every rank's shards, when sharded)."""
+        return to_named(self.bare, self.optimizer)
+
+    def state_dict(self, optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``optim.pt``'s entries; ``optimizer``: the optimizer's entry when the caller already made it (the
+        sharded save keeps its tensors apart)."""
         return {
-            "optimizer": to_named(self.bare, self.optimizer),
+            "optimizer": to_named(self.bare, self.optimizer) if optimizer is None else optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scheduler_class": schedule_kind(self.scheduler),
             "scaler": self.scaler.state_dict(),

@@ -23,7 +23,8 @@ class Task:
     """One task, as the workers use it (workers.tasks's docstring is the contract). A hook the task does not define
     is ``None``; a hook the task defines is its own (bound) callable, called exactly as before — ``optimizer(model)``,
     ``scheduler(optimizer, max_steps)``, ``evaluate(model, batch)``, ``shard_units(model)``. A hook that is not a
-    function is kept as it is, for its consumer to name it (``the task's 'optimizer' is int, not a function``)."""
+    function is kept as it is: ``optimizer`` and ``scheduler`` are named by workers.optim (``the task's 'optimizer'
+    is int, not a function``), the others fail where they are called."""
 
     model: Any  # an nn.Module (no torch here)
     dataset: Any  # map-style: __len__, __getitem__
@@ -36,11 +37,6 @@ class Task:
     scheduler: Callable[[Any, int], Any] | None = None  # stepped once per optimizer step
     shard_units: Callable[[Any], Any] | None = None  # train.parallel=fsdp: the units that get fully_shard
     random_samples: bool = True  # False: __getitem__ draws no randomness (no per-sample RNG seeding)
-
-    @classmethod
-    def of(cls, obj: Any, factory: str | None = None) -> Task:
-        """:func:`resolve`."""
-        return resolve(obj, factory)
 
 
 def resolve(obj: Any, factory: str | None = None) -> Task:

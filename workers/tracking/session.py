@@ -24,9 +24,15 @@ class ReportingSession:
         counts: Mapping[str, float],
     ) -> None:  # fmt: skip
         self.tracker = Tracker(cfg, paths, ctx.is_main, start_step)
-        self.reporter = Reporter(cfg, ctx, self.tracker, start_step, counts)
-        # collective (a gloo group of its own on GPUs): every rank builds its session at the same point
-        self.sync = StepSync(ctx, stop, cfg.train.log_every, self.reporter.complete)
+        try:
+            self.reporter = Reporter(cfg, ctx, self.tracker, start_step, counts)
+            # collective (a gloo group of its own on GPUs): every rank builds its session at the same point
+            self.sync = StepSync(ctx, stop, cfg.train.log_every, self.reporter.complete)
+        except BaseException:
+            if hasattr(self, "reporter"):
+                self.reporter.close()
+            self.tracker.finish(quick=True)
+            raise
 
     @property
     def run_id(self) -> str | None:

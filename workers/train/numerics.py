@@ -65,7 +65,7 @@ class WatchedBuffers:
     at the start, or at the last save. Decided per tensor, so a buffer that is NaN/inf by design (a -inf causal mask
     registered as a buffer) is never watched, and a running statistic that diverges is (one that was NaN/inf and is
     finite now is watched from the next save on). The set is the same on every rank: it comes out of
-    Trainer._finite_state's collective. Buffers are looked up by attribute each time (a task may reassign one)."""
+    Numerics._finite_state's collective. Buffers are looked up by attribute each time (a task may reassign one)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.all = persistent_float_buffers(model)
@@ -126,7 +126,7 @@ class NonFiniteGuard:
     ) -> bool:
         """Whether the step (0-based ``step``) is skipped; NonFiniteError past ``max_nonfinite`` or with ``halt``.
         One host sync (the decision needs the value). ``culprit()``, asked only when the norm is not finite (on every
-        rank: may be collective), names the buffer that made it so (Trainer._alarmed), or None: the gradients."""
+        rank: may be collective), names the buffer that made it so (Numerics.alarmed), or None: the gradients."""
         if not self.active or math.isfinite(grad_norm.item()):  # .item(): 0.3 µs; bool(isfinite()): 6 µs
             self.streak = 0
             return False

@@ -55,6 +55,11 @@ def build_parts(cfg: Config, ctx: DistContext, paths: RunDir) -> Parts:
     model is sharded before the optimizer is built (it must hold the sharded parameters)."""
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg.task.factory, dict(cfg.task.args))
+    if len(task.dataset) == 0:  # (found at the first batch otherwise, as a crash that restarts would repeat)
+        raise ConfigError(
+            f"config key 'task.factory' = {cfg.task.factory!r}: the task's dataset is empty. HINT: check task.args "
+            "(a data path, a filter or a split that leaves nothing)"
+        )
     model = _sync_batchnorm(cfg, ctx, task.model.to(ctx.device))
     sharded = False
     if cfg.train.parallel == "fsdp":

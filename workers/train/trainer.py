@@ -79,15 +79,19 @@ def open_run(parts: Parts, paths: RunDir, stop: StopFlag, step: int, counts: Map
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         )
     report = ReportingSession(cfg, ctx, paths, stop, step, counts)
-    p.progress.tracking_run_id = report.run_id
-    recorder = IndexRecorder(paths, ctx, step) if cfg.data.record_indices else None
-    sampler = StepBatchSampler(len(p.task.dataset), cfg.train.seed, p.plan, ctx.rank, step)
-    loader = make_loader(
-        p.task.dataset, sampler, cfg.data.num_workers, p.task.collate_fn,
-        ctx.device.type == "cuda",
-        # A task whose samples involve no randomness says so (``random_samples = False``): no per-sample seeding.
-        seed_samples=p.task.random_samples,
-    )  # fmt: skip
+    recorder = None
+    try:  # (an empty dataset, an unwritable samples folder: what was opened is closed before the error leaves)
+        p.progress.tracking_run_id = report.run_id
+        recorder = IndexRecorder(paths, ctx, step) if cfg.data.record_indices else None
+        sampler = StepBatchSampler(len(p.task.dataset), cfg.train.seed, p.plan, ctx.rank, step)
+        loader = make_loader(
+            p.task.dataset, sampler, cfg.data.num_workers, p.task.collate_fn, ctx.device.type == "cuda",
+            # A task whose samples involve no randomness says so (``random_samples = False``): no per-sample seeding.
+            seed_samples=p.task.random_samples,
+        )  # fmt: skip
+    except BaseException:
+        Run(model, iter(()), report, recorder).close(quick=True)
+        raise
     log.info("%s", describe(p.optim, cfg.optim))
     log.info(
         "training steps %d..%d on %s (%s, %s): world size %d, %d samples/rank/step in %d micro-batch(es) of %d",
@@ -161,10 +165,15 @@ class Trainer:
             stats = self._train_step(run)
             p.progress.step = step
             due = self._eval_due()
+            if due:
+                self.heartbeat.update(step, "eval")  # the rows before the eval are flushed under this phase
             stopped = run.report.step(step, stats, eval_due=due)
             improved = False
-            if due and not stopped:  # a stop saves first; that step is evaluated on resume
-                improved, stopped = self._evaluate(run)  # a stop during the eval abandons it (same thing)
+            # A stop saves first and the eval runs on resume — except at the last step: a resume there has nothing
+            # to do, so the final eval runs now (it is never abandoned).
+            if due and (not stopped or step == max_steps):
+                improved, abandoned_by = self._evaluate(run)  # a stop during the eval abandons it (same thing)
+                stopped = stopped or abandoned_by
             early = not stopped and p.selection is not None and p.selection.should_stop
             last = bool(stopped) or early or step == max_steps
             if last or improved or step % self.cfg.train.checkpoint_every == 0:  # a new best is always saved
