@@ -1,9 +1,9 @@
 """The ``orchestrator`` command line.
 
 ``launch`` runs a config locally (``resume`` a run again from its saved config), ``submit`` on SLURM; ``status`` /
-``plot`` follow a run; ``eval`` evaluates saved weights; ``ckpt inspect`` / ``ckpt export`` read checkpoints.
-Exit codes: 0 done, 1 training failed (the report names the rank that failed first), 2 usage or config error (one
-line, no traceback, nothing written).
+``plot`` follow a run, ``stacks`` shows where its ranks are; ``eval`` evaluates saved weights; ``ckpt inspect`` /
+``ckpt export`` read checkpoints. Exit codes: 0 done, 1 training failed (the report names the rank that failed
+first), 2 usage or config error (one line, no traceback, nothing written).
 """
 
 from __future__ import annotations
@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a run's SLURM job(s)")
     cancel.add_argument("run_dir")
 
+    _add_read_commands(sub)
+    return parser
+
+
+def _add_read_commands(sub: typing.Any) -> None:
+    """The commands that follow or read a run (they change nothing in it)."""
     stat = sub.add_parser("status", help="a run's state, step, loss, throughput, restarts, wandb run id")
     stat.add_argument("run_dir")
     stat.add_argument("--json", action="store_true", help="print one JSON object")
@@ -91,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("src", help="checkpoint folder, run dir, or weights file (module./_orig_mod. ok)")
     export.add_argument("dest", help="output .pt file")
     export.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
-    return parser
+    stacks = sub.add_parser("stacks", help="print the Python stack of every thread of a running run's ranks")
+    stacks.add_argument("run_dir")
 
 
 class _LineClearing(logging.Formatter):
@@ -223,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator import evalcmd  # noqa: PLC0415
 
             return evalcmd.run(args)
+        if args.command == "stacks":
+            from orchestrator import stacks  # noqa: PLC0415
+
+            return stacks.run(args.run_dir)
         if args.command in ("status", "plot"):
             from orchestrator import runinfo  # noqa: PLC0415
 

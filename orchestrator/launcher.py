@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from orchestrator.outcome import RankOutcome, RunResult, failure_order, rank_outcome
+from orchestrator.stacks import capture, culprits, report_text
 from workers.config import Config
 from workers.contract import is_int
 from workers.entry import spawned_worker
@@ -320,6 +321,8 @@ class LocalLauncher:
                 result.root_cause = min(failures, key=failure_order)
                 if not result.known_failure:  # a known failure is reported once, as one line, by the supervisor
                     log.error("%s; stopping the other workers", result.root_cause.describe())
+                if result.root_cause.hung:
+                    self._report_hang(procs, result.root_cause)
                 self._teardown(procs, result)
         return result
 
@@ -348,6 +351,21 @@ class LocalLauncher:
         else:
             log.info("another stop signal came with the first (a process-group signal): still stopping gracefully")
         return relay.count
+
+    def _report_hang(self, procs: list, hung: RankOutcome) -> None:
+        """Before the teardown: every live rank's stacks into this attempt's stacks file, and on the console where
+        each rank is — the hung rank's own code, the collective the others wait in."""
+        stacks = capture({r: p.pid for r, p in enumerate(procs) if p.exitcode is None})
+        path = self.paths.stacks_file(self.attempt)
+        why = f"attempt {self.attempt}: rank {hung.rank} hung — {hung.hung}"
+        try:
+            path.write_text(report_text(stacks, why))
+        except OSError as exc:
+            log.error("cannot write %s: %s", path, exc)
+        stuck = culprits(stacks, hung.rank, frozen=(hung.hung or "").startswith("no heartbeat"))
+        log.error("where each rank was at the hang (every thread of every rank: %s):", path)
+        for s in stacks:
+            log.error("  %s%s", s.summary(), "  <- no progress" if s.rank in stuck else "")
 
     def _teardown(self, procs: list, result: RunResult) -> None:
         kill_tree([p.pid for p in procs if p.exitcode is None], self.cfg.launch.grace_period_s)

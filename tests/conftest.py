@@ -278,6 +278,7 @@ SUITES: dict[str, tuple[str, ...]] = {
         "test_status_states.py",
         "test_clean_reports.py",
         "test_architecture.py",
+        "test_diagnosis.py",
         "test_contract.py",
         "test_dist.py",
     ),

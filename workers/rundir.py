@@ -166,6 +166,10 @@ class RunDir:
     def heartbeat_file(self, rank: int) -> Path:
         return self.logs / f"heartbeat-rank-{rank}.json"
 
+    def stacks_file(self, attempt: int) -> Path:
+        """Every rank's stacks, taken when the launcher judged attempt ``attempt`` (0: the first) hung."""
+        return self.logs / f"stacks-{attempt}.txt"
+
     def heartbeat_files(self) -> list[Path]:
         return sorted(self.logs.glob("heartbeat-rank-*.json")) if self.logs.is_dir() else []
 

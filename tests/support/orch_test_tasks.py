@@ -126,6 +126,7 @@ def quick(
     hold_at_call: int | None = None,
     block_after_samples: int | None = None,
     block_marker: str | None = None,
+    block_rank: int | None = None,
     per_sample_metrics: bool = False,
     slow_eval_after: int | None = None,
     slow_eval_s: float = 0.2,
@@ -151,7 +152,7 @@ def quick(
     if augment:
         task.dataset = _NoisyInputs(task.dataset, augment)
     if block_after_samples is not None:
-        task.dataset = _BlockingSamples(task.dataset, block_after_samples, block_marker)
+        task.dataset = _BlockingSamples(task.dataset, block_after_samples, block_marker, block_rank)
     cls = _Evaluated if per_sample_metrics else _Slowed
     task = cls(task, step_sleep_s, fail_rank, fail_call, hold_at_call)
     task.slow_eval = (slow_eval_after, slow_eval_s, slow_eval_marker)
@@ -258,13 +259,13 @@ class _BlockingSamples(_Wrapped):
     """After ``after`` samples in one process, ``__getitem__`` blocks (a loader worker stuck reading a file),
     first creating ``<marker>-rank<r>`` so a test knows it is blocked."""
 
-    def __init__(self, dataset, after: int, marker: str | None) -> None:
+    def __init__(self, dataset, after: int, marker: str | None, rank: int | None = None) -> None:
         super().__init__(dataset)
-        self.after, self.marker, self.served = after, marker, 0
+        self.after, self.marker, self.served, self.rank = after, marker, 0, rank
 
     def __getitem__(self, index):
         self.served += 1
-        if self.served > self.after:
+        if self.served > self.after and self.rank in (None, int(os.environ.get("RANK", "0"))):
             if self.marker:
                 Path(f"{self.marker}-rank{os.environ.get('RANK', '0')}").touch()
             time.sleep(600)

@@ -1,0 +1,113 @@
+"""Why a run hangs, seen as a user sees it: a frozen rank (SIGSTOP) and a dataset that blocks forever on one rank,
+found by the launcher's hang timeout, reported with every rank's stacks (py-spy) before the teardown — the rank
+without progress named, with its own code's file and line, the others inside their collective — and
+``orchestrator stacks RUN`` on a running run, which changes nothing in it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from conftest import QUICK, ROOT, cli, env, fingerprint
+
+HANG = ["launch.hang_timeout_s=4", "launch.grace_period_s=1", "train.max_steps=100000", "train.checkpoint_every=1000"]
+
+
+def _start(run: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "orchestrator", "launch", "configs/quickstart.yaml", "--nproc", "2", f"run.dir={run}",
+           *QUICK, *HANG, *overrides]  # fmt: skip
+    return subprocess.Popen(
+        cmd, env=env(), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True
+    )
+
+
+def _beat(run: Path, rank: int) -> dict | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((run / "logs" / f"heartbeat-rank-{rank}.json").read_text())
+    return None
+
+
+def _wait_training(run: Path, proc: subprocess.Popen, past_step: int = 3) -> None:
+    """Until both ranks report a training step past ``past_step`` (then the hang watch is armed)."""
+    deadline = time.monotonic() + 90
+    while not all((b := _beat(run, r)) and b["phase"] == "train" and b["step"] > past_step for r in (0, 1)):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the run did not start training"
+        time.sleep(0.05)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
+def _rank_line(err: str, rank: int) -> str:
+    return next(line for line in err.splitlines() if re.search(rf"\brank {rank} \(pid \d+\): ", line))
+
+
+def test_a_frozen_rank_is_named_with_every_ranks_stacks(tmp_path):
+    run = tmp_path / "run"
+    proc = _start(run, "task.args.step_sleep_s=0.02")
+    _wait_training(run, proc)
+    pid = _beat(run, 1)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    code, err = _finish(proc)
+    assert code == 1, err
+    assert "rank 1: hung — no heartbeat" in err, err
+    frozen, waiting = _rank_line(err, 1), _rank_line(err, 0)
+    assert frozen.endswith("<- no progress") and not waiting.endswith("<- no progress"), err
+    assert ", inside " in waiting, waiting  # rank 0 waits in a collective for the frozen one
+    assert "workers/train/trainer.py:" in waiting, waiting  # and its own innermost frame is the trainer's
+    stacks = (run / "logs" / "stacks-0.txt").read_text()
+    for rank in (0, 1):
+        section = stacks.split(f"=== rank {rank} ")[1].split("=== rank")[0]
+        for thread in ('"MainThread"', '"heartbeat"', '"launcher-lifeline"'):  # every thread, of every rank
+            assert f"Thread {thread}" in section, (rank, thread, section)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_dataset_that_blocks_on_one_rank_is_named_with_its_file_and_line(tmp_path):
+    run = tmp_path / "run"
+    proc = _start(run, "task.args.block_after_samples=200", "task.args.block_rank=1")
+    code, err = _finish(proc)
+    assert code == 1, err
+    blocked, waiting = _rank_line(err, 1), _rank_line(err, 0)
+    assert blocked.endswith("<- no progress") and "orch_test_tasks.py:" in blocked and "__getitem__" in blocked, err
+    assert ", inside " in waiting and not waiting.endswith("<- no progress"), err
+
+
+def test_stacks_of_a_running_run_print_both_ranks_and_change_nothing(tmp_path):
+    run = tmp_path / "run"
+    proc = _start(run, "task.args.step_sleep_s=0.05")
+    try:
+        _wait_training(run, proc)
+        before = fingerprint(run, mtimes=False)
+        shown = cli("stacks", str(run), timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        for rank in (0, 1):
+            assert f"=== rank {rank} (pid {_beat(run, rank)['pid']}) ===" in shown.stdout
+        assert shown.stdout.count('Thread "MainThread"') == 2
+        assert "workers/train/trainer.py" in shown.stdout
+        assert not list((run / "logs").glob("stacks-*")) and fingerprint(run, mtimes=False).keys() == before.keys()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_stacks_of_a_run_that_is_not_running_is_one_line_and_exit_2(tmp_path):
+    for where in (tmp_path / "nowhere", tmp_path):
+        proc = cli("stacks", str(where))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "orchestrator: error:" in proc.stderr
