@@ -16,6 +16,7 @@ from workers.errors import CheckpointError, ConfigError
 from workers.fsutil import RunDirLock
 from workers.rundir import STATE_FILE, RunDir
 from workers.tracking import read_metrics, read_run_id
+from workers.tracking.straggler import ranks_of, straggler_of
 
 
 def _is_running(paths: RunDir) -> bool:
@@ -36,8 +37,10 @@ def status(paths: RunDir) -> dict[str, Any]:
         "run_dir": str(paths.root), "state": "running" if running else _ended_state(paths, cfg, failure is not None),
         "step": last.get("step"), "target_step": cfg.train.max_steps if cfg else None,
         "loss": _round(last.get("loss"), 6), "samples_per_s": _round(last.get("samples_per_s"), 1),
+        "tokens_per_s": _round(last.get("tokens_per_s"), 1), "mfu": _round(last.get("mfu"), 4),
         "restarts": _count(last.get("restarts")), "world_size": _count(last.get("world_size")),
         "latest_checkpoint": paths.latest_name(), "wandb_run_id": read_run_id(paths), **_eval_info(paths, rows),
+        "ranks": ranks_of(last), "straggler": straggler_of(last),  # (the last logged window's)
     }  # fmt: skip
     if failure is not None:  # the last launch failed: say who, why, and where to read more
         info["failure"] = f"rank {failure.rank}: {failure.message} (log: {paths.rank_log(failure.rank)})"
@@ -119,6 +122,16 @@ def _text(key: str, value: Any) -> str:
     if key == "last_eval":
         shown = ", ".join(f"eval/{k} {v:.6g}" for k, v in value["metrics"].items())
         return f"step {value['step']}: {shown}"
+    if key == "ranks":
+        return (
+            "; ".join(
+                f"rank {r['rank']}: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in r.items() if k != "rank")
+                for r in value
+            )
+            or "-"
+        )
+    if key == "straggler":
+        return f"rank {value['rank']} (its compute is {value['ratio']:g}x the median of the other ranks')"
     if key == "best":
         return f"eval/{value['metric']} {value['value']:.6g} at step {value['step']} ({value['checkpoint']})"
     return str(value)

@@ -111,3 +111,23 @@ def test_stacks_of_a_run_that_is_not_running_is_one_line_and_exit_2(tmp_path):
         proc = cli("stacks", str(where))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "orchestrator: error:" in proc.stderr
+
+
+def test_a_rank_slower_than_the_others_is_named_the_straggler(tmp_path):
+    run = tmp_path / "run"
+    proc = cli(
+        "launch", "configs/quickstart.yaml", "--nproc", "3", f"run.dir={run}", *QUICK, "data.global_batch_size=24",
+        "train.max_steps=12", "train.log_every=4", "task.args.step_sleep_s=0.05", "task.args.slow_rank=2",
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("is a straggler") == 1 and "rank 2 is a straggler" in proc.stderr, proc.stderr
+    info = json.loads(cli("status", str(run), "--json", check=True).stdout)
+    assert info["straggler"]["rank"] == 2 and info["straggler"]["ratio"] >= 1.25, info
+    assert [r["rank"] for r in info["ranks"]] == [0, 1, 2]
+    assert all({"compute_ms", "data_wait_ms", "step_time_ms", "rss_mb"} <= r.keys() for r in info["ranks"])
+    assert info["ranks"][2]["compute_ms"] > 40 > max(info["ranks"][0]["compute_ms"], info["ranks"][1]["compute_ms"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["straggler_rank"] for r in rows if "straggler_rank" in r} == {2}  # the rows wandb gets, too
+    text = cli("status", str(run), check=True).stdout
+    assert "straggler: rank 2 (its compute is" in text and "ranks: rank 0: " in text

@@ -26,6 +26,7 @@ class _Slowed:
         self.eval_dataset = getattr(inner, "eval_dataset", None)
         self.step_sleep_s, self.fail_rank, self.fail_call, self.calls = step_sleep_s, fail_rank, fail_call, 0
         self.hold_at_call = hold_at_call
+        self.slow_rank: int | None = None  # step_sleep_s on this rank only (None: every rank)
 
     def loss(self, model, batch):
         self.calls += 1
@@ -34,7 +35,7 @@ class _Slowed:
             raise RuntimeError(f"injected failure on call {self.calls}")
         while self.hold_at_call is not None and self.calls >= self.hold_at_call:
             time.sleep(0.05)  # the run stays where it is until the test has seen what it waits for, then kills it
-        if self.step_sleep_s:
+        if self.step_sleep_s and self.slow_rank in (None, rank):
             time.sleep(self.step_sleep_s)
         loss = self.inner.loss(model, batch)
         return loss * float("nan") if getattr(self, "nan_loss", False) else loss
@@ -127,6 +128,7 @@ def quick(
     block_after_samples: int | None = None,
     block_marker: str | None = None,
     block_rank: int | None = None,
+    slow_rank: int | None = None,
     per_sample_metrics: bool = False,
     slow_eval_after: int | None = None,
     slow_eval_s: float = 0.2,
@@ -156,6 +158,7 @@ def quick(
     cls = _Evaluated if per_sample_metrics else _Slowed
     task = cls(task, step_sleep_s, fail_rank, fail_call, hold_at_call)
     task.slow_eval = (slow_eval_after, slow_eval_s, slow_eval_marker)
+    task.slow_rank = slow_rank
     if batchnorm:  # a BatchNorm layer after the first projection (train.sync_batchnorm on a GPU)
         inner = task.model
         task.model = task.inner.model = torch.nn.Sequential(inner[0], torch.nn.BatchNorm1d(inner[0].out_features),

@@ -153,3 +153,22 @@ def test_a_tracker_on_another_rank_holds_nothing(run_dir: RunDir):
     tracker.log(3, {"loss": 1.0})
     tracker.release_held()
     assert tracker.sinks == [] and tracker.held == {} and not run_dir.metrics.exists()
+
+
+def test_the_straggler_is_the_rank_that_computes_longer_before_it_waits():
+    from workers.tracking.straggler import find_straggler, ranks_of, straggler_of
+
+    step = [60.0, 60.0, 60.0]  # DDP equalises step times: they tell nothing
+    assert find_straggler([10.0, 11.0, 50.0], step) == (2, 50.0 / 10.5)
+    assert find_straggler([10.0, 11.0, 12.0], step) is None  # below 1.25x the others' median
+    assert find_straggler([0.30, 0.31, 0.45], [2.0, 2.0, 2.0]) is None  # 1.47x, but 0.15 ms of a 2 ms step: jitter
+    assert find_straggler([40.0, 10.0], [50.0, 50.0]) == (0, 4.0)
+    assert find_straggler([5.0], [6.0]) is None
+    row = {"loss": 1.0, "rank0/compute_ms": 10.0, "rank0/step_time_ms": 60.0, "rank1/compute_ms": 30.0,
+           "rank1/step_time_ms": 60.0, "rank1/rss_mb": 5.0, "eval/loss": 2.0}  # fmt: skip
+    assert ranks_of(row) == [
+        {"rank": 0, "compute_ms": 10.0, "step_time_ms": 60.0},
+        {"rank": 1, "compute_ms": 30.0, "step_time_ms": 60.0, "rss_mb": 5.0},
+    ]
+    assert straggler_of(row) == {"rank": 1, "ratio": 3.0}
+    assert straggler_of({"loss": 1.0, "rank0/step_time_ms": 1.0, "rank1/step_time_ms": 1.0}) is None  # older rows

@@ -157,3 +157,29 @@ def test_an_empty_dataset_is_a_usage_error_before_anything_runs(tmp_path):
         ConfigError, match=r"'task\.factory' = 'workers\.tasks\.quickstart:build': the task's dataset is empty"
     ):
         build_parts(cfg, _ctx(), RunDir(tmp_path / "r"))
+
+
+def test_a_task_that_declares_tokens_gets_tokens_per_s_and_no_mfu_on_a_cpu(tmp_path):
+    cfg = config_from_dict(
+        {
+            "run": {"dir": str(tmp_path / "r")},
+            "task": {"factory": "workers.tasks.charlm:build", "args": {"block_size": 16, "d_model": 16, "n_layers": 1}},
+            "data": {"global_batch_size": 4},
+            "train": {"max_steps": 2, "log_every": 1, "checkpoint_every": 2},
+            "tracking": {"mode": "disabled"},
+        }
+    )
+    assert _fit(cfg).step == 2
+    rows = [json.loads(line) for line in RunDir(tmp_path / "r").metrics.read_text().splitlines()]
+    assert rows and all(r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * 16, rel=1e-3) for r in rows)
+    assert not any("mfu" in r for r in rows)  # a CPU has no known peak
+
+
+def test_a_task_declaring_a_nonsense_rate_is_named():
+    from workers.tasks import resolve
+    from workers.tasks.quickstart import build
+
+    task = build(n=8, hidden=4, eval_n=0)
+    task.flops_per_sample = -3
+    with pytest.raises(ConfigError, match="the task's flops_per_sample is -3: it must be a positive number"):
+        resolve(task)

@@ -13,7 +13,9 @@ every rank, after torch has been seeded with ``train.seed``, and returns any obj
   ``scheduler(optimizer, max_steps)``, stepped once per optimizer step (workers.optim);
 - optionally ``random_samples = False``: ``__getitem__`` draws no randomness (no per-sample RNG seeding);
 - optionally ``shard_units(model) -> [submodules]``: with ``train.parallel: fsdp``, the units that each get their
-  own ``fully_shard`` (workers.parallel; default: the model's direct children holding parameters).
+  own ``fully_shard`` (workers.parallel; default: the model's direct children holding parameters);
+- optionally ``tokens_per_sample`` (metrics get ``tokens_per_s``) and ``flops_per_sample`` (a training step's FLOPs
+  per sample, e.g. 6 x parameters x tokens: ``mfu`` on a GPU whose peak is known).
 
 :func:`build_task` resolves the object into a frozen :class:`~workers.tasks.spec.Task` once (workers.tasks.spec):
 every other module reads its typed attributes, ``None`` for a hook the task does not define.

@@ -78,6 +78,8 @@ class CharLMTask:
     dataset: CharDataset
     eval_dataset: CharDataset | None = None  # non-overlapping windows of the validation text
     random_samples = False  # __getitem__ is deterministic: no per-sample RNG seeding needed
+    tokens_per_sample: int | None = None  # block_size (build sets both)
+    flops_per_sample: float | None = None  # ~6 x parameters x tokens: a training step's forward and backward
 
     def loss(self, model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
         x, y = batch
@@ -108,4 +110,7 @@ def build(
     data = CharDataset(text, block_size, stride)
     val_text = Path(val_path).read_text(encoding="utf-8") if val_path else VALIDATION.read_text(encoding="utf-8")
     val = CharDataset(val_text, block_size, block_size, vocab=data.vocab)
-    return CharLMTask(TinyGPT(len(data.vocab), block_size, d_model, n_layers, n_heads, dropout), data, val)
+    task = CharLMTask(TinyGPT(len(data.vocab), block_size, d_model, n_layers, n_heads, dropout), data, val)
+    task.tokens_per_sample = block_size  # (metrics: tokens_per_s; on a GPU with a known peak, mfu)
+    task.flops_per_sample = 6.0 * sum(p.numel() for p in task.model.parameters()) * block_size
+    return task

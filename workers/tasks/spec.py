@@ -37,6 +37,8 @@ class Task:
     scheduler: Callable[[Any, int], Any] | None = None  # stepped once per optimizer step
     shard_units: Callable[[Any], Any] | None = None  # train.parallel=fsdp: the units that get fully_shard
     random_samples: bool = True  # False: __getitem__ draws no randomness (no per-sample RNG seeding)
+    tokens_per_sample: float | None = None  # metrics get tokens_per_s
+    flops_per_sample: float | None = None  # a training step's FLOPs per sample (e.g. 6 x params x tokens): mfu
 
 
 def resolve(obj: Any, factory: str | None = None) -> Task:
@@ -65,7 +67,22 @@ def resolve(obj: Any, factory: str | None = None) -> Task:
         scheduler=getattr(obj, "scheduler", None),
         shard_units=getattr(obj, "shard_units", None),
         random_samples=bool(getattr(obj, "random_samples", True)),
+        tokens_per_sample=_positive(obj, "tokens_per_sample", factory),
+        flops_per_sample=_positive(obj, "flops_per_sample", factory),
     )
+
+
+def _positive(obj: Any, name: str, factory: str | None) -> float | None:
+    """An optional positive number the task declares; anything else is a ConfigError naming it."""
+    value = getattr(obj, name, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        where = f"config key 'task.factory' = {factory!r}: " if factory else ""
+        raise ConfigError(
+            f"{where}the task's {name} is {value!r}: it must be a positive number. HINT: leave it out if unknown"
+        )
+    return float(value)
 
 
 def _on_the_models_device(evaluate: Callable[..., Any]) -> Callable[..., Any]:

@@ -17,10 +17,11 @@ import torch
 
 from workers.config import Config
 from workers.dist import DistContext
-from workers.tracking import Tracker
+from workers.tracking.straggler import PER_RANK, straggler_of
+from workers.tracking.throughput import Throughput
+from workers.tracking.tracker import Tracker
 
 log = logging.getLogger("workers.trainer")
-_PER_RANK = ("cpu_percent", "rss_mb", "cuda_max_mem_mb", "step_time_ms")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class StepStats:
     step_time_s: float
     data_wait_s: float
     nonfinite_skipped: int | None = None  # the guard's count of skipped steps, when this step was skipped
+    compute_s: float = 0.0  # forward (and the backward of micro-steps before the last): no collective waits
 
 
 class Reporter:
@@ -46,16 +48,19 @@ class Reporter:
     """
 
     def __init__(
-        self, cfg: Config, ctx: DistContext, tracker: Tracker, start_step: int, counts: Mapping[str, float]
-    ) -> None:
+        self, cfg: Config, ctx: DistContext, tracker: Tracker, start_step: int, counts: Mapping[str, float],
+        throughput: Throughput | None = None,
+    ) -> None:  # fmt: skip
         """``counts``: values every row carries until changed (restarts and preemptions so far; the entry
         point that started this process knows them)."""
         self.cfg, self.ctx, self.tracker = cfg, ctx, tracker
+        self.throughput = throughput or Throughput()
         self.every, self.max_steps = cfg.train.log_every, cfg.train.max_steps
         self.gbs = cfg.data.global_batch_size
         self.proc = psutil.Process()
         self.window_start, self.window_step, self.window_cpu_s = time.perf_counter(), start_step, time.process_time()
-        self.data_wait = self.step_time = 0.0
+        self.data_wait = self.step_time = self.compute = 0.0
+        self.warned: set[int] = set()  # ranks already named as stragglers (the console warns once per run and rank)
         self.extra: dict[str, float] = dict(counts)
         self.progress = Progress(self.max_steps, start_step) if ctx.is_main and sys.stderr.isatty() else None
         self.last_loss = float("nan")
@@ -76,6 +81,7 @@ class Reporter:
             self.extra["nonfinite_skipped"] = float(stats.nonfinite_skipped)
         self.data_wait += stats.data_wait_s
         self.step_time += stats.step_time_s
+        self.compute += stats.compute_s
         if self.progress:
             self.progress.update(step, self._rate(step), self.last_loss)
         if not self.is_log_step(step):
@@ -89,15 +95,17 @@ class Reporter:
             float(stats.loss), 100 * (cpu_s - self.window_cpu_s) / max(t0 - self.window_start, 1e-9),
             self.proc.memory_info().rss / 2**20,
             torch.cuda.max_memory_allocated(self.ctx.device) / 2**20 if self.ctx.device.type == "cuda" else 0.0,
-            1000 * self.step_time / steps,
+            1000 * self.step_time / steps, 1000 * self.data_wait / steps, 1000 * self.compute / steps,
         ]  # fmt: skip
         self.window_cpu_s = cpu_s
         self.window_start, self.window_step, self.data_wait, self.step_time = t0, step, 0.0, 0.0
+        self.compute = 0.0
         self.logging_s += time.perf_counter() - t0
         return values
 
     def complete(self, step: int, table: list[list[float]]) -> None:
-        """The gathered values of log step ``step`` (5 per rank) arrived: finish its row; rank 0 writes it."""
+        """The gathered values of log step ``step`` (the loss and PER_RANK, per rank) arrived: finish its row; rank 0
+        writes it."""
         if not self.ctx.is_main:
             return
         t0 = time.perf_counter()
@@ -105,6 +113,7 @@ class Reporter:
         row = {"loss": sum(r[0] for r in table) / len(table), **row, **self._per_rank(table)}
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
+        self._note_straggler(step, row)
         self.last_loss = row["loss"]
         self._emit(step, row)
         self.logging_s += time.perf_counter() - t0
@@ -114,8 +123,9 @@ class Reporter:
     ) -> tuple[dict[str, float], float | None]:
         """Rank 0's row of a log step without the gathered values, and the grad norm — read now, beside the loss:
         later it would wait for the next step's queued GPU work."""
+        rate = self._rate(step, now)
         row = {
-            "lr": stats.lr, "samples_per_s": round(self._rate(step, now), 2),
+            "lr": stats.lr, "samples_per_s": round(rate, 2), **self.throughput.values(rate),
             "step_time_s": round(self.step_time / steps, 6), "data_wait_s": round(self.data_wait / steps, 6),
             "world_size": self.ctx.world_size, "logging_s_total": round(self.logging_s, 6),
             "time": round(time.time(), 3), **self.extra,
@@ -148,10 +158,24 @@ class Reporter:
         elapsed = (now or time.perf_counter()) - self.window_start
         return (step - self.window_step) * self.gbs / max(elapsed, 1e-9)
 
+    def _note_straggler(self, step: int, row: dict[str, float]) -> None:
+        """The window's straggler into the row (wandb gets it on the same step); the console hears once per rank."""
+        found = straggler_of(row)
+        if found is None:
+            return
+        row["straggler_rank"], row["straggler_ratio"] = found["rank"], found["ratio"]
+        if found["rank"] not in self.warned:
+            self.warned.add(found["rank"])
+            log.warning(
+                "rank %d is a straggler: its compute (%.2f ms a step) is %.2fx the median of the other ranks' over "
+                "the steps up to %d; the others wait for it in every all-reduce",
+                found["rank"], row[f"rank{found['rank']}/compute_ms"], found["ratio"], step,
+            )  # fmt: skip
+
     def _per_rank(self, table: list[list[float]]) -> dict[str, float]:
         per_rank = {}
         for rank, values in enumerate(table):
-            for name, value in zip(_PER_RANK, values[1:], strict=True):
+            for name, value in zip(PER_RANK, values[1:], strict=True):
                 if name != "cuda_max_mem_mb" or self.ctx.device.type == "cuda":
                     per_rank[f"rank{rank}/{name}"] = round(value, 2)
         return per_rank

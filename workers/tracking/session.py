@@ -12,6 +12,7 @@ from workers.rundir import RunDir
 from workers.stop import StopFlag
 from workers.tracking.reporting import Reporter, StepStats
 from workers.tracking.stepsync import StepSync
+from workers.tracking.throughput import Throughput
 from workers.tracking.tracker import Tracker
 
 
@@ -21,11 +22,12 @@ class ReportingSession:
 
     def __init__(
         self, cfg: Config, ctx: DistContext, paths: RunDir, stop: StopFlag, start_step: int,
-        counts: Mapping[str, float],
+        counts: Mapping[str, float], throughput: Throughput | None = None,
     ) -> None:  # fmt: skip
+        """``throughput``: what turns samples/s into tokens/s and MFU (the task's declarations)."""
         self.tracker = Tracker(cfg, paths, ctx.is_main, start_step)
         try:
-            self.reporter = Reporter(cfg, ctx, self.tracker, start_step, counts)
+            self.reporter = Reporter(cfg, ctx, self.tracker, start_step, counts, throughput or Throughput())
             # collective (a gloo group of its own on GPUs): every rank builds its session at the same point
             self.sync = StepSync(ctx, stop, cfg.train.log_every, self.reporter.complete)
         except BaseException:

@@ -31,6 +31,7 @@ from workers.rundir import RunDir
 from workers.stop import NONE, PREEMPT, REASONS, StopFlag
 from workers.tracking.reporting import StepStats
 from workers.tracking.session import ReportingSession
+from workers.tracking.throughput import Throughput, peak_flops
 from workers.train.numerics import total_norm
 from workers.train.parts import Parts, build_parts
 from workers.train.start import start
@@ -78,7 +79,10 @@ def open_run(parts: Parts, paths: RunDir, stop: StopFlag, step: int, counts: Map
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         )
-    report = ReportingSession(cfg, ctx, paths, stop, step, counts)
+    rates = Throughput(
+        p.task.tokens_per_sample, p.task.flops_per_sample, peak_flops(ctx.device, cfg.train.precision), ctx.world_size
+    )
+    report = ReportingSession(cfg, ctx, paths, stop, step, counts, rates)
     recorder = None
     try:  # (an empty dataset, an unwritable samples folder: what was opened is closed before the error leaves)
         p.progress.tracking_run_id = report.run_id
@@ -226,7 +230,7 @@ class Trainer:
         loss_sum: torch.Tensor | None = None
         guard = p.numerics.guard
         buffers = guard.snapshot(p.model) if guard is not None else None
-        data_wait = 0.0
+        data_wait = compute = 0.0
         for micro in range(accum):
             t1 = time.perf_counter()
             indices, batch = next(run.batches)
@@ -236,19 +240,23 @@ class Trainer:
             if ctx.device.type != "cpu":  # (on the CPU the batch is where it must be: no per-tensor calls)
                 batch = to_device(batch, ctx.device)
             seed_all(step_seed(cfg.train.seed, step, ctx.rank, micro), ctx.device)
+            last, t1 = micro == accum - 1, time.perf_counter()
             # Gradients of all but the last micro-step stay local: one all-reduce per optimizer step.
-            with gradient_sync(run.model, sync=micro == accum - 1):
+            with gradient_sync(run.model, sync=last):
                 with p.autocast():  # forward under autocast; backward outside it, as torch.amp advises
                     loss = p.task.loss(run.model, batch)
                     if accum > 1:  # (one op less a step without accumulation: small steps feel every op)
                         loss = loss / accum
+                forward_end = time.perf_counter()
                 # After the step's last forward, a watched buffer it made NaN/inf turns this rank's gradients NaN:
                 # the all-reduced grad norm carries that to every rank (no extra collective), the guard skips.
-                p.state.scaler.scale(p.numerics.alarmed(loss) if micro == accum - 1 else loss).backward()
+                p.state.scaler.scale(p.numerics.alarmed(loss) if last else loss).backward()
+            # compute: what this rank does before it can wait for the others (the last backward holds the all-reduce)
+            compute += (forward_end if last else time.perf_counter()) - t1
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         grad_norm, skipped = self._apply_gradients(loss_sum, buffers)
         lr = p.optim.optimizer.param_groups[0]["lr"]  # any scheduler keeps it there
-        return StepStats(loss_sum, grad_norm, lr, time.perf_counter() - t0, data_wait, skipped)
+        return StepStats(loss_sum, grad_norm, lr, time.perf_counter() - t0, data_wait, skipped, compute)
 
     def _apply_gradients(
         self, loss_sum: torch.Tensor, buffers: list[torch.Tensor] | None
