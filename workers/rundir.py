@@ -13,10 +13,12 @@ Layout (README.md, "Run directory")::
     logs/rank-<r>.log                each rank's log
     logs/error-rank-<r>.json         a failed rank's error record (workers.contract.ErrorRecord)
     logs/heartbeat-rank-<r>.json     a rank's liveness (workers.heartbeat)
+    logs/stacks-<attempt>.txt        every rank's stacks when the launcher judged the attempt hung
     metrics.jsonl                    one JSON row per logged step
     metrics.attempt-<n>.jsonl        rows of an attempt that died after its last checkpoint (moved aside at restart)
     tracking.json, wandb/            the wandb run id; wandb's own files
     samples/rank-<r>.jsonl           audit trail of consumed sample indices (``data.record_indices``)
+    profile/trace-rank-<r>-steps-<a>-<b>.json   a Chrome trace of steps a..b on rank r (``profile``)
     slurm/jobs.json, events.jsonl    submitted job ids; the job side's event log
     slurm/submitit/<job id>/         submitit's scripts and per-task stdout/stderr
 """
@@ -165,6 +167,14 @@ class RunDir:
 
     def heartbeat_file(self, rank: int) -> Path:
         return self.logs / f"heartbeat-rank-{rank}.json"
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile"
+
+    def profile_trace(self, rank: int, first: int, last: int) -> Path:
+        """The Chrome trace (torch.profiler) of steps ``first..last`` on ``rank``."""
+        return self.profile / f"trace-rank-{rank}-steps-{first}-{last}.json"
 
     def stacks_file(self, attempt: int) -> Path:
         """Every rank's stacks, taken when the launcher judged attempt ``attempt`` (0: the first) hung."""

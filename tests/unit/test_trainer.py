@@ -4,6 +4,7 @@ save, resumes bitwise, evaluates and selects; its progress is the state a checkp
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -183,3 +184,26 @@ def test_a_task_declaring_a_nonsense_rate_is_named():
     task.flops_per_sample = -3
     with pytest.raises(ConfigError, match="the task's flops_per_sample is -3: it must be a positive number"):
         resolve(task)
+
+
+def test_a_profile_window_writes_a_chrome_trace_of_the_profiled_rank(tmp_path):
+    cfg = _cfg(tmp_path / "r", "profile.start_step=3", "profile.steps=2")
+    assert _fit(cfg).step == 8
+    traces = sorted((tmp_path / "r" / "profile").iterdir())
+    assert [t.name for t in traces] == ["trace-rank-0-steps-3-4.json"]
+    trace = json.loads(traces[0].read_text())
+    assert trace["traceEvents"] and any("aten::" in e.get("name", "") for e in trace["traceEvents"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        (["profile.start_step=3", "profile.steps=0"], "'profile.steps' = 0: must be in [1, 100000]"),
+        (["profile.start_step=9"], "'profile.start_step' = 9: past train.max_steps=8"),
+        (["profile.start_step=-1"], "'profile.start_step' = -1: must be in"),
+        (["profile.start_step=2", "profile.ranks=[0, 3]"], "'profile.ranks' = [0, 3]: rank 3 is outside the world"),
+    ],
+)
+def test_a_profile_that_cannot_run_is_a_usage_error(tmp_path, overrides, said):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        build_parts(_cfg(tmp_path / "r", *overrides), _ctx(), RunDir(tmp_path / "r"))

@@ -22,7 +22,14 @@ class BatchPlan:
 
 
 def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
-    """Derive the per-rank batch plan; raises ConfigError when the numbers do not divide."""
+    """Derive the per-rank batch plan; raises ConfigError when the numbers do not divide, or when a key names a
+    rank outside the world (``profile.ranks``)."""
+    profiled = [r for r in cfg.profile.ranks if r >= world_size] if cfg.profile.start_step is not None else []
+    if profiled:
+        fail(
+            "profile.ranks", list(cfg.profile.ranks), f"rank {profiled[0]} is outside the world (size {world_size})",
+            f"list ranks 0..{world_size - 1}",
+        )  # fmt: skip
     gbs = cfg.data.global_batch_size
     if cfg.data.micro_batch_size is not None:
         micro = cfg.data.micro_batch_size

@@ -316,6 +316,23 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    """``profile``: a torch.profiler window of ``steps`` steps from ``start_step`` on the ``ranks`` listed; each
+    writes a Chrome trace (JSON, opens in Perfetto) under ``run.dir/profile/``. ``start_step: null``: off."""
+
+    start_step: int | None = None  # the first profiled step (1 = the run's first)
+    steps: int = 5
+    ranks: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if self.start_step is not None:
+            check_range("profile.start_step", self.start_step, 1, _BIG)
+        check_range("profile.steps", self.steps, 1, 100_000)
+        for i, rank in enumerate(self.ranks):
+            check_range(f"profile.ranks[{i}]", rank, 0, 1_000_000)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run. Build it with :func:`load_config`; never mutate it (it is frozen)."""
 
@@ -328,6 +345,15 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+    def __post_init__(self) -> None:
+        start = self.profile.start_step
+        if start is not None and start > self.train.max_steps:
+            fail(
+                "profile.start_step", start, f"past train.max_steps={self.train.max_steps}",
+                "profile a step the run takes, or set profile.start_step=null",
+            )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON/pickle-friendly nested dict (tuples become lists)."""

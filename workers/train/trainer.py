@@ -34,6 +34,7 @@ from workers.tracking.session import ReportingSession
 from workers.tracking.throughput import Throughput, peak_flops
 from workers.train.numerics import total_norm
 from workers.train.parts import Parts, build_parts
+from workers.train.profiling import StepProfiler
 from workers.train.start import start
 
 log = logging.getLogger("workers.trainer")
@@ -56,15 +57,17 @@ def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
 @dataclass(frozen=True)
 class Run:
     """What one start trains through, made once the start's step is known: the wrapped model, this rank's
-    batches, its reporting and (``data.record_indices``) its sample recorder."""
+    batches, its reporting, (``data.record_indices``) its sample recorder and (``profile``) its profiler."""
 
     model: nn.Module  # DDP / torch.compile around parts.model
     batches: Iterator[tuple[torch.Tensor, Any]]
     report: ReportingSession
     recorder: IndexRecorder | None
+    profiler: StepProfiler
 
     def close(self, quick: bool) -> None:
         try:
+            self.profiler.close()
             if self.recorder is not None:
                 self.recorder.close()
         finally:
@@ -94,7 +97,7 @@ def open_run(parts: Parts, paths: RunDir, stop: StopFlag, step: int, counts: Map
             seed_samples=p.task.random_samples,
         )  # fmt: skip
     except BaseException:
-        Run(model, iter(()), report, recorder).close(quick=True)
+        Run(model, iter(()), report, recorder, StepProfiler(cfg, ctx, paths)).close(quick=True)
         raise
     log.info("%s", describe(p.optim, cfg.optim))
     log.info(
@@ -102,7 +105,7 @@ def open_run(parts: Parts, paths: RunDir, stop: StopFlag, step: int, counts: Map
         step, cfg.train.max_steps, ctx.device, ctx.backend, cfg.train.precision, ctx.world_size,
         p.plan.per_rank_batch, p.plan.accum_steps, p.plan.micro_batch,
     )  # fmt: skip
-    return Run(model, iter(loader), report, recorder)
+    return Run(model, iter(loader), report, recorder, StepProfiler(cfg, ctx, paths))
 
 
 class Trainer:
@@ -166,6 +169,7 @@ class Trainer:
         while self.step < max_steps:
             self.heartbeat.update(self.step, "train")
             self.stop.current_step = step = self.step + 1  # the step in flight, for the signal handler's note
+            run.profiler.at(step)
             stats = self._train_step(run)
             p.progress.step = step
             due = self._eval_due()
@@ -187,6 +191,7 @@ class Trainer:
                 self._log_leaving(stopped)
                 break
         run.report.flush()
+        run.profiler.close(self.step)
         self.heartbeat.update(self.step, "done")
         return FitResult(self.step, stopped_early=bool(stopped), stop_reason=REASONS[stopped])
 
