@@ -321,7 +321,7 @@ class LocalLauncher:
                 result.root_cause = min(failures, key=failure_order)
                 if not result.known_failure:  # a known failure is reported once, as one line, by the supervisor
                     log.error("%s; stopping the other workers", result.root_cause.describe())
-                if result.root_cause.hung:
+                if result.root_cause.hung or result.root_cause.collective_timeout:
                     self._report_hang(procs, result.root_cause)
                 self._teardown(procs, result)
         return result
@@ -353,11 +353,12 @@ class LocalLauncher:
         return relay.count
 
     def _report_hang(self, procs: list, hung: RankOutcome) -> None:
-        """Before the teardown: every live rank's stacks into this attempt's stacks file, and on the console where
-        each rank is — the hung rank's own code, the collective the others wait in."""
+        """Before the teardown of a hang (``hung``: the rank judged hung, or one whose collective timed out): every
+        live rank's stacks into this attempt's stacks file, and on the console where each rank is — the stuck
+        rank's own code, the collective the others wait in."""
         stacks = capture({r: p.pid for r, p in enumerate(procs) if p.exitcode is None})
         path = self.paths.stacks_file(self.attempt)
-        why = f"attempt {self.attempt}: rank {hung.rank} hung — {hung.hung}"
+        why = f"attempt {self.attempt}: {hung.describe()}"
         try:
             path.write_text(report_text(stacks, why))
         except OSError as exc:

@@ -10,6 +10,10 @@ from typing import Any
 from workers.contract import ErrorRecord, FailureKind
 from workers.rundir import RunDir
 
+# How gloo and NCCL word a collective that timed out (gloo: "Timed out waiting 5000ms for recv operation to
+# complete"; NCCL's watchdog: "Watchdog caught collective operation timeout").
+_COLLECTIVE_TIMEOUTS = ("Timed out waiting", "collective operation timeout")
+
 
 @dataclass(frozen=True)
 class RankOutcome:
@@ -25,6 +29,11 @@ class RankOutcome:
     @property
     def failed(self) -> bool:
         return self.exitcode != 0 or self.hung is not None
+
+    @property
+    def collective_timeout(self) -> bool:
+        """It failed because a collective timed out (``launch.collective_timeout_s``): some other rank never came."""
+        return self.error is not None and any(s in self.error.message for s in _COLLECTIVE_TIMEOUTS)
 
     @property
     def lost_peer(self) -> bool:

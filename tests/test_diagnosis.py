@@ -131,3 +131,18 @@ def test_a_rank_slower_than_the_others_is_named_the_straggler(tmp_path):
     assert {r["straggler_rank"] for r in rows if "straggler_rank" in r} == {2}  # the rows wandb gets, too
     text = cli("status", str(run), check=True).stdout
     assert "straggler: rank 2 (its compute is" in text and "ranks: rank 0: " in text
+
+
+def test_a_collective_timeout_reports_the_stacks_of_the_rank_it_waited_for(tmp_path):
+    """Hang detection off: the other rank's collective times out (launch.collective_timeout_s) first — the stacks
+    are read before the teardown all the same, and name the rank it waited for."""
+    run = tmp_path / "run"
+    proc = _start(
+        run, "launch.hang_timeout_s=0", "launch.collective_timeout_s=5", "task.args.block_after_samples=200",
+        "task.args.block_rank=1",
+    )  # fmt: skip
+    code, err = _finish(proc)
+    assert code == 1 and "Timed out waiting" in err, err
+    blocked = _rank_line(err, 1)
+    assert blocked.endswith("<- no progress") and "orch_test_tasks.py:" in blocked, err
+    assert (run / "logs" / "stacks-0.txt").read_text().startswith("# attempt 0: rank 0: exit code 1")
