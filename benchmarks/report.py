@@ -313,6 +313,28 @@ def sharded_section(r: dict | None) -> tuple[str, list[str]]:
 NOTES = ROOT / "benchmarks" / "notes"
 
 
+def diagnosis_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = (
+        "Diagnosis: the cost of a hang report",
+        "python benchmarks/diagnosis_bench.py --repeats 3 --out benchmarks/results/diagnosis.json",
+    )
+    if r is None:
+        return _missing(title, cmd), []
+    lines = [
+        f"## {title}", "", f"`{cmd}` — {r['setup']}.", "",
+        "Every rank's stacks are read by py-spy (`--nonblocking`, all ranks at once) before the teardown; the same",
+        "read serves `orchestrator stacks RUN`. From a SIGSTOP to the launcher's exit: the hang timeout, up to one",
+        "heartbeat interval (1 s), the report, and the teardown's grace period.", "",
+        "| | seconds |", "|---|---:|",
+        f"| read every rank's stacks, both running | {_mm(r['capture_running_s'])} |",
+        f"| read every rank's stacks, one frozen (SIGSTOP) | {_mm(r['capture_frozen_s'])} |",
+        f"| SIGSTOP of rank 1 → launcher exit (hang timeout {r['hang_timeout_s']} s, grace {r['grace_s']} s) | "
+        f"{_mm(r['sigstop_to_exit_s'], '{:.2f}')} |",
+    ]  # fmt: skip
+    summary = [f"| hang report (every rank's stacks) | – | {r['capture_frozen_s']['median']:.3f} s | – |"]
+    return "\n".join(lines) + "\n", summary
+
+
 def render(results: Path) -> str:
     parts, summary = [], []
     sections = [
@@ -326,6 +348,7 @@ def render(results: Path) -> str:
         chaos_section(_load(results, "chaos")),
         sharded_section(_load(results, "sharded")),
         chaos_section(_load(results, "chaos-fsdp"), parallel="fsdp"),
+        diagnosis_section(_load(results, "diagnosis")),
     ]
     for text, rows in sections:
         parts.append(text)

@@ -44,6 +44,8 @@ def commands(quick: bool) -> dict[str, list[str]]:
                     "--out", str(RESULTS / "sharded.json")],
         "chaos-fsdp": [py, "scripts/chaos.py", "--trials", "3" if quick else "24", "--seed", "0", "--parallel",
                        "fsdp", "--out", str(RESULTS / "chaos-fsdp.json")],
+        "diagnosis": [py, "benchmarks/diagnosis_bench.py", "--repeats", "1" if quick else "3",
+                      "--out", str(RESULTS / "diagnosis.json")],
         "chaos": [py, "scripts/chaos.py", "--trials", "5" if quick else "50", "--seed", "0",
                   "--out", str(RESULTS / "chaos.json")],
     }  # fmt: skip
