@@ -58,12 +58,12 @@ def one_trial(base: Path, r: int) -> tuple[float, float, float]:
     try:
         pids = wait_running(RunDir(run), proc)
         t0 = time.perf_counter()
-        assert all(not s.problem for s in capture(pids))
+        assert all(not s.problem for s in capture(pids, RunDir(run)))
         running = time.perf_counter() - t0
         os.kill(pids[1], signal.SIGSTOP)
         stopped_at = time.perf_counter()
         t0 = time.perf_counter()
-        assert all(not s.problem for s in capture(pids))
+        assert all(not s.problem for s in capture(pids, RunDir(run)))
         frozen = time.perf_counter() - t0
         proc.communicate(timeout=120)
         to_exit = time.perf_counter() - stopped_at

@@ -356,7 +356,7 @@ class LocalLauncher:
         """Before the teardown of a hang (``hung``: the rank judged hung, or one whose collective timed out): every
         live rank's stacks into this attempt's stacks file, and on the console where each rank is — the stuck
         rank's own code, the collective the others wait in."""
-        stacks = capture({r: p.pid for r, p in enumerate(procs) if p.exitcode is None})
+        stacks = capture({r: p.pid for r, p in enumerate(procs) if p.exitcode is None}, self.paths)
         path = self.paths.stacks_file(self.attempt)
         why = f"attempt {self.attempt}: {hung.describe()}"
         try:

@@ -11,20 +11,25 @@ Used by the launcher before it tears a hung group down (``logs/stacks-<attempt>.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from workers.contract import ENV_PY_SPY, STACKS_SIGNAL
 from workers.errors import UsageError
 from workers.heartbeat import read_heartbeat
 from workers.rundir import RunDir
 
 PY_SPY_TIMEOUT_S = 20.0
+FAULTHANDLER_WAIT_S = 3.0
 # Where a frame is not the user's or the trainer's own code: the interpreter's library and installed packages.
 _LIBRARY = (f"{sys.prefix}/lib", f"{sys.base_prefix}/lib", "site-packages", "dist-packages", "<frozen")
 # Frames that are a wait in a collective, innermost first: (a piece of the file path, how the wait is named).
@@ -65,6 +70,7 @@ class RankStacks:
     pid: int
     threads: tuple[Thread, ...] = ()
     problem: str | None = None
+    via: str = "py-spy"  # or "faulthandler (why py-spy could not)"
 
     @property
     def main(self) -> Thread | None:
@@ -94,7 +100,7 @@ class RankStacks:
 
     def text(self) -> str:
         """Every thread, innermost frame first (the file's form)."""
-        head = f"=== rank {self.rank} (pid {self.pid}) ==="
+        head = f"=== rank {self.rank} (pid {self.pid}) ===" + ("" if self.via == "py-spy" else f" via {self.via}")
         if self.problem:
             return f"{head}\n{self.problem}\n"
         body = [f'Thread "{t.name}":\n' + "".join(f"    {f}\n" for f in t.frames) for t in self.threads]
@@ -120,16 +126,69 @@ def culprits(stacks: list[RankStacks], judged: int, frozen: bool) -> list[int]:
 
 
 def py_spy() -> str | None:
-    """The py-spy executable: beside this Python's (a venv), else on PATH."""
+    """The py-spy executable: ``ORCH_PY_SPY`` ("none": not used), else beside this Python's (a venv), else on
+    PATH."""
+    chosen = os.environ.get(ENV_PY_SPY)
+    if chosen:
+        return None if chosen == "none" else chosen
     beside = Path(sys.executable).parent / "py-spy"
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
-def read_stacks(rank: int, pid: int) -> RankStacks:
-    """One rank's stacks through py-spy; never raises (a problem is part of the answer)."""
+def read_stacks(rank: int, pid: int, paths: RunDir) -> RankStacks:
+    """One rank's stacks through py-spy, else (not installed, not permitted) through the rank's own faulthandler;
+    never raises (a problem is part of the answer)."""
+    read = _py_spy_stacks(rank, pid)
+    if read.problem is None:
+        return read
+    fallback = _faulthandler_stacks(rank, pid, paths)
+    if fallback.problem is None:
+        return RankStacks(rank, pid, fallback.threads, via=f"faulthandler ({read.problem})")
+    return RankStacks(rank, pid, problem=f"{read.problem}; {fallback.problem}")
+
+
+def _faulthandler_stacks(rank: int, pid: int, paths: RunDir) -> RankStacks:
+    """Ask the rank to dump its stacks (STACKS_SIGNAL: workers.logsetup.register_stack_dumps) and read them."""
+    dump = paths.faulthandler_file(rank)
+    try:
+        if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
+            return RankStacks(rank, pid, problem="it is stopped (SIGSTOP?): it cannot dump its own stacks")
+        before = dump.stat().st_size
+        os.kill(pid, STACKS_SIGNAL)
+    except (OSError, psutil.Error) as exc:
+        return RankStacks(rank, pid, problem=f"no faulthandler dump either ({exc})")
+    deadline, size = time.monotonic() + FAULTHANDLER_WAIT_S, before
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = dump.stat().st_size if dump.exists() else 0
+        if now > before and now == size:  # written, and no longer growing
+            return RankStacks(rank, pid, _parse_faulthandler(dump.read_text(errors="replace")[before:]))
+        size = now
+    return RankStacks(rank, pid, problem=f"it did not dump its stacks within {FAULTHANDLER_WAIT_S:.0f} s")
+
+
+_FH_THREAD = re.compile(r"^(Current thread|Thread) (0x[0-9a-f]+)")
+_FH_FRAME = re.compile(r'^\s+File "(.*)", line (\d+) in (.*)$')
+
+
+def _parse_faulthandler(text: str) -> tuple[Thread, ...]:
+    """faulthandler's dump (most recent call first, like py-spy); the thread that took the signal is Python's
+    main thread."""
+    threads: list[Thread] = []
+    for line in text.splitlines():
+        head = _FH_THREAD.match(line)
+        if head:
+            threads.append(Thread("MainThread" if head.group(1) == "Current thread" else head.group(2), ()))
+        elif (frame := _FH_FRAME.match(line)) and threads:
+            last = threads[-1]
+            threads[-1] = Thread(last.name, (*last.frames, Frame(frame.group(3), frame.group(1), int(frame.group(2)))))
+    return tuple(threads)
+
+
+def _py_spy_stacks(rank: int, pid: int) -> RankStacks:
     exe = py_spy()
     if exe is None:
-        return RankStacks(rank, pid, problem="py-spy is not installed (pip install py-spy): no stacks")
+        return RankStacks(rank, pid, problem="py-spy is not installed (pip install py-spy)")
     cmd = [exe, "dump", "--pid", str(pid), "--nonblocking", "--json", "--full-filenames"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PY_SPY_TIMEOUT_S, check=False)
@@ -151,12 +210,12 @@ def read_stacks(rank: int, pid: int) -> RankStacks:
     return RankStacks(rank, pid, threads)
 
 
-def capture(pids: dict[int, int]) -> list[RankStacks]:
+def capture(pids: dict[int, int], paths: RunDir) -> list[RankStacks]:
     """Every rank's stacks (``rank -> pid``), read at the same time, in rank order."""
     if not pids:
         return []
     with ThreadPoolExecutor(max_workers=min(8, len(pids))) as pool:
-        return list(pool.map(lambda item: read_stacks(*item), sorted(pids.items())))
+        return list(pool.map(lambda item: read_stacks(*item, paths), sorted(pids.items())))
 
 
 def live_ranks(paths: RunDir) -> dict[int, int]:
@@ -195,7 +254,7 @@ def run(run_dir: str) -> int:
             f"'{paths.root}' has no rank running on this machine (no live worker behind its heartbeat files). HINT: "
             f"`orchestrator status {paths.root}` says whether it runs; a SLURM run's ranks run on its nodes"
         )
-    stacks = capture(pids)
+    stacks = capture(pids, paths)
     unread = [s for s in stacks if s.problem]
     if len(unread) == len(stacks):
         raise UsageError(f"cannot read the stacks of '{paths.root}': {unread[0].problem}")

@@ -146,3 +146,23 @@ def test_a_collective_timeout_reports_the_stacks_of_the_rank_it_waited_for(tmp_p
     blocked = _rank_line(err, 1)
     assert blocked.endswith("<- no progress") and "orch_test_tasks.py:" in blocked, err
     assert (run / "logs" / "stacks-0.txt").read_text().startswith("# attempt 0: rank 0: exit code 1")
+
+
+def test_without_py_spy_the_ranks_dump_their_own_stacks(tmp_path):
+    """Where py-spy cannot read a worker (not installed, no ptrace permission), each rank's faulthandler dumps
+    its threads on the launcher's signal: ``stacks`` still shows both ranks, and says how it read them."""
+    run = tmp_path / "run"
+    proc = _start(run, "task.args.step_sleep_s=0.05")
+    try:
+        _wait_training(run, proc)
+        shown = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "stacks", str(run)], env={**env(), "ORCH_PY_SPY": "none"},
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.count("via faulthandler (py-spy is not installed") == 2, shown.stdout
+        assert shown.stdout.count('Thread "MainThread"') == 2 and "workers/train/trainer.py" in shown.stdout
+        assert proc.poll() is None  # the dump did not disturb the run
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

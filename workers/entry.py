@@ -36,7 +36,7 @@ from workers.contract import (
 )
 from workers.errors import UsageError
 from workers.lifeline import Ties, forget_fork_server
-from workers.logsetup import CONSOLE_ONLY, FILE_ONLY, setup_logging
+from workers.logsetup import CONSOLE_ONLY, FILE_ONLY, register_stack_dumps, setup_logging
 from workers.preflight import lock_run_dir, preflight, save_resolved_config
 from workers.rundir import RunDir
 from workers.stop import StopFlag, die_with_parent
@@ -86,6 +86,7 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
             lock = lock_run_dir(paths)
             save_resolved_config(cfg, paths)
         setup_logging(paths, rank)
+        register_stack_dumps(paths, rank)
         if ctx.source == "slurm" and ctx.is_main:
             slurm.on_start(paths, ctx.world_size)
         heartbeat = heartbeat_for(start.heartbeat_file, rank).start()

@@ -3,9 +3,11 @@ rank 0's also to the console. Torch-free; imports only the run dir's layout."""
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import sys
 
+from workers.contract import STACKS_SIGNAL
 from workers.rundir import RunDir
 
 # ``log.error(..., extra=FILE_ONLY)``: for the rank's log file alone (a traceback the console report leaves out);
@@ -52,3 +54,18 @@ def setup_logging(paths: RunDir, rank: int) -> None:
         console.setFormatter(fmt)
         console.addFilter(_To("console"))
         root.addHandler(console)
+
+
+_DUMP_FILES: list = []  # the open dump files (faulthandler writes to their descriptors; they stay open)
+
+
+def register_stack_dumps(paths: RunDir, rank: int) -> None:
+    """On the stacks signal (workers.contract.STACKS_SIGNAL), write every thread's Python stack to
+    ``RunDir.faulthandler_file(rank)``: the launcher's fallback where py-spy cannot read this process. Best effort
+    (a read-only run dir: no fallback)."""
+    try:
+        dump = open(paths.faulthandler_file(rank), "w")  # noqa: SIM115 - open for the process's life
+    except OSError:
+        return
+    _DUMP_FILES.append(dump)
+    faulthandler.register(STACKS_SIGNAL, file=dump, all_threads=True, chain=False)

@@ -14,6 +14,7 @@ Layout (README.md, "Run directory")::
     logs/error-rank-<r>.json         a failed rank's error record (workers.contract.ErrorRecord)
     logs/heartbeat-rank-<r>.json     a rank's liveness (workers.heartbeat)
     logs/stacks-<attempt>.txt        every rank's stacks when the launcher judged the attempt hung
+    logs/faulthandler-rank-<r>.txt   a rank's own stack dumps (the report's fallback where py-spy cannot read it)
     metrics.jsonl                    one JSON row per logged step
     metrics.attempt-<n>.jsonl        rows of an attempt that died after its last checkpoint (moved aside at restart)
     tracking.json, wandb/            the wandb run id; wandb's own files
@@ -175,6 +176,10 @@ class RunDir:
     def profile_trace(self, rank: int, first: int, last: int) -> Path:
         """The Chrome trace (torch.profiler) of steps ``first..last`` on ``rank``."""
         return self.profile / f"trace-rank-{rank}-steps-{first}-{last}.json"
+
+    def faulthandler_file(self, rank: int) -> Path:
+        """Where a rank's faulthandler writes every thread's stack on the stacks signal (workers.contract)."""
+        return self.logs / f"faulthandler-rank-{rank}.txt"
 
     def stacks_file(self, attempt: int) -> Path:
         """Every rank's stacks, taken when the launcher judged attempt ``attempt`` (0: the first) hung."""
