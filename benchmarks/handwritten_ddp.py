@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from workers.tasks.quickstart import build
 
@@ -33,6 +33,11 @@ p.add_argument("--out", required=True)
 p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 p.add_argument("--bf16", action="store_true", help="forward under bf16 autocast")
 p.add_argument("--task", choices=("quickstart", "plain"), default="quickstart", help="plain: benchmarks/plain_task.py")
+p.add_argument(
+    "--loop", choices=("dataloader", "ideal", "fetch"), default="dataloader",
+    help="dataloader: a DataLoader with DistributedSampler (the usual loop); ideal: every batch gathered into tensors "
+    "up front (only compute, all-reduce, optimizer); fetch: dataset[i] per sample and default_collate each step",
+)  # fmt: skip
 args = p.parse_args()
 
 dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -59,10 +64,36 @@ loader = DataLoader(
     task.dataset, batch_size=args.gbs // world, sampler=sampler, drop_last=True, pin_memory=device.type == "cuda"
 )
 
-times, step, epoch = {}, 0, 0
+
+def batches():
+    """This rank's (x, y) batches, epoch after epoch, as ``--loop`` makes them."""
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        if args.loop == "dataloader":
+            yield from loader
+        else:
+            order = list(sampler)
+            per_rank = args.gbs // world
+            chunks = [order[i : i + per_rank] for i in range(0, len(order) - per_rank + 1, per_rank)]
+            if args.loop == "fetch":
+                for chunk in chunks:
+                    yield default_collate([task.dataset[i] for i in chunk])
+            else:  # ideal: made here too, but all of them before the first step (below)
+                yield from [default_collate([task.dataset[i] for i in chunk]) for chunk in chunks]
+        epoch += 1
+
+
+if args.loop == "ideal":  # every batch of the run, gathered before the first step
+    source = batches()
+    ready = [next(source) for _ in range(args.steps)]
+    stream = iter(ready)
+else:
+    stream = batches()
+
+times, step = {}, 0
 while step < args.steps:
-    sampler.set_epoch(epoch)
-    for xb, yb in loader:
+    for xb, yb in stream:
         x, y = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss = torch.nn.functional.mse_loss(model(x).float(), y)
@@ -78,7 +109,6 @@ while step < args.steps:
             times[step] = time.time()
         if step == args.steps:
             break
-    epoch += 1
 if rank == 0:
     with open(args.out, "w") as f:
         json.dump({"first": times[1], "warm": times[args.warm], "end": times[args.steps], "steps": args.steps}, f)

@@ -68,13 +68,13 @@ def ours(base: Path, nproc: int, steps: int, hidden: int | None, extra: list[str
     return _times(t0, rows[1]["time"], rows[WARM]["time"], rows[steps]["time"], t_exit, steps)
 
 
-def handwritten(base: Path, nproc: int, steps: int, hidden: int | None) -> dict:
-    """``hidden`` None: the plain task."""
+def handwritten(base: Path, nproc: int, steps: int, hidden: int | None, loop: str = "dataloader") -> dict:
+    """``hidden`` None: the plain task. ``loop``: the hand-written loop's data path (benchmarks/handwritten_ddp.py)."""
     out = base / f"hand-{time.monotonic_ns()}.json"
     model = ["--hidden", str(hidden)] if hidden is not None else ["--task", "plain"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
            "benchmarks/handwritten_ddp.py", "--steps", str(steps), "--warm", str(WARM), *model,
-           "--gbs", str(GBS), "--out", str(out)]  # fmt: skip
+           "--gbs", str(GBS), "--loop", loop, "--out", str(out)]  # fmt: skip
     t0 = time.time()
     _run(cmd)
     t_exit = time.time()
@@ -98,6 +98,26 @@ def summarize(values: list[float], digits: int = 3) -> dict:
     }
 
 
+def floor(base: Path, steps: int, repeats: int) -> dict:
+    """Ours against the floor on the plain task (2 ranks, 32 samples each): an ideal loop (every batch gathered up
+    front: only compute, all-reduce, optimizer) and a fetch loop (``dataset[i]`` and ``default_collate`` each step,
+    no DataLoader). Interleaved repeats."""
+    runs: dict[str, list[float]] = {"ours": [], "ideal": [], "fetch": []}
+    for _ in range(repeats):
+        runs["ours"].append(ours(base, 2, steps, None, PLAIN)["samples_per_s"])
+        for loop in ("ideal", "fetch"):
+            runs[loop].append(handwritten(base, 2, steps, None, loop)["samples_per_s"])
+    of_ideal = [o / i for o, i in zip(runs["ours"], runs["ideal"], strict=True)]
+    of_fetch = [o / f for o, f in zip(runs["ours"], runs["fetch"], strict=True)]
+    return {
+        "task": "benchmarks/plain_task.py, 2 ranks x 32 samples", "steps": steps,
+        **{f"{k}_samples_per_s": summarize(v, 1) for k, v in runs.items()},
+        "ratio_of_ideal": summarize(of_ideal), "ratio_of_fetch": summarize(of_fetch),
+        "goal": "ours >= 0.90 of ideal and >= 0.95 of fetch",
+        "met": statistics.median(of_ideal) >= 0.90 and statistics.median(of_fetch) >= 0.95,
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -108,7 +128,7 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         nargs="+",
-        default=["overhead", "plain", "launch", "scaling"],
+        default=["overhead", "plain", "floor", "launch", "scaling"],
         help="rerun some; others kept from --out",
     )
     args = parser.parse_args()
@@ -119,9 +139,10 @@ def main() -> None:
         "step_overhead": [],
         "scaling": [],
     }
-    if args.out.exists() and set(args.sections) != {"overhead", "plain", "launch", "scaling"}:
+    sections = ("step_overhead", "plain", "floor", "launch", "scaling")
+    if args.out.exists() and set(args.sections) != {"overhead", "plain", "floor", "launch", "scaling"}:
         kept = json.loads(args.out.read_text())
-        result.update({k: kept[k] for k in ("step_overhead", "plain", "launch", "scaling") if k in kept})
+        result.update({k: kept[k] for k in sections if k in kept})
     with tempfile.TemporaryDirectory(prefix="loop-bench-") as tmp:
         base = Path(tmp)
         for hidden in args.hidden if "overhead" in args.sections else []:
@@ -150,6 +171,9 @@ def main() -> None:
                 "ratio": summarize(ratios), "goal": ">= 0.95", "met": statistics.median(ratios) >= 0.95,
             }  # fmt: skip
             print(json.dumps(result["plain"]), flush=True)
+        if "floor" in args.sections:
+            result["floor"] = floor(base, args.steps, args.repeats)
+            print(json.dumps(result["floor"]), flush=True)
         launches = [(ours(base, 2, args.launch_steps, 64, []), handwritten(base, 2, args.launch_steps, 64))
                     for _ in range(args.repeats if "launch" in args.sections else 0)]  # fmt: skip
         if launches:

@@ -57,6 +57,16 @@ class WorkerStart:
     report_pipe: Any = None  # our launcher's pipe: the error record reaches it even when no file can be written
 
 
+def _diagnostics(paths: RunDir, rank: int, backend: str) -> None:
+    """What a hang report reads from this rank: its own stack dump on the stacks signal (where py-spy cannot read
+    it), and on NCCL torch's flight recorder (the last collectives, dumped on a timeout into the logs folder)."""
+    register_stack_dumps(paths, rank)
+    if backend == "nccl":
+        for key, value in (("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000"), ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
+                           ("TORCH_FR_DUMP_TEMP_FILE", str(paths.nccl_trace_prefix))):  # fmt: skip
+            os.environ.setdefault(key, value)  # read when the process group starts; a user's own values win
+
+
 def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
     """Train on this process's rank. Returns an exit code; never raises.
 
@@ -86,10 +96,10 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
             lock = lock_run_dir(paths)
             save_resolved_config(cfg, paths)
         setup_logging(paths, rank)
-        register_stack_dumps(paths, rank)
         if ctx.source == "slurm" and ctx.is_main:
             slurm.on_start(paths, ctx.world_size)
         heartbeat = heartbeat_for(start.heartbeat_file, rank).start()
+        _diagnostics(paths, rank, ctx.backend)
         ctx.init_process_group(cfg.launch.collective_timeout_s)
         result = Trainer(cfg, ctx, paths, stop, heartbeat, dict(start.counts)).fit()
         ctx.barrier()

@@ -15,6 +15,7 @@ Layout (README.md, "Run directory")::
     logs/heartbeat-rank-<r>.json     a rank's liveness (workers.heartbeat)
     logs/stacks-<attempt>.txt        every rank's stacks when the launcher judged the attempt hung
     logs/faulthandler-rank-<r>.txt   a rank's own stack dumps (the report's fallback where py-spy cannot read it)
+    logs/nccl-trace-rank-<r>         NCCL's flight recorder dump at a collective timeout (GPUs)
     metrics.jsonl                    one JSON row per logged step
     metrics.attempt-<n>.jsonl        rows of an attempt that died after its last checkpoint (moved aside at restart)
     tracking.json, wandb/            the wandb run id; wandb's own files
@@ -180,6 +181,11 @@ class RunDir:
     def faulthandler_file(self, rank: int) -> Path:
         """Where a rank's faulthandler writes every thread's stack on the stacks signal (workers.contract)."""
         return self.logs / f"faulthandler-rank-{rank}.txt"
+
+    @property
+    def nccl_trace_prefix(self) -> Path:
+        """torch's NCCL flight recorder dumps here, the rank's number appended (on a collective timeout)."""
+        return self.logs / "nccl-trace-rank-"
 
     def stacks_file(self, attempt: int) -> Path:
         """Every rank's stacks, taken when the launcher judged attempt ``attempt`` (0: the first) hung."""
