@@ -5,7 +5,8 @@ waits in a collective, which one.
 
 Used by the launcher before it tears a hung group down (``logs/stacks-<attempt>.txt``) and by
 ``orchestrator stacks RUN`` on demand. py-spy needs the right to read another process's memory (root, or
-``ptrace_scope`` 0 / CAP_SYS_PTRACE): without it each rank says so in one line.
+``ptrace_scope`` 0 / CAP_SYS_PTRACE); where it cannot, each rank dumps its own threads with faulthandler on the
+stacks signal (workers.logsetup.register_stack_dumps) — not a rank frozen by SIGSTOP, which the report names.
 """
 
 from __future__ import annotations

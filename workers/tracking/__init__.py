@@ -1,6 +1,7 @@
 """Tracking: the run's metrics file (``metrics_file``), wandb in a child process (``wandb_run``) and reading its
-offline records (``wandb_records``), the sinks behind one call (``tracker``), per-step reporting (``reporting``)
-and the background exchange of log values and stop requests (``stepsync``).
+offline records (``wandb_records``), the sinks behind one call (``tracker``), per-step reporting (``reporting``),
+the background exchange of log values and stop requests (``stepsync``), one start's reporting behind one call per
+step (``session``), the straggler rule (``straggler``) and tokens/s and MFU (``throughput``).
 
 Importing this package loads no torch: the launcher's read-only commands use it."""
 
