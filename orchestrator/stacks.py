@@ -228,8 +228,8 @@ def live_ranks(paths: RunDir) -> dict[int, int]:
         if beat is None:
             continue
         try:
-            alive = psutil.Process(beat["pid"]).status() != psutil.STATUS_ZOMBIE
-            alive = alive and "python" in " ".join(psutil.Process(beat["pid"]).cmdline()[:1]).lower()
+            proc = psutil.Process(beat["pid"])
+            alive = proc.status() != psutil.STATUS_ZOMBIE and "python" in " ".join(proc.cmdline()[:1]).lower()
         except (psutil.Error, KeyError, TypeError):
             alive = False
         if alive:
