@@ -195,6 +195,8 @@ def _py_spy_stacks(rank: int, pid: int) -> RankStacks:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PY_SPY_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         return RankStacks(rank, pid, problem=f"py-spy did not answer within {PY_SPY_TIMEOUT_S:.0f} s")
+    except OSError as exc:  # ORCH_PY_SPY names something that does not run
+        return RankStacks(rank, pid, problem=f"py-spy '{exe}' cannot run ({exc.strerror or exc})")
     if proc.returncode != 0:
         said = next((ln.strip() for ln in proc.stderr.splitlines() if ln.strip()), "no reason given")
         if "ermission" in proc.stderr or "ptrace" in proc.stderr.lower():

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import QUICK, ROOT, cli, env, fingerprint
 
 HANG = ["launch.hang_timeout_s=4", "launch.grace_period_s=1", "train.max_steps=100000", "train.checkpoint_every=1000"]
@@ -148,7 +149,8 @@ def test_a_collective_timeout_reports_the_stacks_of_the_rank_it_waited_for(tmp_p
     assert (run / "logs" / "stacks-0.txt").read_text().startswith("# attempt 0: rank 0: exit code 1")
 
 
-def test_without_py_spy_the_ranks_dump_their_own_stacks(tmp_path):
+@pytest.mark.parametrize("py_spy", ["none", "/nonexistent/py-spy"])
+def test_without_py_spy_the_ranks_dump_their_own_stacks(tmp_path, py_spy):
     """Where py-spy cannot read a worker (not installed, no ptrace permission), each rank's faulthandler dumps
     its threads on the launcher's signal: ``stacks`` still shows both ranks, and says how it read them."""
     run = tmp_path / "run"
@@ -156,11 +158,12 @@ def test_without_py_spy_the_ranks_dump_their_own_stacks(tmp_path):
     try:
         _wait_training(run, proc)
         shown = subprocess.run(
-            [sys.executable, "-m", "orchestrator", "stacks", str(run)], env={**env(), "ORCH_PY_SPY": "none"},
+            [sys.executable, "-m", "orchestrator", "stacks", str(run)], env={**env(), "ORCH_PY_SPY": py_spy},
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert shown.returncode == 0, shown.stderr
-        assert shown.stdout.count("via faulthandler (py-spy is not installed") == 2, shown.stdout
+        why = "py-spy is not installed" if py_spy == "none" else f"py-spy '{py_spy}' cannot run"
+        assert shown.stdout.count(f"via faulthandler ({why}") == 2, shown.stdout
         assert shown.stdout.count('Thread "MainThread"') == 2 and "workers/train/trainer.py" in shown.stdout
         assert proc.poll() is None  # the dump did not disturb the run
     finally:
