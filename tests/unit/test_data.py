@@ -114,6 +114,52 @@ def test_the_loader_yields_indices_with_the_batch_of_those_samples():
         assert torch.equal(bx, x[indices]) and torch.equal(by, indices * 10)
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return type(a) is type(b) and len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["tensors", "seeded", "collate_fn"])
+def test_the_in_process_batches_are_the_dataloaders_batches(kind):
+    """num_workers 0 skips torch's DataLoader machinery: the batches (and the RNG state they leave) are the ones a
+    single-process DataLoader makes over the same sampler, past an epoch boundary and from a resumed step."""
+    from torch.utils.data import DataLoader
+
+    from workers.data import IndexedCollate
+
+    dataset = {"tensors": TensorDataset(torch.randn(N, 3), torch.arange(N)), "seeded": RandomCrop(),
+               "collate_fn": TensorDataset(torch.randn(N, 3), torch.arange(N))}[kind]  # fmt: skip
+    collate = (lambda samples: torch.stack([s[0] * 2 for s in samples])) if kind == "collate_fn" else None
+    sampler = StepBatchSampler(N, SEED, _plan(2), rank=1, start_step=3)
+    ours = make_loader(dataset, sampler, 0, collate, False)
+    assert not isinstance(ours, DataLoader)
+    torch.manual_seed(0)
+    mine = [b for b, _ in zip(ours, range(9), strict=False)]
+    after_mine = torch.rand(3)
+    torch.manual_seed(0)
+    wrapped = IndexedDataset(dataset, SEED, collated=collate is None)
+    torchs = DataLoader(  # (its own generator, as make_loader gave it: starting it draws no global random number)
+        wrapped, batch_sampler=sampler, collate_fn=IndexedCollate(collate), generator=torch.Generator()
+    )
+    reference = [b for b, _ in zip(torchs, range(9), strict=False)]
+    assert _same(mine, reference) and torch.equal(torch.rand(3), after_mine)
+
+
+def test_a_micro_batch_is_its_position_index_pairs_and_pickles_as_plain_ints():
+    import pickle
+
+    from workers.data import MicroBatch
+
+    order = GlobalOrder(N, SEED)
+    batch = MicroBatch(N - 2, order.take_tensor(N - 2, 4))  # crosses into the next epoch
+    assert list(batch) == list(enumerate(order.take(N - 2, 4), N - 2)) and batch[-1] == (N + 1, order.take(N + 1, 1)[0])
+    view = MicroBatch(3, order.take_tensor(3, 2))  # within an epoch: a view of the whole permutation
+    assert view.indices.untyped_storage().nbytes() == 8 * N
+    copy = pickle.loads(pickle.dumps(view))
+    assert len(pickle.dumps(view)) < 200 and list(copy) == list(view)
+
+
 class RandomCrop:
     """A dataset with random augmentation from torch's, Python's and NumPy's global generators."""
 

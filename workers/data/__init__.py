@@ -3,9 +3,10 @@ those samples (``loader``), per-sample RNG seeding (``seeding``) and the audit t
 (``recorder``)."""
 
 from workers.data.loader import Collated, IndexedCollate, IndexedDataset, make_loader, to_device
-from workers.data.order import GlobalOrder, StepBatchSampler, derive_seed
+from workers.data.order import GlobalOrder, MicroBatch, StepBatchSampler, derive_seed
 
 __all__ = [
-    "Collated", "GlobalOrder", "IndexedCollate", "IndexedDataset", "StepBatchSampler", "derive_seed", "make_loader",
+    "Collated", "GlobalOrder", "IndexedCollate", "IndexedDataset", "MicroBatch", "StepBatchSampler", "derive_seed",
+    "make_loader",
     "to_device",
 ]  # fmt: skip

@@ -7,14 +7,14 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data import default_collate as _default_collate
 
-from workers.data.order import StepBatchSampler
+from workers.data.order import MicroBatch, StepBatchSampler
 from workers.data.seeding import SampleSeeder, sample_seed
 from workers.stop import die_with_parent
 
@@ -57,17 +57,18 @@ class IndexedDataset(Dataset):
             self._seeder, self._seeder_pid = SampleSeeder(), os.getpid()
         return index, self._seeder.make(sample_seed(self.seed, position), lambda: self.dataset[index])
 
-    def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[int, Any]] | Collated:
+    def __getitems__(self, items: MicroBatch | list[tuple[int, int]]) -> list[tuple[int, Any]] | Collated:
         """A micro-batch at once (see the class docstring); sample by sample wherever seeding is on."""
         if self.seed_samples:
+            items = list(items)
             samples = [self[item] for item in items]
-            if items and self._seeder is not None:  # the collate that follows finds every generator seeded
+            if samples and self._seeder is not None:  # the collate that follows finds every generator seeded
                 self._seeder.settle(sample_seed(self.seed, items[-1][0]))
             return samples
-        indices = [index for _, index in items]
-        if self.tensors and self.collated:
-            at = torch.tensor(indices, dtype=torch.long)
+        if self.tensors and self.collated:  # (a MicroBatch's indices are a tensor already: no Python per sample)
+            at = items.indices if isinstance(items, MicroBatch) else torch.tensor([i for _, i in items])
             return Collated(at, [t[at] for t in self.dataset.tensors])  # what default_collate makes of them
+        indices = items.indices.tolist() if isinstance(items, MicroBatch) else [index for _, index in items]
         getitems = getattr(self.dataset, "__getitems__", None)
         if getitems is None:
             return [(index, self.dataset[index]) for index in indices]
@@ -101,20 +102,26 @@ def make_loader(
     collate_fn: Callable[[list[Any]], Any] | None,
     pin_memory: bool,
     seed_samples: bool = True,
-) -> DataLoader:
-    """A DataLoader over the task's dataset driven by ``sampler``; batches are ``(indices, batch)``.
+) -> Iterable[tuple[torch.Tensor, Any]]:
+    """This rank's batches of the task's dataset, driven by ``sampler``: ``(indices, batch)`` pairs.
 
-    ``seed_samples``: seed the RNGs before each sample (for datasets with random augmentation).
+    ``seed_samples``: seed the RNGs before each sample (for datasets with random augmentation). With
+    ``num_workers`` 0 the batches are made in this process, as a DataLoader's single-process iterator makes them
+    (the same calls, the same batches) but without its machinery, which cost ~4 % of a small model's step
+    (benchmarks/notes/floor.md); with workers, a DataLoader.
     """
+    indexed = IndexedDataset(dataset, sampler.order.seed, seed_samples, collated=collate_fn is None)
+    if not num_workers:
+        return DirectBatches(indexed, sampler, IndexedCollate(collate_fn), pin_memory)
     return DataLoader(
-        IndexedDataset(dataset, sampler.order.seed, seed_samples, collated=collate_fn is None),
+        indexed,
         batch_sampler=sampler,
         num_workers=num_workers,
-        worker_init_fn=functools.partial(_die_with_rank, os.getpid()) if num_workers else None,
+        worker_init_fn=functools.partial(_die_with_rank, os.getpid()),
         # Loader workers are the rank's own children (what `_die_with_rank` needs), whichever way the rank itself
         # was started: a rank forked by our launcher's fork server would otherwise inherit "forkserver" and have
         # its loader workers forked by the server instead. spawn, as when the ranks were spawned themselves.
-        multiprocessing_context=_loader_start() if num_workers else None,
+        multiprocessing_context=_loader_start(),
         collate_fn=IndexedCollate(collate_fn),
         pin_memory=pin_memory,
         persistent_workers=False,
@@ -122,6 +129,28 @@ def make_loader(
         # loader does not shift the training RNG (sample randomness is seeded per sample anyway).
         generator=torch.Generator().manual_seed(sampler.order.seed),
     )
+
+
+class DirectBatches:
+    """The batches of ``num_workers: 0``: each micro-batch fetched (``__getitems__``), collated and, for a GPU,
+    pinned, in this process — what torch's single-process DataLoader iterator does, step for step. Iterable once
+    or more: each iteration starts at the sampler's start step."""
+
+    def __init__(self, dataset: IndexedDataset, sampler: StepBatchSampler, collate: IndexedCollate, pin: bool) -> None:
+        self.dataset, self.sampler, self.collate, self.pin = dataset, sampler, collate, pin
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        for items in self.sampler:
+            batch = self.collate(self.dataset.__getitems__(items))
+            yield _pinned(batch) if self.pin else batch
+
+
+def _pinned(batch: Any) -> Any:
+    """``batch`` in pinned memory, as the DataLoader pins it: tensors in any nesting, and a custom batch type
+    through its own ``pin_memory()``."""
+    if not isinstance(batch, torch.Tensor) and callable(getattr(batch, "pin_memory", None)):
+        return batch.pin_memory()
+    return _map_tensors(batch, torch.Tensor.pin_memory)
 
 
 def _loader_start() -> str | None:
@@ -140,12 +169,17 @@ def _die_with_rank(rank_pid: int, _worker_id: int) -> None:
 
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor of a collated batch (tensors, tuples, namedtuples, lists, dicts) to ``device``."""
+    return _map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+
+
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it (tensors, tuples, namedtuples, lists, dicts)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return fn(batch)
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple: rebuild it field by field
-        return type(batch)(*(to_device(b, device) for b in batch))
+        return type(batch)(*(_map_tensors(b, fn) for b in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
+        return type(batch)(_map_tensors(b, fn) for b in batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
     return batch

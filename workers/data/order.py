@@ -9,7 +9,8 @@ size consumes the identical sequence of samples, from any step.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
 
 import torch
 
@@ -38,18 +39,61 @@ class GlobalOrder:
 
     def take(self, start: int, count: int) -> list[int]:
         """Stream positions ``[start, start+count)`` as dataset indices (may cross epoch boundaries)."""
-        out: list[int] = []
+        return self.take_tensor(start, count).tolist()
+
+    def take_tensor(self, start: int, count: int) -> torch.Tensor:
+        """:meth:`take` as a 1-D long tensor: within one epoch a view of its permutation (no copy, no Python list).
+        Read-only: it may share the cached permutation's memory."""
+        parts: list[torch.Tensor] = []
         while count > 0:
             epoch, offset = divmod(start, self.n)
             chunk = min(count, self.n - offset)
-            out.extend(self.permutation(epoch)[offset : offset + chunk].tolist())
+            parts.append(self.permutation(epoch)[offset : offset + chunk])
             start, count = start + chunk, count - chunk
-        return out
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+class MicroBatch(Sequence[tuple[int, int]]):
+    """One micro-batch of a rank: the stream positions ``[start, start + len)`` and their dataset indices (a long
+    tensor). A sequence of ``(stream position, dataset index)`` pairs, as the sampler's batches always were; the
+    loader reads ``indices`` whole (one gather for a TensorDataset, no per-sample Python). Pickles as plain ints
+    (a DataLoader worker gets it through a queue: the tensor may be a view of the whole epoch's permutation)."""
+
+    __slots__ = ("indices", "start")
+
+    def __init__(self, start: int, indices: torch.Tensor | list[int]) -> None:
+        self.start = start
+        self.indices = indices if isinstance(indices, torch.Tensor) else torch.tensor(indices, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[int, int]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[int, int]]: ...
+    def __getitem__(self, i: Any) -> Any:
+        return self.pairs()[i]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.pairs())
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """``[(stream position, dataset index), ...]``."""
+        return list(enumerate(self.indices.tolist(), self.start))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return MicroBatch, (self.start, self.indices.tolist())
+
+    def __repr__(self) -> str:
+        return f"MicroBatch(start={self.start}, indices={self.indices.tolist()})"
 
 
 class StepBatchSampler:
-    """Yields this rank's micro-batches, step after step, from ``start_step`` on: lists of
-    ``(stream position, dataset index)``. Endless: the trainer stops taking batches after its last step.
+    """Yields this rank's micro-batches, step after step, from ``start_step`` on: :class:`MicroBatch` es (sequences
+    of ``(stream position, dataset index)``). Endless: the trainer stops taking batches after its last step.
     """
 
     def __init__(self, n: int, seed: int, plan: BatchPlan, rank: int, start_step: int) -> None:
@@ -63,9 +107,9 @@ class StepBatchSampler:
         step, micro = self.start_step, self.plan.micro_batch
         while True:
             start, count = self.positions_for_step(step)
-            items = list(enumerate(self.order.take(start, count), start))  # (stream position, dataset index)
+            indices = self.order.take_tensor(start, count)
             for i in range(0, count, micro):
-                yield items[i : i + micro]
+                yield MicroBatch(start + i, indices[i : i + micro])
             step += 1
 
 

@@ -99,6 +99,7 @@ def open_run(parts: Parts, paths: RunDir, stop: StopFlag, step: int, counts: Map
     except BaseException:
         Run(model, iter(()), report, recorder, StepProfiler(cfg, ctx, paths)).close(quick=True)
         raise
+    model.train()  # every module, once (the evaluator puts back the mode it found)
     log.info("%s", describe(p.optim, cfg.optim))
     log.info(
         "training steps %d..%d on %s (%s, %s): world size %d, %d samples/rank/step in %d micro-batch(es) of %d",
@@ -229,7 +230,8 @@ class Trainer:
         """One optimizer step (``self.step`` is the number done before it). No host sync except the guard's."""
         p, cfg, ctx, step = self.parts, self.cfg, self.ctx, self.step
         t0 = time.perf_counter()
-        run.model.train()
+        if not run.model.training:  # train mode is set when the run opens (a walk over every module each step: ~1 %)
+            run.model.train()
         p.numerics.check_finite_lr(step + 1)  # before any work: a NaN/inf learning rate is the schedule's fault
         accum = p.plan.accum_steps
         loss_sum: torch.Tensor | None = None
