@@ -206,18 +206,19 @@ def worker_context() -> tuple[Any, int]:
     return ctx, getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None) or 0
 
 
-def _spawn(cfg: Config, nproc: int, attempt: int, lock: RunDirLock | None) -> list:
-    """Start ``nproc`` worker processes, forked by the fork server (see :func:`worker_context`), each tied to this
-    launcher and holding ``lock`` (see :mod:`workers.lifeline`)."""
+def _spawn(cfg: Config, slots: tuple[int, ...], attempt: int, lock: RunDirLock | None) -> list:
+    """Start one worker process per slot (rank r on ``slots[r]``, see :mod:`orchestrator.capacity`), forked by the
+    fork server (see :func:`worker_context`), each tied to this launcher and holding ``lock``
+    (see :mod:`workers.lifeline`)."""
     ctx, server_pid = worker_context()
     bonds = ties(lock)
-    port, procs = free_port(), []
+    port, procs, nproc = free_port(), [], len(slots)
     try:
         for rank in range(nproc):
             # Each worker's error record also comes back over its own pipe: a read-only or full run dir must not
             # turn a known failure into a bare exit code (one writer per pipe: no lock a killed worker could hold).
             reader, writer = ctx.Pipe(duplex=False)
-            args = (cfg.to_dict(), rank, nproc, port, server_pid, attempt, writer, bonds)
+            args = (cfg.to_dict(), rank, nproc, port, server_pid, attempt, writer, bonds, slots)
             proc = ctx.Process(target=spawned_worker, name=f"worker-{rank}", args=args)
             proc.start()
             writer.close()
@@ -240,7 +241,7 @@ class PrestartedGroup:
         worker_context()
 
     def go(self, lock: RunDirLock | None) -> list:
-        return _spawn(self.cfg, self.cfg.launch.nproc, 0, lock)
+        return _spawn(self.cfg, tuple(range(self.cfg.launch.nproc)), 0, lock)
 
     def abort(self) -> None:
         """Nothing was started that could write; the fork server is ended now (it would finish importing first)."""
@@ -248,16 +249,16 @@ class PrestartedGroup:
 
 
 class LocalLauncher:
-    """Spawns and supervises one group of ``nproc`` workers on this machine.
+    """Spawns and supervises one group of workers on this machine, one per device slot (rank r on ``slots[r]``).
 
     Per-rank error records and heartbeats live in the run's logs folder (cleared at the start of each attempt).
     """
 
     def __init__(
-        self, cfg: Config, paths: RunDir, nproc: int, attempt: int = 0, lock: RunDirLock | None = None
+        self, cfg: Config, paths: RunDir, slots: tuple[int, ...], attempt: int = 0, lock: RunDirLock | None = None
     ) -> None:
         """``lock``: the launch's run-dir lock; if the run dir is deleted or replaced meanwhile, the group stops."""
-        self.cfg, self.paths, self.nproc, self.attempt, self.lock = cfg, paths, nproc, attempt, lock
+        self.cfg, self.paths, self.slots, self.attempt, self.lock = cfg, paths, slots, attempt, lock
         self._relayed_at: float | None = None  # when the first stop request was passed on to the workers
 
     def run(self, relay: SignalRelay | None = None, prestarted: PrestartedGroup | None = None) -> RunResult:
@@ -274,7 +275,7 @@ class LocalLauncher:
         with contextlib.nullcontext(relay) if relay else SignalRelay() as active:
             try:
                 procs = (
-                    prestarted.go(self.lock) if prestarted else _spawn(self.cfg, self.nproc, self.attempt, self.lock)
+                    prestarted.go(self.lock) if prestarted else _spawn(self.cfg, self.slots, self.attempt, self.lock)
                 )
                 result = self._supervise(procs, active)
                 if result.lost_run_dir is None and self.lock is not None and (lost := self.lock.lost()):

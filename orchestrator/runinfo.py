@@ -13,7 +13,7 @@ from orchestrator.slurm_submit import status_info as slurm_status_info
 from workers.config import Config, load_config
 from workers.contract import EXIT_OK, EXIT_USAGE, TrainState, first_failure, is_int
 from workers.errors import CheckpointError, ConfigError
-from workers.fsutil import RunDirLock
+from workers.fsutil import RunDirLock, read_lines
 from workers.rundir import STATE_FILE, RunDir
 from workers.tracking import read_metrics, read_run_id
 from workers.tracking.straggler import ranks_of, straggler_of
@@ -41,6 +41,7 @@ def status(paths: RunDir) -> dict[str, Any]:
         "restarts": _count(last.get("restarts")), "world_size": _count(last.get("world_size")),
         "latest_checkpoint": paths.latest_name(), "wandb_run_id": read_run_id(paths), **_eval_info(paths, rows),
         "ranks": ranks_of(last), "straggler": straggler_of(last),  # (the last logged window's)
+        "world_sizes": _world_history(train_rows), "dropped_slots": _dropped_slots(paths),
     }  # fmt: skip
     if failure is not None:  # the last launch failed: say who, why, and where to read more
         info["failure"] = f"rank {failure.rank}: {failure.message} (log: {paths.rank_log(failure.rank)})"
@@ -79,6 +80,22 @@ def _saved_config(paths: RunDir) -> Config | None:
         return load_config(paths.config)
     except ConfigError:
         return None  # a config that no longer reads: the state is told without it
+
+
+def _world_history(rows: list[dict[str, Any]]) -> list[dict[str, int]]:
+    """Each world size the run trained on, from the step of its first logged row: ``[{"step", "world_size"}]``."""
+    history: list[dict[str, int]] = []
+    for row in rows:
+        world = row.get("world_size")
+        if isinstance(world, (int, float)) and (not history or history[-1]["world_size"] != world):
+            history.append({"step": int(row.get("step", 0)), "world_size": int(world)})
+    return history
+
+
+def _dropped_slots(paths: RunDir) -> list[dict[str, Any]]:
+    """The device slots the local launcher left out (elastic capacity), oldest first."""
+    keys = ("slot", "attempt", "reason", "world_size")
+    return [{k: e.get(k) for k in keys} for e in read_lines(paths.launch_events) if e["event"] == "slot-dropped"]
 
 
 def _count(value: object) -> object:
@@ -132,6 +149,10 @@ def _text(key: str, value: Any) -> str:
         )
     if key == "straggler":
         return f"rank {value['rank']} (its compute is {value['ratio']:g}x the median of the other ranks')"
+    if key == "world_sizes":
+        return ", then ".join(f"{w['world_size']} from step {w['step']}" for w in value) or "-"
+    if key == "dropped_slots":
+        return "; ".join(f"slot {d['slot']} before attempt {d['attempt']} ({d['reason']})" for d in value) or "-"
     if key == "best":
         return f"eval/{value['metric']} {value['value']:.6g} at step {value['step']} ({value['checkpoint']})"
     return str(value)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import enum
 import logging
 import sys
+import time
 from collections.abc import Callable
 
+from orchestrator.capacity import Capacity, Drop
 from orchestrator.launcher import LocalLauncher, PrestartedGroup, SignalRelay
 from orchestrator.outcome import RunResult
 from workers.config import Config
 from workers.contract import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from workers.fsutil import RunDirLock
+from workers.fsutil import RunDirLock, append_line
 from workers.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
@@ -42,6 +44,17 @@ def decide(result: RunResult, stop_requested: bool, restarts: int, max_restarts:
     return Verdict.RESTART
 
 
+def _dropped(paths: RunDir, drop: Drop, attempt: int) -> None:
+    """Say (console and the run's event log) that the next attempt runs without ``drop.slot``."""
+    log.warning("%s", drop.describe())
+    try:
+        row = {"event": "slot-dropped", "time": time.time(), "attempt": attempt, "slot": drop.slot,
+               "reason": drop.reason, "slots": list(drop.slots), "world_size": len(drop.slots)}  # fmt: skip
+        append_line(paths.launch_events, row)
+    except OSError as exc:  # a full disk must not turn a drop into a crash of the launcher
+        log.error("cannot record the dropped slot in %s: %s", paths.launch_events, exc)
+
+
 _PORT_RETRIES = 3  # starts again on a new port when rank 0 could not listen on the one picked (a race, not a fault)
 
 
@@ -57,6 +70,7 @@ def run_with_restarts(
     ``undo``: called, with the lock still held, when the *first* attempt ends in a usage error (bad input found by
     the workers leaves the run dir as it was; a later attempt's usage error leaves the run's own progress alone)."""
     restarts, prestarted, port_retries = 0, group, 0
+    capacity = Capacity.of(cfg)
     # One signal relay for all attempts: a Ctrl-C during a teardown or between attempts still means "stop".
     with SignalRelay() as relay:
         while True:
@@ -64,11 +78,11 @@ def run_with_restarts(
             log.log(
                 logging.INFO if restarts else logging.DEBUG,
                 "launching %d worker(s), run dir %s%s",
-                cfg.launch.nproc,
+                len(capacity.slots),
                 paths.root,
                 f" (restart {restarts}/{cfg.launch.max_restarts})" if restarts else "",
             )
-            result = LocalLauncher(cfg, paths, cfg.launch.nproc, attempt=restarts, lock=lock).run(relay, prestarted)
+            result = LocalLauncher(cfg, paths, capacity.slots, attempt=restarts, lock=lock).run(relay, prestarted)
             prestarted = None
             if result.port_taken and port_retries < _PORT_RETRIES and not relay.count:
                 port_retries += 1  # not a restart: the group never rendezvoused, so nothing ran
@@ -83,8 +97,13 @@ def run_with_restarts(
                     undo()
                 print(f"orchestrator: error: {result.root_cause.error.detail}", file=sys.stderr)
                 return EXIT_USAGE
+            drop = capacity.observe(result) if not relay.count else None
             print(result.report(), file=sys.stderr)
             if verdict is Verdict.FAILED:
+                if not relay.count and (repeated := capacity.repeated()):
+                    print(f"the repeated cause: {repeated}", file=sys.stderr)
                 return EXIT_FAILED
             restarts += 1
+            if drop is not None:
+                _dropped(paths, drop, restarts)
             log.warning("restarting the group from the latest checkpoint (%d/%d)", restarts, cfg.launch.max_restarts)

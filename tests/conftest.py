@@ -281,6 +281,8 @@ SUITES: dict[str, tuple[str, ...]] = {
         "test_diagnosis.py",
         "test_contract.py",
         "test_dist.py",
+        "test_elastic.py",
+        "test_capacity.py",
     ),
     "slurm": ("test_slurm.py",),
 }

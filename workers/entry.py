@@ -28,6 +28,7 @@ from workers import slurm_job as slurm
 from workers.config import Config, config_from_dict, load_config, plan_batches
 from workers.contract import (
     ENV_LAUNCHER,
+    ENV_SLOT,
     ENV_TORCHELASTIC_ERROR_FILE,
     EXIT_FAILED,
     EXIT_OK,
@@ -40,6 +41,9 @@ from workers.logsetup import CONSOLE_ONLY, FILE_ONLY, register_stack_dumps, setu
 from workers.preflight import lock_run_dir, preflight, save_resolved_config
 from workers.rundir import RunDir
 from workers.stop import StopFlag, die_with_parent
+
+if typing.TYPE_CHECKING:
+    from workers.dist import DistContext
 
 log = logging.getLogger("workers")
 
@@ -73,9 +77,8 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
     Must be called on all ranks of the job (it joins the process group and takes part in collectives).
     Callers install ``stop`` as early as they can, so a signal during the slow imports is a graceful stop.
     """
-    import torch  # noqa: PLC0415 - keep `python -m workers --help` and config errors torch-free
 
-    from workers.dist import DistContext, check_precision, cpu_threads_per_worker  # noqa: PLC0415
+    from workers.dist import DistContext, check_precision  # noqa: PLC0415
     from workers.heartbeat import NoHeartbeat, heartbeat_for  # noqa: PLC0415
     from workers.train.trainer import Trainer  # noqa: PLC0415
 
@@ -87,11 +90,7 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
         rank = ctx.rank
         plan_batches(cfg, ctx.world_size)  # a bad combination fails before anything is written
         check_precision(cfg.train.precision, ctx.device.type)
-        torch.set_num_threads(cpu_threads_per_worker(ctx.local_world_size, slurm=ctx.source == "slurm"))
-        if cfg.train.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS initialises
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
+        _set_up_process(cfg, ctx)
         if ctx.is_main and start.owns_run_dir:
             lock = lock_run_dir(paths)
             save_resolved_config(cfg, paths)
@@ -166,8 +165,13 @@ def spawned_worker(
     attempt: int,
     report_pipe: Any = None,
     ties: Ties | None = None,
+    slots: tuple[int, ...] | None = None,
 ) -> None:
     """Entry of a worker started by the local launcher (picklable: module-level).
+
+    ``slots``: the device slot of every rank of the group (default: rank r on slot r); this rank's is its
+    ``ORCH_SLOT``. When some slot was dropped, ``CUDA_VISIBLE_DEVICES`` lists the group's devices only, so the
+    local rank indexes them (set before anything touches CUDA: the fork server never does).
 
     ``parent_pid``: the launcher's fork server (it dies with the launcher, and the worker with it); 0: unknown,
     watch whichever process forked this one. ``ties``: the launcher's lifeline and run-dir lock
@@ -181,6 +185,7 @@ def spawned_worker(
         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
         ENV_LAUNCHER: "launcher",
     })  # fmt: skip
+    _take_slot(rank, slots or tuple(range(world_size)))
     cfg = config_from_dict(cfg_dict)
     paths = RunDir(cfg.run.dir)
     start = WorkerStart(
@@ -188,6 +193,29 @@ def spawned_worker(
         counts=(("restarts", float(attempt)),), owns_run_dir=False, print_usage_errors=False, report_pipe=report_pipe,
     )  # fmt: skip
     exit_now(run_worker(cfg, stop, start))
+
+
+def _set_up_process(cfg: Config, ctx: DistContext) -> None:
+    """This process's slot (torchrun, srun: the local rank), threads and determinism, before any work."""
+    import torch  # noqa: PLC0415 - the entry stays torch-free until a worker runs
+
+    from workers.dist import cpu_threads_per_worker  # noqa: PLC0415
+
+    os.environ.setdefault(ENV_SLOT, str(ctx.local_rank))
+    torch.set_num_threads(cpu_threads_per_worker(ctx.local_world_size, slurm=ctx.source == "slurm"))
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS initialises
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _take_slot(rank: int, slots: tuple[int, ...]) -> None:
+    """This rank's ``ORCH_SLOT``; after a drop, the devices of the group's slots only (see :func:`spawned_worker`)."""
+    os.environ[ENV_SLOT] = str(slots[rank])
+    if slots != tuple(range(len(slots))):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(max(slots) + 1)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[s] for s in slots if s < len(devices))
 
 
 def _stop_note(stopped: bool, stop: StopFlag) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -71,6 +72,30 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         tmp.unlink(missing_ok=True)  # a failed write (full disk, a folder in the way) leaves nothing behind
         raise
     fsync_dir(path.parent)
+
+
+def append_line(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` as one JSON line (one small write, fsynced: an event log survives a crash right after)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of an event log, oldest first; a torn or malformed line, or one without an ``event``
+    name, is skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("event"), str):
+                rows.append(row)
+    return rows
 
 
 class RunDirLock:

@@ -16,6 +16,7 @@ Layout (README.md, "Run directory")::
     logs/stacks-<attempt>.txt        every rank's stacks when the launcher judged the attempt hung
     logs/faulthandler-rank-<r>.txt   a rank's own stack dumps (the report's fallback where py-spy cannot read it)
     logs/nccl-trace-rank-<r>         NCCL's flight recorder dump at a collective timeout (GPUs)
+    events.jsonl                     the local launcher's event log (restarts, dropped slots: elastic capacity)
     metrics.jsonl                    one JSON row per logged step
     metrics.attempt-<n>.jsonl        rows of an attempt that died after its last checkpoint (moved aside at restart)
     tracking.json, wandb/            the wandb run id; wandb's own files
@@ -209,6 +210,10 @@ class RunDir:
     @property
     def slurm_jobs(self) -> Path:
         return self.slurm / "jobs.json"
+
+    @property
+    def launch_events(self) -> Path:
+        return self.root / "events.jsonl"
 
     @property
     def slurm_events(self) -> Path:

@@ -17,7 +17,6 @@ import the entry points (they import this module) or the launch side.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -25,6 +24,7 @@ import time
 from typing import Any
 
 from workers.config import Config
+from workers.fsutil import append_line, read_lines
 from workers.rundir import RunDir
 from workers.stop import StopFlag
 
@@ -47,27 +47,12 @@ def record_event(paths: RunDir, event: str, **fields: Any) -> None:
         "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
         **fields,
     }
-    path = paths.slurm_events
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_line(paths.slurm_events, row)
 
 
 def read_events(paths: RunDir) -> list[dict[str, Any]]:
     """The run's SLURM events, oldest first (a torn or malformed line is skipped)."""
-    path = paths.slurm_events
-    rows = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("event"), str):
-                rows.append(row)
-    return rows
+    return read_lines(paths.slurm_events)
 
 
 def restart_counts(paths: RunDir) -> dict[str, float]:

@@ -27,12 +27,16 @@ class _Slowed:
         self.step_sleep_s, self.fail_rank, self.fail_call, self.calls = step_sleep_s, fail_rank, fail_call, 0
         self.hold_at_call = hold_at_call
         self.slow_rank: int | None = None  # step_sleep_s on this rank only (None: every rank)
+        self.fail_slot: int | None = None  # every worker on this device slot fails from call fail_call (or 1) on
 
     def loss(self, model, batch):
         self.calls += 1
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # srun sets no RANK
         if self.fail_rank == rank and self.calls == self.fail_call:
             raise RuntimeError(f"injected failure on call {self.calls}")
+        slot = os.environ.get("ORCH_SLOT")
+        if self.fail_slot is not None and slot == str(self.fail_slot) and self.calls >= (self.fail_call or 1):
+            raise RuntimeError(f"device slot {slot} is broken (call {self.calls})")  # whatever rank runs there
         while self.hold_at_call is not None and self.calls >= self.hold_at_call:
             time.sleep(0.05)  # the run stays where it is until the test has seen what it waits for, then kills it
         if self.step_sleep_s and self.slow_rank in (None, rank):
@@ -142,6 +146,7 @@ def quick(
     bad_optimizer: str | None = None,
     batchnorm: bool = False,
     bad_shard_units: bool = False,
+    fail_slot: int | None = None,
     **kwargs,
 ):
     if audit_dir:
@@ -159,6 +164,7 @@ def quick(
     task = cls(task, step_sleep_s, fail_rank, fail_call, hold_at_call)
     task.slow_eval = (slow_eval_after, slow_eval_s, slow_eval_marker)
     task.slow_rank = slow_rank
+    task.fail_slot = fail_slot
     if batchnorm:  # a BatchNorm layer after the first projection (train.sync_batchnorm on a GPU)
         inner = task.model
         task.model = task.inner.model = torch.nn.Sequential(inner[0], torch.nn.BatchNorm1d(inner[0].out_features),

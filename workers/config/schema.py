@@ -221,9 +221,17 @@ class LaunchConfig:
     # A rank whose heartbeat stops, or whose step stops advancing, for this long is hung: the group is torn
     # down (and restarted when launch.max_restarts allows). 0 disables the watch.
     hang_timeout_s: float = 300.0
+    # Elastic capacity (local): a device slot whose worker fails two attempts in a row is dropped and the group
+    # restarts on the others, down to this many workers. None: --nproc (never drop).
+    min_nproc: int | None = None
 
     def __post_init__(self) -> None:
         check_range("launch.nproc", self.nproc, 1, 1024)
+        if self.min_nproc is not None:
+            check_range("launch.min_nproc", self.min_nproc, 1, 1024)
+            if self.min_nproc > self.nproc:
+                fail("launch.min_nproc", self.min_nproc, f"is above launch.nproc ({self.nproc}, --nproc)",
+                     f"use at most {self.nproc}, or more workers")  # fmt: skip
         check_range("launch.max_restarts", self.max_restarts, 0, 100_000)
         check_choice("launch.device", self.device, ("auto", "cpu", "cuda"))
         check_range("launch.collective_timeout_s", self.collective_timeout_s, 1.0, 7 * _DAY_S)
