@@ -54,13 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="run a config on SLURM (through submitit); prints the job id")
     submit.add_argument("config", help="the run's YAML config")
-    submit.add_argument("--nodes", type=int, default=None, help="nodes (default: slurm.nodes)")
+    submit.add_argument(
+        "--nodes", default=None, metavar="N|MIN-MAX",
+        help="nodes, or a range: the job runs on whatever SLURM grants in it, and a requeued job on whatever it "
+        "gets then (default: slurm.nodes)",
+    )  # fmt: skip
     submit.add_argument(
         "--tasks-per-node", type=int, default=None, help="workers per node (default: slurm.tasks_per_node, or G)"
     )
     submit.add_argument("--gpus-per-node", type=int, default=None, metavar="G", help="GPUs per node")
     submit.add_argument("--partition", default=None, help="SLURM partition (default: slurm.partition)")
     submit.add_argument("--time", type=int, default=None, metavar="MIN", help="time limit per job, minutes")
+    submit.add_argument(
+        "--max-restarts", type=int, default=None, metavar="N",
+        help="requeues after a failed job step: a crashed rank, a lost node (default: launch.max_restarts)",
+    )  # fmt: skip
     submit.add_argument("--wait", action="store_true", help="follow the job to its end, streaming rank 0's log")
     submit.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     cancel = sub.add_parser("cancel", help="cancel a run's SLURM job(s)")
@@ -156,6 +164,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator import slurm_submit as slurm  # noqa: PLC0415
+    from workers.config import check_node_range  # noqa: PLC0415
     from workers.preflight import preflight, save_resolved_config  # noqa: PLC0415
 
     flags = {
@@ -165,8 +174,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.gpus_per_node and args.tasks_per_node is None:
         flags["tasks_per_node"] = args.gpus_per_node  # one task per GPU
     overrides = list(args.overrides) + [f"slurm.{k}={v}" for k, v in flags.items() if v is not None]
+    overrides += [f"launch.max_restarts={args.max_restarts}"] if args.max_restarts is not None else []
     cfg = load_config(args.config, overrides)
     paths = RunDir(cfg.run.dir)
+    check_node_range(cfg)  # every world size the range can produce divides the batch (no cluster needed to say so)
     slurm.require_slurm()
     slurm.require_controller()
     preflight(cfg, paths, cfg.slurm.world_size)

@@ -149,6 +149,8 @@ def _text(key: str, value: Any) -> str:
         )
     if key == "straggler":
         return f"rank {value['rank']} (its compute is {value['ratio']:g}x the median of the other ranks')"
+    if key == "history":
+        return "".join(f"\n  {line}" for line in value) or "-"
     if key == "world_sizes":
         return ", then ".join(f"{w['world_size']} from step {w['step']}" for w in value) or "-"
     if key == "dropped_slots":

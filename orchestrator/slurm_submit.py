@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.config import Config
+from workers.config import Config, SlurmConfig
 from workers.contract import EXIT_FAILED, EXIT_OK, first_failure
 from workers.entry import SlurmJob
 from workers.errors import ClusterRefusedError
@@ -180,16 +181,21 @@ def _executor(cfg: Config, paths: RunDir) -> Any:
     executor = submitit.SlurmExecutor(folder=paths.submitit_job("%j"), max_num_timeout=s.max_timeouts)
     params: dict[str, Any] = {
         "job_name": s.job_name or paths.root.resolve().name,
-        "nodes": s.nodes,
-        "ntasks_per_node": s.tasks_per_node,
         "cpus_per_task": s.cpus_per_task,
         "time": s.time_min,
         "signal_delay_s": s.signal_delay_s,
-        # A task that fails takes the step down at once: the other ranks don't wait out the collective timeout.
-        "srun_args": ["--kill-on-bad-exit=1"],
+        **_shape(s),
         # The notice signal (submitit would set USR2 from its own env var) and requeueability, whatever the
         # cluster's default; then the user's own sbatch options, which win.
-        "additional_parameters": {"signal": f"{s.signal}@{s.signal_delay_s}", "requeue": True, **s.additional},
+        "additional_parameters": {
+            "signal": f"{s.signal}@{s.signal_delay_s}",
+            "requeue": True,
+            **_node_range(s),
+            **s.additional,
+        },
+        # After the step: a failure no rank could report (a SIGKILLed rank, a lost node) requeues the job up to
+        # launch.max_restarts times, on whatever node count SLURM grants then (workers/slurm_exit.py).
+        "teardown": _requeue_on_failure(paths),
     }
     optional = {
         "gpus_per_node": s.gpus_per_node or None, "mem": f"{s.mem_gb:g}G" if s.mem_gb else None,
@@ -199,6 +205,31 @@ def _executor(cfg: Config, paths: RunDir) -> Any:
     params.update({k: v for k, v in optional.items() if v is not None})
     executor.update_parameters(**params)
     return executor
+
+
+def _shape(s: SlurmConfig) -> dict[str, Any]:
+    """Nodes and tasks. A fixed node count asks sbatch for ``--ntasks-per-node``. A range must not: SLURM then
+    grants its minimum; it grants as many nodes as it can when each node is asked for CPUs instead (``--mincpus``,
+    :func:`_node_range`), and the step places the tasks (``srun --ntasks-per-node``)."""
+    # A task that fails takes the step down at once: the other ranks don't wait out the collective timeout.
+    srun = ["--kill-on-bad-exit=1"]
+    # (submitit counts tasks with "nodes": its largest value; the sbatch line gets the range)
+    if s.min_nodes == s.max_nodes:
+        return {"nodes": s.max_nodes, "ntasks_per_node": s.tasks_per_node, "srun_args": srun}
+    return {"nodes": s.max_nodes, "srun_args": [*srun, f"--ntasks-per-node={s.tasks_per_node}"]}
+
+
+def _node_range(s: SlurmConfig) -> dict[str, Any]:
+    """The sbatch options of a node range (see :func:`_shape`); none for a fixed node count."""
+    if s.min_nodes == s.max_nodes:
+        return {}
+    return {"nodes": f"{s.min_nodes}-{s.max_nodes}", "mincpus": s.tasks_per_node * s.cpus_per_task}
+
+
+def _requeue_on_failure(paths: RunDir) -> list[str]:
+    """The batch script's lines after ``srun``: hand the step's exit status to the job side's failure handling."""
+    command = shlex.join([sys.executable, "-m", "workers.slurm_exit", str(paths.root.resolve())])
+    return ["ORCH_STEP_STATUS=$?", f'{command} "$ORCH_STEP_STATUS"']
 
 
 def submit(cfg: Config, paths: RunDir) -> str:
@@ -302,6 +333,9 @@ def failure_report(paths: RunDir, job: dict[str, Any], state: JobState) -> str:
     if events and events[-1]["event"] == "timeout-cap":
         saved = events[-1].get("saved_step", "?")
         lines.append(f"the job reached its time limit too often (slurm.max_timeouts); last saved step {saved}")
+    if events and events[-1]["event"] == "failed" and not events[-1].get("requeued"):
+        lines.append(f"not requeued: {events[-1].get('why')}")
+        lines += [f"  {h}" for h in ["history:", *history(events)]]
     submitit_logs = f"  {job.get('submitit_dir')}/<job>_<task>_log.err|out"
     lines += ["", "logs:", f"  {paths.logs}/rank-<r>.log", submitit_logs]
     if not error:  # nothing of ours ran far enough to write an error file: show the task's own stderr
@@ -340,6 +374,24 @@ class LogFollower:
 def log_offset(paths: RunDir) -> int:
     path = paths.rank_log(0)
     return path.stat().st_size if path.exists() else 0
+
+
+def history(events: list[dict[str, Any]]) -> list[str]:
+    """The run's SLURM history, one line per job incarnation's start and end (world size changes, failures and
+    requeues included), oldest first."""
+    lines = []
+    for e in events:
+        at = f"job {e.get('job_id')} (requeue {e.get('restart', 0)})"
+        if e["event"] == "start":
+            lines.append(f"{at}: started on {e.get('nodes')}, world size {e.get('world_size')}")
+        elif e["event"] == "failed":
+            then = "requeued" if e.get("requeued") else "not requeued"
+            lines.append(f"{at}: failed — {e.get('error')}; {then} ({e.get('why')})")
+        elif e["event"] == "requeue":
+            lines.append(f"{at}: {e.get('kind')} notice, saved step {e.get('saved_step')}; requeued")
+        else:
+            lines.append(f"{at}: {e['event']}" + (f" at step {e['step']}" if "step" in e else ""))
+    return lines
 
 
 def follow(paths: RunDir, job_id: str, offset: int = 0, poll_s: float = 1.0) -> int:
@@ -399,6 +451,7 @@ def status_info(paths: RunDir) -> dict[str, Any]:
         "preemptions": sum(1 for e in requeues if e.get("kind") == "preemption"),
         "timeouts": sum(1 for e in requeues if e.get("kind") == "timeout"),
     }
+    info["history"] = history(events)
     mine = [e for e in events if e.get("job_id") == latest["job_id"]]
     if state.state == "UNKNOWN":
         pass  # nothing can be said about the outcome

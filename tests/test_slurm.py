@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import (
     EVERY,
@@ -254,6 +255,10 @@ def test_bad_submissions_exit_2_and_leave_nothing(tmp_path):
         (["--nodes", "5"], "not divisible by world size 5"),
         (["slurm.signal=TERM"], "config key 'slurm.signal' = 'TERM': must be one of USR1, USR2"),
         (["slurm.nodez=2"], "did you mean 'slurm.nodes'?"),
+        (["--nodes", "3-1"], "config key 'slurm.nodes' = '3-1': runs backwards (MIN above MAX). HINT: write 1-3"),
+        (["--nodes", "0-2"], "'slurm.nodes' = '0-2': asks for 0 nodes"),
+        (["--nodes", "1-5"], "with 5 node(s) x 1 task(s) the world size would not divide data.global_batch_size 24"),
+        (["--nodes", "1-2", "launch.min_nproc=0"], "'launch.min_nproc' = 0: must be in [1, 1024]"),
     ):
         proc = submit(run, *args, wait=False)
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
@@ -293,3 +298,109 @@ def test_a_controller_that_does_not_answer_is_named_as_such(trouble, tmp_path):
     assert "SLURM controller" in proc.stderr and f"SLURM_CONF={conf}" in proc.stderr, proc.stderr
     assert "partition" not in proc.stderr and "account" not in proc.stderr
     assert not run.exists()
+
+
+# ---------------------------------------------------------------- elastic capacity: node ranges, failures requeue
+
+ELASTIC = ["--nodes", "1-2", "--tasks-per-node", "1", *SLOW]
+
+
+def _rank_pid(job: str, rank: int) -> int:
+    """The pid of the training process of ``rank`` of the running job (srun's task, running submitit's entry)."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            environ = proc.environ()
+        except psutil.Error:
+            continue
+        if (
+            environ.get("SLURM_JOB_ID") == job
+            and environ.get("SLURM_PROCID") == str(rank)
+            and ("submitit" in " ".join(proc.info["cmdline"] or []))
+        ):
+            return proc.pid
+    raise AssertionError(f"no process of rank {rank} of job {job}")
+
+
+def _follow(run: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "orchestrator", "submit", "configs/quickstart.yaml", f"run.dir={run}", *QUICK]
+    return subprocess.Popen([*cmd, "slurm.time_min=10", *args, "--wait"], env=env(), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _kill_rank_after_first_checkpoint(run: Path, proc: subprocess.Popen, rank: int) -> str:
+    wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
+    job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
+    assert proc.poll() is None
+    os.kill(_rank_pid(job, rank), 9)
+    return job
+
+
+def test_a_node_range_job_runs_on_every_node_it_gets_and_a_killed_rank_requeues_it_bitwise(refs, tmp_path):
+    run = tmp_path / "run"
+    proc = _follow(run, *ELASTIC, "--max-restarts", "2")
+    try:
+        job = _kill_rank_after_first_checkpoint(run, proc, 1)
+        _, err = proc.communicate(timeout=240)  # --wait follows the job through its requeue to the end
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    got = [(e["event"], e["restart"], e.get("world_size"), e.get("requeued")) for e in events(run)]
+    assert got == [
+        ("start", 0, 2, None), ("failed", 0, None, True), ("start", 1, 2, None), ("completed", 1, None, None)
+    ]  # fmt: skip
+    assert events(run)[0]["nodes"] == events(run)[2]["nodes"] == "n[1-2]"  # both nodes, before and after
+    assert "a rank was killed, or a node was lost" in events(run)[1]["error"]
+    assert slurm_state(job) == "COMPLETED"
+    assert_same_as(run, refs[2])  # the requeued job resumed from checkpoint 4 on 2 nodes: bitwise
+    assert any("failed" in line and "requeued (restart 1/2)" in line for line in status(run)["history"])
+
+
+def test_a_lost_node_leaves_the_job_to_finish_on_the_node_it_still_has(refs, tmp_path):
+    run = tmp_path / "run"
+    proc = _follow(run, *ELASTIC, "--max-restarts", "1")
+    try:
+        wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=orch-test"], check=True)
+        job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
+        os.kill(_rank_pid(job, 1), 9)  # rank 1 runs on n2 (SLURM fills the nodes in order)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    starts = [(e["restart"], e["world_size"], e["nodes"]) for e in events(run) if e["event"] == "start"]
+    assert starts == [(0, 2, "n[1-2]"), (1, 1, "n1")]
+    assert rel_diff(load(run), load(refs[2])) <= 1e-5  # the same global stream, on 2 then 1 rank
+    assert consumed_sequence(run) == consumed_sequence(refs[2])
+    worlds = [r["world_size"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert worlds[0] == 2 and worlds[-1] == 1 and sorted(worlds, reverse=True) == worlds
+    info = status(run)
+    assert [w["world_size"] for w in info["world_sizes"]] == [2, 1] and info["world_size"] == 1
+    wait_until(lambda: "idle" in subprocess.run(["sinfo", "-h", "-n", "n2", "-o", "%t"], capture_output=True,
+                                                 text=True).stdout, 60, "n2 idle again")  # fmt: skip
+
+
+def test_a_job_that_keeps_failing_ends_failed_when_its_restarts_are_spent(tmp_path):
+    run = tmp_path / "run"
+    # rank 1 raises at its 5th micro-step (step 3, before any checkpoint) in every incarnation
+    proc = submit(run, *ELASTIC, "--max-restarts", "1", "task.args.fail_rank=1", "task.args.fail_call=5")
+    assert proc.returncode == 1, proc.stderr
+    failed = [(e["restart"], e["requeued"], e["why"]) for e in events(run) if e["event"] == "failed"]
+    assert failed == [(0, True, "restart 1/1"), (1, False, "launch.max_restarts=1 spent")]
+    assert "not requeued: launch.max_restarts=1 spent" in proc.stderr
+    history = status(run)["history"]
+    assert len(history) == 4 and "injected failure on call 5; requeued" in history[1], history
+    assert "not requeued (launch.max_restarts=1 spent)" in history[3]
+    assert "rank 1 failed first: RuntimeError: injected failure on call 5" in status(run)["failure"]
+
+
+def test_an_unusable_checkpoint_found_by_the_job_never_requeues(tmp_path):
+    run, junk = tmp_path / "run", tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")  # submit checks that it exists; only the job can read it
+    proc = submit(run, *ELASTIC, "--max-restarts", "3", f"train.init_from={junk}")
+    assert proc.returncode == 1, proc.stderr
+    failed = [e for e in events(run) if e["event"] == "failed"]
+    assert len(failed) == 1 and not failed[0]["requeued"] and failed[0]["why"].startswith("not retryable ("), failed
+    assert [e["event"] for e in events(run)].count("start") == 1

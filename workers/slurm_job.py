@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from workers.config import Config
+from workers.contract import ErrorRecord
 from workers.fsutil import append_line, read_lines
 from workers.rundir import RunDir
 from workers.stop import StopFlag
@@ -143,3 +144,51 @@ def on_finish(cfg: Config, paths: RunDir, stop: StopFlag, step: int, stop_reason
         kind, job, stop.describe(), step, step + 1,
     )  # fmt: skip
     return 0
+
+
+# Events that say how an incarnation of the job ended, written while it ended knowingly (see :func:`on_exit`).
+_ENDINGS = ("completed", "stopped", "requeue", "requeue-failed", "timeout-cap", "failed")
+
+
+def _own_failure(paths: RunDir, job: str | None, since: float) -> ErrorRecord | None:
+    """The first error record of this incarnation of the job that is a failure of its own — not a rank that only
+    saw its peer vanish (then the rank that vanished wrote nothing: killed, or its node lost)."""
+    records = [e for p in paths.error_files() if (e := ErrorRecord.read(p)) is not None]
+    own = [e for e in records if e.job_id == job and e.time >= since and not e.lost_peer]
+    return min(own, key=lambda e: e.time) if own else None
+
+
+def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
+    """The batch script, after its job step (``srun``) ended with ``step_status``: when the step failed without
+    saying so itself — a crashed or OOM-killed rank, a lost node — record the failure in the events and requeue the
+    job (``scontrol requeue``: the same job id, a new allocation of whatever node count SLURM grants in the range)
+    up to ``launch.max_restarts`` times. A usage error or an unusable checkpoint never requeues. Nothing new is
+    saved: the requeued job resumes from the last committed checkpoint. Returns whether it requeued."""
+    job, restart = job_id(), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    mine = [e for e in read_events(paths) if e.get("job_id") == job and e.get("restart", 0) == restart]
+    if step_status == 0 or any(e["event"] in _ENDINGS for e in mine):
+        return False  # it ended well, or a rank already said how it ended (a notice's requeue, a stop, ...)
+    started = min((float(e.get("time", 0)) for e in mine if e["event"] == "start"), default=0.0)
+    failure = _own_failure(paths, job, started)
+    spent = sum(1 for e in read_events(paths) if e.get("job_id") == job and e["event"] == "failed" and e["requeued"])
+    unreported = f"the job step ended with status {step_status}: a rank was killed, or a node was lost"
+    fields: dict[str, Any] = {
+        "step_status": step_status, "rank": failure.rank if failure else None,
+        "error": failure.message if failure else unreported, "kind": failure.kind.value if failure else None,
+        "nodes": os.environ.get("SLURM_JOB_NODELIST"), "restarts_spent": spent,
+    }  # fmt: skip
+    if failure is not None and not failure.kind.retryable:
+        record_event(paths, "failed", requeued=False, why=f"not retryable ({failure.kind.value})", **fields)
+        return False
+    if spent >= cfg.launch.max_restarts:
+        why = f"launch.max_restarts={cfg.launch.max_restarts} spent"
+        record_event(paths, "failed", requeued=False, why=why, **fields)
+        log.error("job %s failed (%s); %s: not requeued", job, fields["error"], why)
+        return False
+    record_event(paths, "failed", requeued=True, why=f"restart {spent + 1}/{cfg.launch.max_restarts}", **fields)
+    try:  # (recorded first: SLURM may end this script the moment the requeue is accepted)
+        subprocess.run(["scontrol", "requeue", job or "?"], capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        record_event(paths, "requeue-failed", error=str(getattr(exc, "stderr", "") or exc).strip())
+        return False
+    return True

@@ -10,7 +10,13 @@ Torch-free, so config errors are found before torch is imported. Imports only th
 
 from workers.config.diff import config_changes
 from workers.config.loader import config_from_dict, dump_config, load_config
-from workers.config.plan import BatchPlan, check_not_past_the_end, check_resume_compatible, plan_batches
+from workers.config.plan import (
+    BatchPlan,
+    check_node_range,
+    check_not_past_the_end,
+    check_resume_compatible,
+    plan_batches,
+)
 from workers.config.schema import (
     Config,
     DataConfig,
@@ -27,6 +33,7 @@ from workers.errors import ConfigError
 
 __all__ = [
     "BatchPlan", "Config", "ConfigError", "DataConfig", "EvalConfig", "LaunchConfig", "OptimConfig", "RunConfig",
-    "SlurmConfig", "TaskConfig", "TrackingConfig", "TrainConfig", "check_not_past_the_end", "check_resume_compatible",
+    "SlurmConfig", "TaskConfig", "TrackingConfig", "TrainConfig", "check_node_range", "check_not_past_the_end",
+    "check_resume_compatible",
     "config_changes", "config_from_dict", "dump_config", "load_config", "plan_batches",
 ]  # fmt: skip

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from workers.config.schema import Config, fail
 from workers.contract import TrainState
+from workers.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,30 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
             f"use a multiple of {world_size * accum}, or change --nproc / train.grad_accum_steps",
         )
     return BatchPlan(world_size, gbs, gbs // world_size, gbs // (world_size * accum), accum)
+
+
+def check_node_range(cfg: Config) -> None:
+    """Every node count of ``slurm.nodes`` (a range: elastic) must give a world size the batch plan allows: a job
+    granted any of them must be able to train. ConfigError naming the node counts that would fail."""
+    s = cfg.slurm
+    if s.min_nodes == s.max_nodes:
+        return  # one world size: the batch plan's own check names it
+    bad = []
+    for nodes in range(s.min_nodes, s.max_nodes + 1):
+        try:
+            plan_batches(cfg, nodes * s.tasks_per_node)
+        except ConfigError:
+            bad.append(nodes)
+    if not bad:
+        return
+    good = [n for n in range(s.min_nodes, s.max_nodes + 1) if n not in bad]
+    fail(
+        "slurm.nodes", s.nodes,
+        f"with {', '.join(map(str, bad))} node(s) x {s.tasks_per_node} task(s) the world size would not divide "
+        f"data.global_batch_size {cfg.data.global_batch_size} (with its micro-batches)",
+        f"use node counts that divide it ({', '.join(map(str, good))})" if good
+        else "change data.global_batch_size or --tasks-per-node",
+    )  # fmt: skip
 
 
 def check_resume_compatible(cfg: Config, saved: TrainState, where: str, dataset_len: int | None = None) -> None:

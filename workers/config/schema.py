@@ -289,7 +289,9 @@ class TrackingConfig:
 class SlurmConfig:
     """How ``orchestrator submit`` asks SLURM for an allocation (one task per GPU, or per CPU worker)."""
 
-    nodes: int = 1
+    # nodes: N, or a range "MIN-MAX" (SLURM's syntax): the job runs on whatever SLURM grants in it, and a requeued
+    # job on whatever it gets then (elastic capacity); every world size in the range must divide the batch.
+    nodes: int | str = 1
     tasks_per_node: int = 1  # = workers per node; with GPUs, one per GPU
     gpus_per_node: int = 0
     cpus_per_task: int = 1  # also the intra-op threads of each worker
@@ -310,8 +312,9 @@ class SlurmConfig:
     setup: tuple[str, ...] = ()  # shell lines run in the batch script before srun (module load ..., source venv)
 
     def __post_init__(self) -> None:
-        for key, high in (("nodes", 100_000), ("tasks_per_node", 1024), ("cpus_per_task", 4096), ("time_min", 525_600)):
-            check_range(f"slurm.{key}", getattr(self, key), 1, high)
+        check_range("slurm.nodes", node_range(self.nodes)[1], 1, 100_000)
+        for key, top in (("tasks_per_node", 1024), ("cpus_per_task", 4096), ("time_min", 525_600)):
+            check_range(f"slurm.{key}", getattr(self, key), 1, top)
         check_range("slurm.gpus_per_node", self.gpus_per_node, 0, 64)
         check_range("slurm.mem_gb", self.mem_gb, 0.0, 1e6)
         check_range("slurm.signal_delay_s", self.signal_delay_s, 0, int(_DAY_S))
@@ -319,8 +322,41 @@ class SlurmConfig:
         check_choice("slurm.signal", self.signal, ("USR1", "USR2"))
 
     @property
+    def min_nodes(self) -> int:
+        return node_range(self.nodes)[0]
+
+    @property
+    def max_nodes(self) -> int:
+        return node_range(self.nodes)[1]
+
+    @property
     def world_size(self) -> int:
-        return self.nodes * self.tasks_per_node
+        """The world size of a job granted every node it may get (``max_nodes``)."""
+        return self.max_nodes * self.tasks_per_node
+
+    @property
+    def world_sizes(self) -> tuple[int, ...]:
+        """Every world size a job of this node range may run with, smallest first."""
+        return tuple(n * self.tasks_per_node for n in range(self.min_nodes, self.max_nodes + 1))
+
+
+_NODE_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def node_range(nodes: int | str) -> tuple[int, int]:
+    """``slurm.nodes`` as (MIN, MAX): an int N is (N, N); ``"MIN-MAX"`` is SLURM's range. ConfigError otherwise."""
+    if isinstance(nodes, int):
+        check_range("slurm.nodes", nodes, 1, 100_000)
+        return nodes, nodes
+    found = _NODE_RANGE.match(nodes)
+    if found is None:
+        fail("slurm.nodes", nodes, "is not a node count or a range MIN-MAX", "write e.g. 2 or 1-4")
+    low, high = int(found[1]), int(found[2] or found[1])
+    if low < 1:
+        fail("slurm.nodes", nodes, "asks for 0 nodes", f"a range starts at 1 or more, e.g. 1-{max(high, 1)}")
+    if low > high:
+        fail("slurm.nodes", nodes, "runs backwards (MIN above MAX)", f"write {high}-{low}")
+    return low, high
 
 
 @dataclass(frozen=True)
