@@ -356,14 +356,19 @@ def test_a_node_range_job_runs_on_every_node_it_gets_and_a_killed_rank_requeues_
     assert any("failed" in line and "requeued (restart 1/2)" in line for line in status(run)["history"])
 
 
-def test_a_lost_node_leaves_the_job_to_finish_on_the_node_it_still_has(refs, tmp_path):
+def test_a_lost_node_leaves_the_job_on_the_node_it_has_and_it_grows_back_when_the_node_returns(refs, tmp_path):
     run = tmp_path / "run"
-    proc = _follow(run, *ELASTIC, "--max-restarts", "1")
+    proc = _follow(run, *ELASTIC, "--max-restarts", "2")
     try:
         wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
         subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=orch-test"], check=True)
         job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
-        os.kill(_rank_pid(job, 1), 9)  # rank 1 runs on n2 (SLURM fills the nodes in order)
+        os.kill(_rank_pid(job, 1), 9)  # rank 1 runs on n2 (SLURM fills the nodes in order): n2 is "lost"
+        # The requeued job runs on n1 alone; once it has saved again, n2 comes back and the job's one rank dies:
+        # the next incarnation gets both nodes again.
+        wait_until(lambda: latest_name(run) == f"step-{2 * EVERY:08d}", what="a checkpoint on one node")
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=True)
+        os.kill(_rank_pid(job, 0), 9)
         _, err = proc.communicate(timeout=240)
     finally:
         subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
@@ -371,13 +376,15 @@ def test_a_lost_node_leaves_the_job_to_finish_on_the_node_it_still_has(refs, tmp
             proc.kill()
     assert proc.returncode == 0, err
     starts = [(e["restart"], e["world_size"], e["nodes"]) for e in events(run) if e["event"] == "start"]
-    assert starts == [(0, 2, "n[1-2]"), (1, 1, "n1")]
-    assert rel_diff(load(run), load(refs[2])) <= 1e-5  # the same global stream, on 2 then 1 rank
+    assert starts == [(0, 2, "n[1-2]"), (1, 1, "n1"), (2, 2, "n[1-2]")]
+    assert rel_diff(load(run), load(refs[2])) <= 1e-5  # the same global stream, on 2, then 1, then 2 ranks
     assert consumed_sequence(run) == consumed_sequence(refs[2])
-    worlds = [r["world_size"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
-    assert worlds[0] == 2 and worlds[-1] == 1 and sorted(worlds, reverse=True) == worlds
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    worlds = [(r["step"], r["world_size"]) for r in rows]
+    assert {w for s, w in worlds if s <= EVERY} == {2} and {w for s, w in worlds if EVERY < s <= 2 * EVERY} == {1}
+    assert {w for s, w in worlds if s > 2 * EVERY} == {2}
     info = status(run)
-    assert [w["world_size"] for w in info["world_sizes"]] == [2, 1] and info["world_size"] == 1
+    assert [w["world_size"] for w in info["world_sizes"]] == [2, 1, 2] and info["world_size"] == 2
     wait_until(lambda: "idle" in subprocess.run(["sinfo", "-h", "-n", "n2", "-o", "%t"], capture_output=True,
                                                  text=True).stdout, 60, "n2 idle again")  # fmt: skip
 
