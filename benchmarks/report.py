@@ -352,6 +352,36 @@ def diagnosis_section(r: dict | None) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", summary
 
 
+def elastic_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = (
+        "Elastic capacity: from a lost node or a broken device slot to training again",
+        "python benchmarks/elastic_bench.py --trials 3 --out benchmarks/results/elastic.json",
+    )
+    if r is None:
+        return _missing(title, cmd), []
+    lines, summary = [f"## {title}", "", f"`{cmd}`", ""], []
+    if "slurm" in r:
+        sl, t = r["slurm"], r["slurm"]["summary"]
+        redone = [x["steps_redone"] for x in sl["trials"]]
+        lines += [
+            f"SLURM: {sl['setup']}.", "", "| | seconds |", "|---|---:|",
+            f"| kill → the failure recorded by the batch script | {_mm(t['kill_to_failure_recorded_s'])} |",
+            f"| → the requeued job started (on n1 alone) | {_mm(t['failure_recorded_to_restarted_s'])} |",
+            f"| → its first step (world size 1) | {_mm(t['restarted_to_first_step_s'])} |",
+            f"| kill → training again | {_mm(t['kill_to_first_step_s'])} |", "",
+            f"Steps redone (logged before the kill, after the last checkpoint): {redone}; samples skipped or seen "
+            f"twice: {sl['samples_skipped_or_repeated']}. Most of the time is SLURM's requeue and scheduling.", "",
+        ]  # fmt: skip
+        summary.append(f"| node loss on SLURM → training again | – | {t['kill_to_first_step_s']['median']:.1f} s | "
+                       f"{max(sl['samples_skipped_or_repeated'])} samples skipped |")  # fmt: skip
+    if "local" in r:
+        lo = r["local"]
+        drop = lo["summary"]["dropped_to_first_step_s"]
+        lines += [f"Local: {lo['setup']}: the slot dropped → the first step on 2 workers: {_mm(drop)} s.", ""]
+        summary.append(f"| broken local slot dropped → training again | – | {drop['median']:.3f} s | |")
+    return "\n".join(lines), summary
+
+
 def render(results: Path) -> str:
     parts, summary = [], []
     sections = [
@@ -366,6 +396,7 @@ def render(results: Path) -> str:
         sharded_section(_load(results, "sharded")),
         chaos_section(_load(results, "chaos-fsdp"), parallel="fsdp"),
         diagnosis_section(_load(results, "diagnosis")),
+        elastic_section(_load(results, "elastic")),
     ]
     for text, rows in sections:
         parts.append(text)

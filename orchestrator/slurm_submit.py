@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.slurm_history import failure_report, history
 from workers.config import Config, SlurmConfig
-from workers.contract import EXIT_FAILED, EXIT_OK, first_failure
+from workers.contract import EXIT_FAILED, EXIT_OK
 from workers.entry import SlurmJob
 from workers.errors import ClusterRefusedError
 from workers.fsutil import atomic_write
@@ -323,35 +324,6 @@ def cancel(paths: RunDir) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------- failures and following
 
 
-def failure_report(paths: RunDir, job: dict[str, Any], state: JobState) -> str:
-    """What a user needs when a job did not complete: its state, the first failing rank's traceback, log paths."""
-    lines = [f"job {job['job_id']} ended {state.describe()}"]
-    error = first_failure(paths, job["job_id"])
-    if error:
-        lines += [f"rank {error.rank} failed first: {error.message}", "", error.traceback.rstrip()]
-    events = [e for e in read_events(paths) if e.get("job_id") == job["job_id"]]
-    if events and events[-1]["event"] == "timeout-cap":
-        saved = events[-1].get("saved_step", "?")
-        lines.append(f"the job reached its time limit too often (slurm.max_timeouts); last saved step {saved}")
-    if events and events[-1]["event"] == "failed" and not events[-1].get("requeued"):
-        lines.append(f"not requeued: {events[-1].get('why')}")
-        lines += [f"  {h}" for h in ["history:", *history(events)]]
-    submitit_logs = f"  {job.get('submitit_dir')}/<job>_<task>_log.err|out"
-    lines += ["", "logs:", f"  {paths.logs}/rank-<r>.log", submitit_logs]
-    if not error:  # nothing of ours ran far enough to write an error file: show the task's own stderr
-        tail = _tail(Path(job.get("submitit_dir", "")) / f"{job['job_id']}_0_log.err", 20)
-        if tail:
-            lines += ["", "task 0 stderr (last lines):", tail]
-    return "\n".join(lines)
-
-
-def _tail(path: Path, n: int) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
 class LogFollower:
     """Prints what is appended to a file (rank 0's log) from a given offset on."""
 
@@ -374,24 +346,6 @@ class LogFollower:
 def log_offset(paths: RunDir) -> int:
     path = paths.rank_log(0)
     return path.stat().st_size if path.exists() else 0
-
-
-def history(events: list[dict[str, Any]]) -> list[str]:
-    """The run's SLURM history, one line per job incarnation's start and end (world size changes, failures and
-    requeues included), oldest first."""
-    lines = []
-    for e in events:
-        at = f"job {e.get('job_id')} (requeue {e.get('restart', 0)})"
-        if e["event"] == "start":
-            lines.append(f"{at}: started on {e.get('nodes')}, world size {e.get('world_size')}")
-        elif e["event"] == "failed":
-            then = "requeued" if e.get("requeued") else "not requeued"
-            lines.append(f"{at}: failed — {e.get('error')}; {then} ({e.get('why')})")
-        elif e["event"] == "requeue":
-            lines.append(f"{at}: {e.get('kind')} notice, saved step {e.get('saved_step')}; requeued")
-        else:
-            lines.append(f"{at}: {e['event']}" + (f" at step {e['step']}" if "step" in e else ""))
-    return lines
 
 
 def follow(paths: RunDir, job_id: str, offset: int = 0, poll_s: float = 1.0) -> int:
@@ -426,7 +380,7 @@ def follow(paths: RunDir, job_id: str, offset: int = 0, poll_s: float = 1.0) -> 
     if state.state == "COMPLETED" and events and events[-1]["event"] == "completed":
         print(f"[submit] job {job_id} completed at step {events[-1].get('step')}: {paths.root}", file=sys.stderr)
         return EXIT_OK
-    print(failure_report(paths, job, state), file=sys.stderr)
+    print(failure_report(paths, job, state.describe()), file=sys.stderr)
     return EXIT_FAILED
 
 
@@ -458,5 +412,5 @@ def status_info(paths: RunDir) -> dict[str, Any]:
     elif state.state == "CANCELLED":
         info["note"] = "cancelled; submit the run again to resume from its latest checkpoint"
     elif state.terminal and not (mine and mine[-1]["event"] == "completed"):
-        info["failure"] = failure_report(paths, latest, state)
+        info["failure"] = failure_report(paths, latest, state.describe())
     return info

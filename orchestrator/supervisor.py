@@ -44,6 +44,30 @@ def decide(result: RunResult, stop_requested: bool, restarts: int, max_restarts:
     return Verdict.RESTART
 
 
+def _announce(cfg: Config, paths: RunDir, nproc: int, restarts: int) -> None:
+    """The first attempt is announced by rank 0's own first line (a usage error then stays one line); a restart here."""
+    log.log(
+        logging.INFO if restarts else logging.DEBUG, "launching %d worker(s), run dir %s%s", nproc, paths.root,
+        f" (restart {restarts}/{cfg.launch.max_restarts})" if restarts else "",
+    )  # fmt: skip
+
+
+def _report_failure(
+    result: RunResult, verdict: Verdict, capacity: Capacity, paths: RunDir, attempt: int, stopped: bool
+) -> bool:
+    """Report a failed attempt; count it against its device slot (which may be dropped before ``attempt``, the
+    next). Returns True when the launch ends here (FAILED), with the slot that kept failing named."""
+    drop = capacity.observe(result) if not stopped else None
+    print(result.report(), file=sys.stderr)
+    if verdict is Verdict.FAILED:
+        if not stopped and (repeated := capacity.repeated()):
+            print(f"the repeated cause: {repeated}", file=sys.stderr)
+        return True
+    if drop is not None:
+        _dropped(paths, drop, attempt)
+    return False
+
+
 def _dropped(paths: RunDir, drop: Drop, attempt: int) -> None:
     """Say (console and the run's event log) that the next attempt runs without ``drop.slot``."""
     log.warning("%s", drop.describe())
@@ -74,14 +98,7 @@ def run_with_restarts(
     # One signal relay for all attempts: a Ctrl-C during a teardown or between attempts still means "stop".
     with SignalRelay() as relay:
         while True:
-            # The first attempt is announced by rank 0's own first line; a usage error then stays one line.
-            log.log(
-                logging.INFO if restarts else logging.DEBUG,
-                "launching %d worker(s), run dir %s%s",
-                len(capacity.slots),
-                paths.root,
-                f" (restart {restarts}/{cfg.launch.max_restarts})" if restarts else "",
-            )
+            _announce(cfg, paths, len(capacity.slots), restarts)
             result = LocalLauncher(cfg, paths, capacity.slots, attempt=restarts, lock=lock).run(relay, prestarted)
             prestarted = None
             if result.port_taken and port_retries < _PORT_RETRIES and not relay.count:
@@ -97,13 +114,7 @@ def run_with_restarts(
                     undo()
                 print(f"orchestrator: error: {result.root_cause.error.detail}", file=sys.stderr)
                 return EXIT_USAGE
-            drop = capacity.observe(result) if not relay.count else None
-            print(result.report(), file=sys.stderr)
-            if verdict is Verdict.FAILED:
-                if not relay.count and (repeated := capacity.repeated()):
-                    print(f"the repeated cause: {repeated}", file=sys.stderr)
+            if _report_failure(result, verdict, capacity, paths, restarts + 1, stopped=relay.count > 0):
                 return EXIT_FAILED
             restarts += 1
-            if drop is not None:
-                _dropped(paths, drop, restarts)
             log.warning("restarting the group from the latest checkpoint (%d/%d)", restarts, cfg.launch.max_restarts)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import cli, launch, load, rel_diff
+from conftest import MAX_STEPS, cli, launch, load, rel_diff, wandb_view
 
 from workers.rundir import RunDir
 
@@ -17,7 +17,8 @@ def test_a_slot_that_keeps_failing_is_dropped_and_the_run_finishes_exactly_on_th
     run = tmp_path / "elastic"
     # Slot 2's worker fails at its 9th micro-step of every attempt: attempt 0 at step 5 (after checkpoint 4), attempt
     # 1 at step 9 (after checkpoint 8): two in a row, so attempt 2 runs on slots 0 and 1 from step 8.
-    proc = launch(run, 3, *ELASTIC, "task.args.fail_call=9", "launch.min_nproc=2", "launch.max_restarts=3")
+    elastic = ["task.args.fail_call=9", "launch.min_nproc=2", "launch.max_restarts=3", "tracking.mode=offline"]
+    proc = launch(run, 3, *ELASTIC, *elastic)
     assert "slot 2 dropped: its worker failed 2 attempts in a row" in proc.stderr
     assert "continuing on 2 worker(s), slots [0, 1]" in proc.stderr
     assert rel_diff(load(run), load(refs[2])) < 1e-5  # the same global stream, on 3 then 2 workers
@@ -27,6 +28,9 @@ def test_a_slot_that_keeps_failing_is_dropped_and_the_run_finishes_exactly_on_th
     events = [json.loads(line) for line in RunDir(run).launch_events.read_text().splitlines()]
     assert [(e["event"], e["slot"], e["world_size"], e["attempt"]) for e in events] == [("slot-dropped", 2, 2, 2)]
     assert "device slot 2 is broken" in events[0]["reason"]
+    _, per_start, _ = wandb_view(run)  # one wandb run across the attempts (it checks the id of every record)
+    steps = [s for start in per_start for s in start]
+    assert len(per_start) >= 2 and steps == [1, *range(2, MAX_STEPS + 1, 2)], per_start  # no gap, no duplicate
     status = json.loads(cli("status", str(run), "--json", check=True).stdout)
     assert status["state"] == "done" and status["world_size"] == 2
     assert [w["world_size"] for w in status["world_sizes"]] == [3, 2] and status["world_sizes"][1]["step"] > 8
