@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a run's SLURM job(s)")
     cancel.add_argument("run_dir")
 
+    from orchestrator.sweep.command import add_parser as add_sweep  # noqa: PLC0415
+
+    add_sweep(sub)
     _add_read_commands(sub)
     return parser
 
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may follow options (`launch cfg.yaml --nproc 2 a.b=1`): argparse leaves those as extras.
     if (
         extra
-        and args.command in ("launch", "resume", "submit", "eval")
+        and args.command in ("launch", "resume", "submit", "eval", "sweep")
         and all("=" in e and not e.startswith("-") for e in extra)
     ):
         args.overrides = list(args.overrides) + extra
@@ -241,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator import evalcmd  # noqa: PLC0415
 
             return evalcmd.run(args)
+        if args.command == "sweep":
+            from orchestrator.sweep.command import cmd_sweep  # noqa: PLC0415
+
+            return cmd_sweep(args)
         if args.command == "stacks":
             from orchestrator import stacks  # noqa: PLC0415
 

@@ -284,6 +284,7 @@ SUITES: dict[str, tuple[str, ...]] = {
         "test_elastic.py",
         "test_capacity.py",
     ),
+    "sweep": ("test_sweep.py", "test_sweep_spec.py"),
     "slurm": ("test_slurm.py",),
 }
 

@@ -65,6 +65,11 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def parse_value(text: str) -> Any:
+    """A value as the config reads it (YAML 1.2 numbers: ``3e-4`` is a float). Raises yaml.YAMLError."""
+    return _yaml(text)
+
+
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)

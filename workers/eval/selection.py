@@ -12,12 +12,15 @@ evals still run and are reported, and nothing is selected (only which step was e
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.config import EvalConfig
 from workers.errors import ConfigError
+
+if TYPE_CHECKING:
+    from workers.eval.pruning import Pruning
 
 DEFAULT_METRIC = "loss"  # selects when eval.metric is unset and the eval produces it (the loss, without evaluate)
 
@@ -54,6 +57,8 @@ class ModelSelection:
     bad_evals: int = 0  # evals since the reference improved (the patience counter)
     ranked: list[tuple[int, float]] = field(default_factory=list)  # checkpointed evals, best first (at most k)
     last_eval: tuple[int, float] | None = None
+    pruning: Pruning | None = None  # a sweep trial's pruner (workers.eval.pruning)
+    pruned: bool = False  # the sweep's pruner stopped this trial (the same on every rank)
 
     def __post_init__(self) -> None:
         self.metric = self.metric or self.cfg.metric
@@ -94,9 +99,23 @@ class ModelSelection:
         steps = {s for s, _ in self.ranked}
         return frozenset(steps | ({self.best_step} if self.best_step is not None else set()))
 
+    def judge(self, step: int, metrics: Mapping[str, float]) -> None:
+        """After each eval, on every rank: a sweep's pruner may stop the trial here (collective when it is one)."""
+        if self.pruning is not None and not self.pruned:
+            self.pruned = self.pruning.decide(step, metrics)
+
     @property
     def should_stop(self) -> bool:
-        return self.cfg.patience is not None and self.bad_evals >= self.cfg.patience
+        return self.pruned or (self.cfg.patience is not None and self.bad_evals >= self.cfg.patience)
+
+    def leaving(self, step: int) -> str:
+        """Why the run stops at ``step`` without a stop request."""
+        if self.pruned:
+            return f"pruned at step {step}: the sweep's pruner stopped this trial (its checkpoints are kept)"
+        return (
+            f"early stopping at step {step}: eval/{self.metric} did not improve by "
+            f"eval.min_delta={self.cfg.min_delta:g} in {self.bad_evals} evals"
+        )
 
     def state(self) -> dict[str, Any]:
         return {

@@ -18,6 +18,7 @@ from workers.config import BatchPlan, Config, dump_config, plan_batches
 from workers.dist import DistContext, autocast_for
 from workers.errors import ConfigError
 from workers.eval.evaluator import Evaluator
+from workers.eval.pruning import Pruning
 from workers.eval.selection import ModelSelection, selection_metric
 from workers.optim import Built
 from workers.optim import build as build_optim
@@ -127,4 +128,11 @@ def _evaluation(
         )
     evaluator = Evaluator(task, model, ctx, ecfg.batch_size, cfg.train.seed, autocast, lockstep=sharded)
     names = evaluator.probe(ecfg.metric)
-    return evaluator, ModelSelection(ecfg, selection_metric(ecfg, names))
+    pruning = Pruning.from_env(ctx)  # a sweep's trial: its metric must be one the eval makes
+    if pruning is not None and pruning.metric not in names:
+        raise ConfigError(
+            f"sweep --metric {pruning.metric!r}: the task's eval does not produce it. HINT: use one of "
+            f"{', '.join(names)}"
+        )
+    pruning = pruning if pruning is not None and pruning.prunes else None
+    return evaluator, ModelSelection(ecfg, selection_metric(ecfg, names), pruning=pruning)

@@ -319,6 +319,7 @@ class Trainer:
             return False, result.stop_code
         metric = p.selection.metric  # None: nothing selects; the eval is only recorded
         improved = p.selection.observe(step, None if metric is None else result.metrics[metric])
+        p.selection.judge(step, result.metrics)  # a sweep's pruner (collective when there is one)
         bar = metric or next(iter(result.metrics))  # with no selection metric the progress bar shows the first
         run.report.eval(step, result.row(), (bar, result.metrics[bar]))
         shown = ", ".join(f"eval/{k} {v:.6g}" for k, v in result.metrics.items())  # one spelling: the rows' keys
@@ -337,10 +338,7 @@ class Trainer:
             )  # fmt: skip
             return
         assert p.selection is not None
-        log.info(
-            "early stopping at step %d: eval/%s did not improve by eval.min_delta=%g in %d evals (%s)",
-            self.step, p.selection.metric, self.cfg.eval.min_delta, p.selection.bad_evals, p.progress.best_text(),
-        )  # fmt: skip
+        log.info("%s (%s)", p.selection.leaving(self.step), p.progress.best_text())
 
     # ------------------------------------------------------------ saving
 

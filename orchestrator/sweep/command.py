@@ -1,0 +1,97 @@
+"""``orchestrator sweep``: parse and check the whole sweep before anything runs, create DIR or continue the sweep in
+it, run its trials; ``orchestrator sweep status DIR [--json]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from orchestrator.sweep.local import LocalSweep, device_groups
+from orchestrator.sweep.report import print_status
+from orchestrator.sweep.spec import SweepSpec, check_keys, parse_grid, parse_random, trial_id
+from orchestrator.sweep.store import SweepDir, SweepState, check_same_sweep, draw_trials, register
+from workers.config import ConfigError, load_config
+from workers.contract import EXIT_OK
+from workers.eval.selection import DEFAULT_METRIC
+from workers.preflight import cheap_checks
+from workers.rundir import RunDir
+
+
+def spec_of(args: argparse.Namespace) -> SweepSpec:
+    """The sweep the command line asks for (ConfigError: one line naming what is wrong)."""
+    base = load_config(args.target, list(args.overrides))  # the base config and the overrides of every trial
+    grid = dict(parse_grid(g) for g in args.grid)
+    random = dict(parse_random(r) for r in args.random)
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials {args.trials}: must be at least 1")
+    if args.prune not in (None, "halving"):
+        raise ConfigError(f"--prune {args.prune!r}: the pruner is 'halving' (successive halving)")
+    mode = args.mode or base.eval.mode
+    if mode not in ("min", "max"):
+        raise ConfigError(f"--mode {mode!r}: must be min or max")
+    spec = SweepSpec(
+        Path(args.target), grid, random, args.trials or (10 if random else 1), args.seed,
+        args.metric or base.eval.metric or DEFAULT_METRIC, mode, args.prune, tuple(args.overrides),
+    )  # fmt: skip
+    check_keys(spec)
+    return spec
+
+
+def check_trials(spec: SweepSpec, sdir: SweepDir, values: list[dict], nproc: int) -> None:
+    """Every trial's config is built and checked (keys, values, batch plan, run dir) before anything runs."""
+    if not values:
+        raise ConfigError("the sweep has no trials. HINT: give --grid KEY=[...] and/or --random KEY=DIST")
+    for trial in values:
+        cfg = spec.config_of(trial, sdir.trial_dir(trial_id(trial)))
+        if not cfg.eval.enabled:
+            raise ConfigError(
+                f"the sweep's metric eval/{spec.metric} needs evaluation, and the config evaluates nothing. HINT: "
+                "set eval.every=N (or eval.at_end=true)"
+            )
+        cheap_checks(cfg, RunDir(cfg.run.dir), nproc)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.target == "status":
+        if len(args.overrides) != 1:
+            raise ConfigError("usage: orchestrator sweep status DIR [--json]")
+        sdir = SweepDir(args.overrides[0])
+        if not sdir.state.is_file():
+            raise ConfigError(f"'{sdir.root}' is not a sweep dir (no {sdir.state.name})")
+        print_status(sdir, args.json)
+        return EXIT_OK
+    if not args.dir:
+        raise ConfigError("orchestrator sweep CONFIG needs --dir DIR (the sweep's own folder; trials go inside)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [sweep] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    spec, sdir = spec_of(args), SweepDir(args.dir)
+    nproc = args.nproc or load_config(args.target, list(args.overrides)).launch.nproc
+    device_groups(args.parallel)  # (more trials at once than devices: said before anything is written)
+    if sdir.state.is_file():
+        state = SweepState.load(sdir)
+        check_same_sweep(spec, state, sdir)
+        check_trials(spec, sdir, [t.overrides for t in state.trials], nproc)
+    else:
+        values = draw_trials(spec)
+        check_trials(spec, sdir, values, nproc)
+        state = register(spec, sdir, values)
+    return LocalSweep(spec, sdir, state, nproc, args.parallel).run()
+
+
+def add_parser(sub: object) -> None:
+    """``orchestrator sweep``'s options (DESIGN.md, "Sweeps")."""
+    sweep = sub.add_parser("sweep", help="run a grid or random search of one config: each trial an ordinary run dir")  # type: ignore[attr-defined]
+    sweep.add_argument("target", metavar="CONFIG|status", help="the base config (or: status DIR)")
+    sweep.add_argument("--dir", default=None, help="the sweep's folder: its state, and a run dir per trial")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=[v,...]", help="a grid dimension")
+    sweep.add_argument("--random", action="append", default=[], metavar="KEY=DIST",
+                       help="a random dimension: uniform(a,b), loguniform(a,b), int(a,b), choice(a,b,...)")  # fmt: skip
+    sweep.add_argument("--trials", type=int, default=None, help="random draws (default 10; crossed with the grid)")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    sweep.add_argument("--metric", default=None, help="eval metric to compare trials by (default: eval.metric)")
+    sweep.add_argument("--mode", default=None, help="min or max (default: eval.mode)")
+    sweep.add_argument("--prune", default=None, metavar="halving", help="stop trials early by successive halving")
+    sweep.add_argument("--nproc", type=int, default=None, help="workers per trial (default: launch.nproc)")
+    sweep.add_argument("--parallel", type=int, default=1, help="trials at once, the devices split between them")
+    sweep.add_argument("--json", action="store_true", help="status: one JSON object")
+    sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every trial")

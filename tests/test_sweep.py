@@ -1,0 +1,152 @@
+"""Sweeps with real processes: a grid whose trials equal plain launches bitwise, a sweep SIGKILLed in its second
+trial and run again, successive-halving pruning, trials in parallel, status, and bad input (exit 2, DIR not
+created)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, cli, env, fingerprint, load, tensors_equal
+
+# A short evaluated run of the common test task: 12 steps, an eval every 4 (the pruner's reports).
+BASE = [
+    "task.factory=orch_test_tasks:quick", "task.args={n: 200, hidden: 32, eval_n: 48}", "train.max_steps=12",
+    "train.checkpoint_every=4", "data.global_batch_size=24", "eval.every=4", "tracking.mode=disabled",
+    "train.log_every=4",
+]  # fmt: skip
+GRID = ["--grid", "optim.lr=[0.001,0.01]", "--grid", "train.seed=[0,1]"]
+
+
+def sweep(sdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``orchestrator sweep`` of the base config, ``args`` (options and overrides) after BASE's overrides."""
+    return cli("sweep", "configs/quickstart.yaml", "--dir", str(sdir), "--nproc", "2", *BASE, *args, check=check,
+               timeout=600)  # fmt: skip
+
+
+def status(sdir: Path) -> dict:
+    return json.loads(cli("sweep", "status", str(sdir), "--json", check=True).stdout)
+
+
+def plain(run: Path, overrides: dict) -> Path:
+    """``orchestrator launch`` with BASE and the trial's overrides."""
+    pairs = [f"{k}={v}" for k, v in overrides.items()]
+    cli("launch", "configs/quickstart.yaml", "--nproc", "2", f"run.dir={run}", *BASE, *pairs, check=True)
+    return run
+
+
+def final(run_dir: str | Path) -> dict:
+    return load(Path(run_dir), step=12)
+
+
+def test_a_grid_runs_every_trial_and_each_equals_a_plain_launch(tmp_path):
+    sdir = tmp_path / "sweep"
+    sweep(sdir, *GRID)
+    info = status(sdir)
+    assert len(info["trials"]) == 4 and {t["state"] for t in info["trials"]} == {"done"}
+    assert {json.dumps(t["overrides"], sort_keys=True) for t in info["trials"]} == {
+        json.dumps({"optim.lr": lr, "train.seed": s}, sort_keys=True) for lr in (0.001, 0.01) for s in (0, 1)
+    }
+    assert all(t["metric"]["name"] == "loss" and t["step"] == 12 for t in info["trials"])
+    best = min(info["trials"], key=lambda t: t["metric"]["value"])
+    assert info["best"] == {"id": best["id"], "overrides": best["overrides"], "value": best["metric"]["value"]}
+    trial = info["trials"][3]
+    assert tensors_equal(final(trial["run_dir"]), final(plain(tmp_path / "plain", trial["overrides"])))
+    text = cli("sweep", "status", str(sdir), check=True).stdout
+    assert text.splitlines()[2].startswith(best["id"]) and f"best: {best['id']}" in text  # sorted by the metric
+
+
+def test_a_sweep_killed_in_its_second_trial_finishes_when_run_again(tmp_path):
+    sdir = tmp_path / "sweep"
+    grid = ["--grid", "optim.lr=[0.001,0.01]"]
+    cmd = [sys.executable, "-m", "orchestrator", "sweep", "configs/quickstart.yaml", "--dir", str(sdir), "--nproc",
+           "2", *BASE, *grid, "task.args.step_sleep_s=0.1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        second = None
+        while second is None or not (second / "checkpoints" / "latest").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            trials = json.loads((sdir / "sweep.json").read_text())["trials"] if (sdir / "sweep.json").exists() else []
+            second = sdir / trials[1]["id"] if len(trials) == 2 else None
+            time.sleep(0.05)
+        first = sdir / trials[0]["id"]
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep, its trial's launcher and workers: the whole group
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = fingerprint(first)
+    sweep(sdir, *grid, "task.args.step_sleep_s=0.1")
+    assert fingerprint(first) == before  # the finished trial was left alone
+    info = status(sdir)
+    assert [t["state"] for t in info["trials"]] == ["done", "done"]
+    reference = plain(tmp_path / "plain", {"optim.lr": 0.01, "task.args.step_sleep_s": 0.1})
+    assert tensors_equal(final(second), final(reference))  # resumed exactly
+
+
+def test_halving_prunes_a_trial_runs_the_best_to_the_end_and_a_rerun_changes_nothing(tmp_path):
+    sdir = tmp_path / "sweep"
+    sweep(sdir, "--grid", "optim.lr=[0.01,0.003,0.0001,0.00003]", "--prune", "halving")
+    info = status(sdir)
+    states = {t["overrides"]["optim.lr"]: t for t in info["trials"]}
+    pruned = [t for t in info["trials"] if t["state"] == "pruned"]
+    assert pruned and all(t["step"] < 12 for t in pruned)
+    assert info["best"]["id"] == states[0.01]["id"] and states[0.01]["step"] == 12
+    before = fingerprint(sdir)
+    proc = sweep(sdir, "--grid", "optim.lr=[0.01,0.003,0.0001,0.00003]", "--prune", "halving")
+    assert "0 to run" in proc.stderr
+    assert fingerprint(sdir) == before
+
+
+def test_two_trials_at_once_each_equal_their_sequential_result(tmp_path):
+    grid = ["--grid", "optim.lr=[0.001,0.01]"]
+    sweep(tmp_path / "parallel", *grid, "--parallel", "2")
+    sweep(tmp_path / "sequential", *grid)
+    a, b = status(tmp_path / "parallel")["trials"], status(tmp_path / "sequential")["trials"]
+    assert [t["id"] for t in a] == [t["id"] for t in b]
+    for x, y in zip(a, b, strict=True):
+        assert tensors_equal(final(x["run_dir"]), final(y["run_dir"]))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--grid", "optim.lrr=[1,2]"], "unknown config key 'optim.lrr'"),
+        (["--grid", "optim.lr=[0.1,-5]"], "'optim.lr' = -5"),
+        (["--grid", "optim.lr=[]"], "--grid 'optim.lr=[]': the list is empty"),
+        (["--random", "optim.lr=loguniform(0,1)"], "loguniform needs a < b > 0"),
+        (["--random", "optim.lr=normal(0,1)"], "expected KEY=DIST"),
+        (["--grid", "optim.lr=[0.1]", "--parallel", "64"], "--parallel 64: more trials at once than the"),
+        (["--grid", "optim.lr=[0.1]", "eval.every=0"], "needs evaluation"),
+        (["--grid", "run.dir=[a,b]"], "each trial's run.dir is DIR/<trial id>"),
+    ],
+)
+def test_bad_sweeps_exit_2_in_one_line_and_create_nothing(tmp_path, args, expected):
+    sdir = tmp_path / "sweep"
+    proc = sweep(sdir, *args, check=False)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert not sdir.exists()
+
+
+def test_a_dir_holding_another_sweep_is_refused_naming_the_difference(tmp_path):
+    sdir = tmp_path / "sweep"
+    sweep(sdir, "--grid", "optim.lr=[0.01]")
+    before = fingerprint(sdir)
+    proc = sweep(sdir, "--grid", "optim.lr=[0.02]", check=False)
+    assert proc.returncode == 2 and "holds another sweep: grid was {'optim.lr': [0.01]}" in proc.stderr, proc.stderr
+    assert fingerprint(sdir) == before
+
+
+def test_a_metric_the_task_does_not_make_is_a_usage_error(tmp_path):
+    proc = sweep(tmp_path / "sweep", "--grid", "optim.lr=[0.01,0.02]", "--metric", "accuracy", check=False)
+    assert proc.returncode == 2 and "sweep --metric 'accuracy': the task's eval does not produce it" in proc.stderr
+    assert "the sweep stops" in proc.stderr

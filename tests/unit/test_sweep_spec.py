@@ -1,0 +1,56 @@
+"""orchestrator/sweep/spec.py and store.py: parsing the search space, stable trial ids, seeded draws, and the
+check that a rerun continues the same sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.sweep.spec import SweepSpec, parse_grid, parse_random, trial_id
+from orchestrator.sweep.store import SweepDir, SweepState, check_same_sweep, draw_trials, register
+from workers.config import ConfigError
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def test_grid_and_random_dimensions_parse_or_say_what_is_wrong():
+    assert parse_grid("optim.lr=[1e-3, 3e-3]") == ("optim.lr", [1e-3, 3e-3])
+    assert parse_grid("optim.name=[adamw, sgd]") == ("optim.name", ["adamw", "sgd"])
+    for bad, said in (("optim.lr=[]", "the list is empty"), ("optim.lr=3", "not a list"), ("=[1]", "KEY=[")):
+        with pytest.raises(ConfigError, match=said.replace("[", r"\[")):
+            parse_grid(bad)
+    key, dist = parse_random("optim.lr=loguniform(1e-4, 1e-2)")
+    assert key == "optim.lr" and dist.kind == "loguniform" and dist.optuna().log
+    assert parse_random("train.seed=int(0,9)")[1].optuna().high == 9
+    assert parse_random("optim.name=choice(adamw,sgd)")[1].optuna().choices == ("adamw", "sgd")
+    for bad in ("optim.lr=uniform(2,1)", "optim.lr=loguniform(0,1)", "optim.lr=gauss(0,1)", "optim.lr=int(0.5,2)"):
+        with pytest.raises(ConfigError, match="--random"):
+            parse_random(bad)
+
+
+def test_trial_ids_are_stable_readable_and_distinct():
+    a = trial_id({"optim.lr": 0.001, "train.seed": 1})
+    assert a == trial_id({"train.seed": 1, "optim.lr": 0.001}) and a.startswith("lr=0.001_seed=1-")
+    assert a != trial_id({"optim.lr": 0.001, "train.seed": 2}) and "/" not in trial_id({"task.args.path": "/a/b"})
+
+
+def test_random_draws_are_seeded_and_crossed_with_the_grid():
+    spec = SweepSpec(CONFIG, grid={"optim.lr": [0.1, 0.2]}, random=dict([parse_random("train.seed=int(0,1000)")]),
+                     trials=3, seed=7)  # fmt: skip
+    drawn = draw_trials(spec)
+    assert len(drawn) == 6 and drawn == draw_trials(spec) and [d["optim.lr"] for d in drawn] == [0.1] * 3 + [0.2] * 3
+    assert drawn != draw_trials(SweepSpec(CONFIG, spec.grid, spec.random, 3, seed=8))
+
+
+def test_a_rerun_must_be_the_same_sweep(tmp_path):
+    spec = SweepSpec(CONFIG, grid={"optim.lr": [0.1, 0.2]})
+    sdir = SweepDir(tmp_path / "sweep")
+    state = register(spec, sdir, draw_trials(spec))
+    assert [t.number for t in SweepState.load(sdir).trials] == [0, 1] == [t.number for t in state.trials]
+    check_same_sweep(spec, state, sdir)  # the same command: continues
+    other = SweepSpec(CONFIG, grid={"optim.lr": [0.1, 0.3]})
+    with pytest.raises(ConfigError, match="holds another sweep: grid was"):
+        check_same_sweep(other, state, sdir)
+    with pytest.raises(ConfigError, match="metric was 'loss', now 'accuracy'"):
+        check_same_sweep(SweepSpec(CONFIG, grid=spec.grid, metric="accuracy"), state, sdir)
