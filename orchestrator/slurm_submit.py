@@ -175,11 +175,14 @@ def active_jobs(paths: RunDir) -> list[tuple[str, JobState]]:
     return found
 
 
-def _executor(cfg: Config, paths: RunDir) -> Any:
+def executor_for(cfg: Config, paths: RunDir, folder: Path | None = None, teardown: list[str] | None = None) -> Any:
+    """submitit's executor for ``cfg``'s job: its scripts and logs under ``folder`` (default: the run dir's), and
+    ``teardown`` after the step (default: this run's requeue-on-failure)."""
     import submitit  # noqa: PLC0415 - only submit needs it
 
     s = cfg.slurm
-    executor = submitit.SlurmExecutor(folder=paths.submitit_job("%j"), max_num_timeout=s.max_timeouts)
+    folder = folder or paths.submitit_job("%j")
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=s.max_timeouts)
     params: dict[str, Any] = {
         "job_name": s.job_name or paths.root.resolve().name,
         "cpus_per_task": s.cpus_per_task,
@@ -196,7 +199,7 @@ def _executor(cfg: Config, paths: RunDir) -> Any:
         },
         # After the step: a failure no rank could report (a SIGKILLed rank, a lost node) requeues the job up to
         # launch.max_restarts times, on whatever node count SLURM grants then (workers/slurm_exit.py).
-        "teardown": _requeue_on_failure(paths),
+        "teardown": teardown if teardown is not None else requeue_on_failure([paths.root]),
     }
     optional = {
         "gpus_per_node": s.gpus_per_node or None, "mem": f"{s.mem_gb:g}G" if s.mem_gb else None,
@@ -227,10 +230,13 @@ def _node_range(s: SlurmConfig) -> dict[str, Any]:
     return {"nodes": f"{s.min_nodes}-{s.max_nodes}", "mincpus": s.tasks_per_node * s.cpus_per_task}
 
 
-def _requeue_on_failure(paths: RunDir) -> list[str]:
-    """The batch script's lines after ``srun``: hand the step's exit status to the job side's failure handling."""
-    command = shlex.join([sys.executable, "-m", "workers.slurm_exit", str(paths.root.resolve())])
-    return ["ORCH_STEP_STATUS=$?", f'{command} "$ORCH_STEP_STATUS"']
+def requeue_on_failure(run_dirs: list[Path]) -> list[str]:
+    """The batch script's lines after ``srun``: hand the step's exit status to the job side's failure handling.
+    Several run dirs: an array job, one run dir per task (``SLURM_ARRAY_TASK_ID``)."""
+    runs = " ".join(shlex.quote(str(r.resolve())) for r in run_dirs)
+    command = shlex.join([sys.executable, "-m", "workers.slurm_exit"])
+    which = '"${ORCH_RUNS[${SLURM_ARRAY_TASK_ID:-0}]}"'
+    return ["ORCH_STEP_STATUS=$?", f"ORCH_RUNS=({runs})", f'{command} {which} "$ORCH_STEP_STATUS"']
 
 
 def submit(cfg: Config, paths: RunDir) -> str:
@@ -242,7 +248,7 @@ def submit(cfg: Config, paths: RunDir) -> str:
     from submitit.core.utils import FailedJobError  # noqa: PLC0415 - only submit needs submitit
 
     existed = paths.root.exists()
-    executor = _executor(cfg, paths)
+    executor = executor_for(cfg, paths)
     try:
         with _captured_stderr() as captured:  # sbatch writes its refusal to our stderr: fold it into one message
             job = executor.submit(SlurmJob(cfg.to_dict()))

@@ -28,6 +28,7 @@ from conftest import (
     consumed_sequence,
     env,
     latest_name,
+    launch,
     load,
     rel_diff,
     tensors_equal,
@@ -411,3 +412,31 @@ def test_an_unusable_checkpoint_found_by_the_job_never_requeues(tmp_path):
     failed = [e for e in events(run) if e["event"] == "failed"]
     assert len(failed) == 1 and not failed[0]["requeued"] and failed[0]["why"].startswith("not retryable ("), failed
     assert [e["event"] for e in events(run)].count("start") == 1
+
+
+# ---------------------------------------------------------------- sweeps as an array job
+
+
+def test_a_sweep_runs_as_one_array_and_a_preempted_trial_requeues_and_equals_its_local_run(tmp_path):
+    sdir = tmp_path / "sweep"
+    base = [*QUICK, "eval.every=4", "task.args.eval_n=48", "tracking.mode=disabled"]
+    args = ["--slurm", "--grid", "optim.lr=[0.001,0.01]", "slurm.tasks_per_node=2", "slurm.time_min=10", *SLOW]
+    proc = cli("sweep", "configs/quickstart.yaml", "--dir", str(sdir), *base, *args, check=True)
+    array = proc.stdout.split()[0]
+    trials = json.loads((sdir / "sweep.json").read_text())["trials"]
+    first = sdir / trials[0]["id"]
+    wait_until(lambda: latest_name(first) == f"step-{EVERY:08d}", what="the first trial's first checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", f"{array}_0"], check=True)
+
+    def finished() -> bool:
+        info = json.loads(cli("sweep", "status", str(sdir), "--json", check=True).stdout)
+        return [t["state"] for t in info["trials"]] == ["done", "done"]
+
+    wait_until(finished, 300, "both trials done")
+    assert [e["event"] for e in events(first)] == ["start", "requeue", "start", "completed"]
+    for trial in trials:
+        local = tmp_path / f"local-{trial['number']}"
+        launch(local, 2, *base[len(QUICK) :], f"optim.lr={trial['overrides']['optim.lr']}", *SLOW)
+        assert rel_diff(load(sdir / trial["id"]), load(local)) <= 1e-6
+    assert (sdir / "slurm").is_dir() and json.loads((sdir / "sweep.json").read_text())["slurm_jobs"] == [array]
+    assert "cancelled array job(s)" in cli("sweep", "cancel", str(sdir), check=True).stdout

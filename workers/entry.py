@@ -309,6 +309,19 @@ class SlurmJob:
         exit_now(run_worker(cfg, stop, _slurm_start(RunDir(cfg.run.dir))))
 
 
+class SlurmSweepTrial(SlurmJob):
+    """A sweep's trial as one task of the sweep's SLURM array: its config, and the variables that make it a trial
+    of that sweep (``ORCH_SWEEP_TRIAL``: the pruner's journal and trial number)."""
+
+    def __init__(self, cfg_dict: dict[str, Any], env: dict[str, str]) -> None:
+        super().__init__(cfg_dict)
+        self.env = env
+
+    def __call__(self) -> typing.NoReturn:
+        os.environ.update(self.env)
+        super().__call__()
+
+
 def _slurm_start(paths: RunDir) -> WorkerStart:
     """A task of a SLURM job: no launcher names its error file, so it is ``RunDir.error_file(rank)``; a stale one
     from an earlier incarnation of the job is removed first (a requeue must not look failed)."""

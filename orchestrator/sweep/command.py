@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from orchestrator.sweep.local import LocalSweep, device_groups
+from orchestrator.sweep.local import LocalSweep, device_groups, group_override, trial_env, unfinished
 from orchestrator.sweep.report import print_status
 from orchestrator.sweep.spec import SweepSpec, check_keys, parse_grid, parse_random, trial_id
 from orchestrator.sweep.store import SweepDir, SweepState, check_same_sweep, draw_trials, register
@@ -53,12 +53,17 @@ def check_trials(spec: SweepSpec, sdir: SweepDir, values: list[dict], nproc: int
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    if args.target == "status":
+    if args.target in ("status", "cancel"):
         if len(args.overrides) != 1:
-            raise ConfigError("usage: orchestrator sweep status DIR [--json]")
+            usage = f"orchestrator sweep {args.target} DIR" + (" [--json]" if args.target == "status" else "")
+            raise ConfigError(f"usage: {usage}")
         sdir = SweepDir(args.overrides[0])
         if not sdir.state.is_file():
             raise ConfigError(f"'{sdir.root}' is not a sweep dir (no {sdir.state.name})")
+        if args.target == "cancel":
+            from orchestrator.sweep.slurm import cancel  # noqa: PLC0415
+
+            return cancel(sdir, SweepState.load(sdir))
         print_status(sdir, args.json)
         return EXIT_OK
     if not args.dir:
@@ -66,7 +71,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [sweep] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     spec, sdir = spec_of(args), SweepDir(args.dir)
     nproc = args.nproc or load_config(args.target, list(args.overrides)).launch.nproc
-    device_groups(args.parallel)  # (more trials at once than devices: said before anything is written)
+    if not args.slurm:
+        device_groups(args.parallel)  # (more trials at once than devices: said before anything is written)
     if sdir.state.is_file():
         state = SweepState.load(sdir)
         check_same_sweep(spec, state, sdir)
@@ -75,13 +81,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         values = draw_trials(spec)
         check_trials(spec, sdir, values, nproc)
         state = register(spec, sdir, values)
+    if args.slurm:
+        from orchestrator.sweep.slurm import submit_array  # noqa: PLC0415
+
+        env_of = lambda trial: trial_env(spec, sdir, trial)  # noqa: E731
+        return submit_array(spec, sdir, state, unfinished(sdir, state), env_of, group_override(spec, sdir))
     return LocalSweep(spec, sdir, state, nproc, args.parallel).run()
 
 
 def add_parser(sub: object) -> None:
     """``orchestrator sweep``'s options (DESIGN.md, "Sweeps")."""
     sweep = sub.add_parser("sweep", help="run a grid or random search of one config: each trial an ordinary run dir")  # type: ignore[attr-defined]
-    sweep.add_argument("target", metavar="CONFIG|status", help="the base config (or: status DIR)")
+    sweep.add_argument("target", metavar="CONFIG|status|cancel", help="the base config (or: status DIR, cancel DIR)")
     sweep.add_argument("--dir", default=None, help="the sweep's folder: its state, and a run dir per trial")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=[v,...]", help="a grid dimension")
     sweep.add_argument("--random", action="append", default=[], metavar="KEY=DIST",
@@ -93,5 +104,8 @@ def add_parser(sub: object) -> None:
     sweep.add_argument("--prune", default=None, metavar="halving", help="stop trials early by successive halving")
     sweep.add_argument("--nproc", type=int, default=None, help="workers per trial (default: launch.nproc)")
     sweep.add_argument("--parallel", type=int, default=1, help="trials at once, the devices split between them")
+    sweep.add_argument(
+        "--slurm", action="store_true", help="submit the trials as one SLURM array (slurm.* keys: each trial's job)"
+    )
     sweep.add_argument("--json", action="store_true", help="status: one JSON object")
     sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every trial")

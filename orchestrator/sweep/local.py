@@ -52,6 +52,26 @@ def _gpus() -> list[str]:
         return []
 
 
+def unfinished(sdir: SweepDir, state: SweepState) -> list[Trial]:
+    """The trials still to run: neither done nor pruned (pending, failed, interrupted)."""
+    pruned = pruned_numbers(sdir)
+    return [t for t in state.trials if trial_info(t, sdir, state, pruned)["state"] not in (DONE, PRUNED)]
+
+
+def trial_env(spec: SweepSpec, sdir: SweepDir, trial: Trial) -> dict[str, str]:
+    """What makes a run a trial of this sweep (workers.eval.pruning): the journal, the trial, the metric."""
+    return {ENV_SWEEP_TRIAL: json.dumps({
+        "journal": str(sdir.journal.resolve()), "study": STUDY, "number": trial.number, "metric": spec.metric,
+        "prune": spec.prune is not None,
+    })}  # fmt: skip
+
+
+def group_override(spec: SweepSpec, sdir: SweepDir) -> list[str]:
+    """wandb: one group per sweep (unless the config names its own)."""
+    cfg = spec.config_of({}, sdir.trial_dir("probe"))
+    return [] if cfg.tracking.group else [f"tracking.group={sdir.root.resolve().name}"]
+
+
 class LocalSweep:
     """Runs the sweep's unfinished trials to their end (or until a stop request)."""
 
@@ -61,9 +81,7 @@ class LocalSweep:
         self.stopping = False
 
     def run(self) -> int:
-        pruned = pruned_numbers(self.sdir)
-        ended = (DONE, PRUNED)
-        todo = [t for t in self.state.trials if trial_info(t, self.sdir, self.state, pruned)["state"] not in ended]
+        todo = unfinished(self.sdir, self.state)
         log.info("sweep %s: %d trial(s), %d to run", self.sdir.root, len(self.state.trials), len(todo))
         running: dict[int, tuple[Trial, subprocess.Popen]] = {}  # device group -> its trial
         usage_error = False
@@ -86,29 +104,21 @@ class LocalSweep:
         return EXIT_FAILED if self.state.failed else EXIT_OK
 
     def _start(self, trial: Trial, group: dict[str, Any]) -> subprocess.Popen:
-        run_dir = self.sdir.trial_dir(trial.id)
-        pairs = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in trial.overrides.items()]
+        group_of_sweep = group_override(self.spec, self.sdir)
+        overrides = self.spec.trial_overrides(trial.overrides, self.sdir.trial_dir(trial.id), group_of_sweep)
         cmd = [sys.executable, "-m", "orchestrator", "launch", str(self.spec.config), "--nproc", str(self.nproc),
-               *self.spec.overrides, *pairs, f"run.dir={run_dir}", *self._group_override()]  # fmt: skip
-        env = dict(os.environ)
-        env[ENV_SWEEP_TRIAL] = json.dumps({
-            "journal": str(self.sdir.journal.resolve()), "study": STUDY, "number": trial.number,
-            "metric": self.spec.metric, "prune": self.spec.prune is not None,
-        })  # fmt: skip
+               *overrides]  # fmt: skip
+        env = {**os.environ, **trial_env(self.spec, self.sdir, trial)}
         if "gpus" in group:
             env["CUDA_VISIBLE_DEVICES"] = group["gpus"]
         cores = group.get("cores")
-        log.info("trial %s: %s", trial.id, " ".join(pairs) or "(the base config)")
+        shown = " ".join(f"{k}={v}" for k, v in trial.overrides.items())
+        log.info("trial %s: %s", trial.id, shown or "(the base config)")
         # The trial shares the sweep's process group: a terminal's Ctrl-C reaches its launcher directly.
         proc = subprocess.Popen(cmd, env=env)
         if cores:  # at once, while the interpreter starts: every process the launch starts later inherits it
             os.sched_setaffinity(proc.pid, cores)
         return proc
-
-    def _group_override(self) -> list[str]:
-        """wandb: one group per sweep (unless the config names its own)."""
-        cfg = self.spec.config_of({}, self.sdir.trial_dir("probe"))
-        return [] if cfg.tracking.group else [f"tracking.group={self.sdir.root.resolve().name}"]
 
     def _finished(self, trial: Trial, code: int) -> bool:
         """Record how the trial ended; True for a usage error (the sweep stops: the others would repeat it)."""

@@ -127,10 +127,14 @@ class SweepSpec:
         keys = list(self.grid)
         return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())] or [{}]
 
-    def config_of(self, trial: dict[str, Any], run_dir: Path) -> Config:
+    def config_of(self, trial: dict[str, Any], run_dir: Path, extra: list[str] | None = None) -> Config:
         """The trial's full config (ConfigError names the key and value it refuses)."""
+        return load_config(str(self.config), self.trial_overrides(trial, run_dir, extra))
+
+    def trial_overrides(self, trial: dict[str, Any], run_dir: Path, extra: list[str] | None = None) -> list[str]:
+        """What makes the base config the trial's: every trial's overrides, the searched values, the run dir."""
         pairs = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in trial.items()]
-        return load_config(str(self.config), [*self.overrides, *pairs, f"run.dir={run_dir}"])
+        return [*self.overrides, *pairs, f"run.dir={run_dir}", *(extra or [])]
 
 
 def _digest(path: Path) -> str:

@@ -34,6 +34,11 @@ class SweepDir:
     def trial_dir(self, tid: str) -> Path:
         return self.root / tid
 
+    @property
+    def slurm(self) -> Path:
+        """The sweep's SLURM array scripts and per-task logs (``<array>_<task>/``)."""
+        return self.root / "slurm"
+
 
 @dataclass
 class Trial:
@@ -49,16 +54,19 @@ class SweepState:
     identity: dict[str, Any]
     trials: list[Trial]
     failed: dict[str, str] = field(default_factory=dict)  # trial id -> why (a rerun tries it again)
+    slurm_jobs: list[str] = field(default_factory=list)  # the sweep's SLURM array job ids
 
     def save(self, sdir: SweepDir) -> None:
-        data = {"identity": self.identity, "trials": [vars(t) for t in self.trials], "failed": self.failed}
+        data = {"identity": self.identity, "trials": [vars(t) for t in self.trials], "failed": self.failed,
+                "slurm_jobs": self.slurm_jobs}  # fmt: skip
         atomic_write(sdir.state, json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, sdir: SweepDir) -> SweepState:
         try:
             data = json.loads(sdir.state.read_text())
-            return cls(data["identity"], [Trial(**t) for t in data["trials"]], dict(data.get("failed", {})))
+            trials = [Trial(**t) for t in data["trials"]]
+            return cls(data["identity"], trials, dict(data.get("failed", {})), list(data.get("slurm_jobs", [])))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"sweep dir '{sdir.root}': {sdir.state.name} does not read ({exc})") from None
 
