@@ -382,6 +382,32 @@ def elastic_section(r: dict | None) -> tuple[str, list[str]]:
     return "\n".join(lines), summary
 
 
+def sweep_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = (
+        "Sweeps: what a sweep adds per trial",
+        "python benchmarks/sweep_bench.py --repeats 3 --out benchmarks/results/sweep.json",
+    )
+    if r is None:
+        return _missing(title, cmd), []
+    lines = [
+        f"## {title}", "", f"`{cmd}` — {r['setup']}.", "", "| | seconds |", "|---|---:|",
+        f"| local: 4 trials through `orchestrator sweep` | {_mm(r['sweep_s'])} |",
+        f"| local: the same 4 `orchestrator launch`es by hand | {_mm(r['by_hand_s'])} |",
+        f"| local: overhead per trial | {_mm(r['overhead_per_trial_s'])} |",
+    ]  # fmt: skip
+    summary = [f"| sweep overhead per trial (local) | – | {r['overhead_per_trial_s']['median']:.2f} s | |"]
+    if isinstance(r.get("slurm"), dict):
+        sl = r["slurm"]
+        lines += [
+            f"| SLURM: one array job (`sweep --slurm`) | {_mm(sl['sweep_s'])} |",
+            f"| SLURM: 4 `orchestrator submit`s | {_mm(sl['by_hand_s'])} |",
+            f"| SLURM: overhead per trial (negative: the array is faster) | {_mm(sl['overhead_per_trial_s'])} |",
+            "", f"SLURM setup: {sl['setup']}.",
+        ]  # fmt: skip
+        summary.append(f"| sweep overhead per trial (SLURM array) | – | {sl['overhead_per_trial_s']['median']:.2f} s | |")
+    return "\n".join(lines) + "\n", summary
+
+
 def render(results: Path) -> str:
     parts, summary = [], []
     sections = [
@@ -397,6 +423,7 @@ def render(results: Path) -> str:
         chaos_section(_load(results, "chaos-fsdp"), parallel="fsdp"),
         diagnosis_section(_load(results, "diagnosis")),
         elastic_section(_load(results, "elastic")),
+        sweep_section(_load(results, "sweep")),
     ]
     for text, rows in sections:
         parts.append(text)

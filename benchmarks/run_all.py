@@ -48,6 +48,8 @@ def commands(quick: bool) -> dict[str, list[str]]:
                       "--out", str(RESULTS / "diagnosis.json")],
         "elastic": [py, "benchmarks/elastic_bench.py", "--trials", "1" if quick else "3",
                     "--out", str(RESULTS / "elastic.json")],
+        "sweep": [py, "benchmarks/sweep_bench.py", "--repeats", "1" if quick else "3",
+                  "--out", str(RESULTS / "sweep.json")],
         "chaos": [py, "scripts/chaos.py", "--trials", "5" if quick else "50", "--seed", "0",
                   "--out", str(RESULTS / "chaos.json")],
     }  # fmt: skip
@@ -73,7 +75,9 @@ def main() -> None:
     for name, cmd in commands(args.quick).items():
         if args.only and name not in args.only:
             continue
-        if name in ("slurm_requeue", "elastic") and not slurm_available():
+        if name == "sweep" and not slurm_available():
+            cmd = [*cmd, "--no-slurm"]
+        elif name in ("slurm_requeue", "elastic") and not slurm_available():
             print(f"== {name}: skipped (no SLURM cluster answers; slurm/dev-cluster.sh up)", flush=True)
             continue
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
