@@ -404,7 +404,8 @@ def sweep_section(r: dict | None) -> tuple[str, list[str]]:
             f"| SLURM: overhead per trial (negative: the array is faster) | {_mm(sl['overhead_per_trial_s'])} |",
             "", f"SLURM setup: {sl['setup']}.",
         ]  # fmt: skip
-        summary.append(f"| sweep overhead per trial (SLURM array) | – | {sl['overhead_per_trial_s']['median']:.2f} s | |")
+        per = sl["overhead_per_trial_s"]["median"]
+        summary.append(f"| sweep overhead per trial (SLURM array) | – | {per:.2f} s | |")
     return "\n".join(lines) + "\n", summary
 
 

@@ -75,13 +75,12 @@ def main() -> None:
     for name, cmd in commands(args.quick).items():
         if args.only and name not in args.only:
             continue
-        if name == "sweep" and not slurm_available():
-            cmd = [*cmd, "--no-slurm"]
-        elif name in ("slurm_requeue", "elastic") and not slurm_available():
+        if name in ("slurm_requeue", "elastic") and not slurm_available():
             print(f"== {name}: skipped (no SLURM cluster answers; slurm/dev-cluster.sh up)", flush=True)
             continue
-        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+        run = [*cmd, "--no-slurm"] if name == "sweep" and not slurm_available() else cmd
+        print(f"== {name}: {' '.join(run[1:])}", flush=True)
+        subprocess.run(run, cwd=ROOT, env=env, check=True)
     subprocess.run([sys.executable, "benchmarks/report.py"], cwd=ROOT, check=True)
 
 
