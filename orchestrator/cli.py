@@ -252,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator import stacks  # noqa: PLC0415
 
             return stacks.run(args.run_dir)
+        if args.command == "plot":
+            from orchestrator.sweep.command import is_sweep, plot  # noqa: PLC0415
+
+            if is_sweep(args.run_dir):  # every trial's eval curve in one figure
+                return plot(args)
         if args.command in ("status", "plot"):
             from orchestrator import runinfo  # noqa: PLC0415
 

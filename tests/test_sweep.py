@@ -58,6 +58,9 @@ def test_a_grid_runs_every_trial_and_each_equals_a_plain_launch(tmp_path):
     assert info["best"] == {"id": best["id"], "overrides": best["overrides"], "value": best["metric"]["value"]}
     trial = info["trials"][3]
     assert tensors_equal(final(trial["run_dir"]), final(plain(tmp_path / "plain", trial["overrides"])))
+    png = tmp_path / "sweep.png"
+    assert "wrote" in cli("plot", str(sdir), "--out", str(png), check=True).stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # every trial's eval curve in one figure
     text = cli("sweep", "status", str(sdir), check=True).stdout
     assert text.splitlines()[2].startswith(best["id"]) and f"best: {best['id']}" in text  # sorted by the metric
 

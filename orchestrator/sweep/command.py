@@ -109,3 +109,20 @@ def add_parser(sub: object) -> None:
     )
     sweep.add_argument("--json", action="store_true", help="status: one JSON object")
     sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every trial")
+
+
+def is_sweep(path: str) -> bool:
+    return SweepDir(path).state.is_file()
+
+
+def plot(args: argparse.Namespace) -> int:
+    """``orchestrator plot DIR`` of a sweep: every trial's eval curve in one figure."""
+    from orchestrator.sweep.report import plot_sweep  # noqa: PLC0415
+
+    sdir = SweepDir(args.run_dir)
+    out = Path(args.out) if args.out else Path(f"{sdir.root.resolve().name or 'sweep'}-plot.png")
+    try:
+        print(f"wrote {plot_sweep(sdir, out)}")
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    return EXIT_OK

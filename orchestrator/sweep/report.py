@@ -98,3 +98,38 @@ def _order(trial: dict[str, Any], mode: str) -> tuple[bool, float]:
         return True, 0.0
     value = trial["metric"]["value"]
     return False, value if mode == "min" else -value
+
+
+def plot_sweep(sdir: SweepDir, out: Path) -> Path:
+    """Every trial's eval curve of the sweep's metric in one figure (PNG), the best trial drawn thickest."""
+    import matplotlib  # noqa: PLC0415 - only for this command
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    info = sweep_status(sdir)
+    key = f"eval/{info['metric']}"
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    drawn = 0
+    for trial in info["trials"]:
+        rows = [r for r in read_metrics(RunDir(trial["run_dir"])) if isinstance(r.get(key), (int, float))]
+        if not rows:
+            continue
+        best = info["best"] is not None and trial["id"] == info["best"]["id"]
+        style = "--" if trial["state"] == PRUNED else "-"
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, marker=".", lw=2.5 if best else 1.2,
+                label=f"{trial['id']} ({trial['state']})")  # fmt: skip
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise FileNotFoundError(f"no trial of the sweep in '{sdir.root}' has an eval of {key} yet")
+    ax.set_xlabel("global step")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"sweep {sdir.root} ({info['mode']} {key}; dashed: pruned)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
