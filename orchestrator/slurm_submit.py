@@ -158,7 +158,7 @@ def load_jobs(paths: RunDir) -> list[dict[str, Any]]:
     return [j for j in jobs if isinstance(j, dict) and isinstance(j.get("job_id"), str)]
 
 
-def _add_job(paths: RunDir, job: dict[str, Any]) -> None:
+def add_job(paths: RunDir, job: dict[str, Any]) -> None:
     jobs = load_jobs(paths)
     jobs.append(job)
     paths.slurm_jobs.parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +260,7 @@ def submit(cfg: Config, paths: RunDir) -> str:
             "HINT: check slurm.partition / account / qos, --nodes/--tasks-per-node against sinfo, slurm.additional"
         ) from None
     s = cfg.slurm
-    _add_job(paths, {
+    add_job(paths, {
         "job_id": str(job.job_id), "submitted": time.time(), "nodes": s.nodes, "tasks_per_node": s.tasks_per_node,
         "gpus_per_node": s.gpus_per_node, "world_size": s.world_size,
         "submitit_dir": str(paths.submitit_job(str(job.job_id))),

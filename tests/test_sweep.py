@@ -130,6 +130,9 @@ def test_two_trials_at_once_each_equal_their_sequential_result(tmp_path):
         (["--grid", "optim.lr=[0.1]", "--parallel", "64"], "--parallel 64: more trials at once than the"),
         (["--grid", "optim.lr=[0.1]", "eval.every=0"], "needs evaluation"),
         (["--grid", "run.dir=[a,b]"], "each trial's run.dir is DIR/<trial id>"),
+        (["--grid", "optim.lr=[0.1]", "--parallel", "0"], "--parallel 0: must be at least 1"),
+        (["--random", "optim.lr=uniform(0.1,0.2)", "--seed", "-1"], "--seed -1: must be in [0, 2**32)"),
+        (["--grid", "optim.lr=[0.1]", "--nodes", "2"], "--nodes: a SLURM option; add --slurm"),
     ],
 )
 def test_bad_sweeps_exit_2_in_one_line_and_create_nothing(tmp_path, args, expected):
@@ -153,3 +156,30 @@ def test_a_metric_the_task_does_not_make_is_a_usage_error(tmp_path):
     proc = sweep(tmp_path / "sweep", "--grid", "optim.lr=[0.01,0.02]", "--metric", "accuracy", check=False)
     assert proc.returncode == 2 and "sweep --metric 'accuracy': the task's eval does not produce it" in proc.stderr
     assert "the sweep stops" in proc.stderr
+
+
+def test_a_sweep_stopped_on_request_saves_its_trial_and_the_rerun_finishes_it_with_the_pruner_on(tmp_path):
+    """SIGINT to the sweep alone: the running trial saves and stops, the sweep exits 0; the stopped trial is not a
+    finished one (Optuna is told nothing), so the rerun resumes it — its evals still go to the pruner."""
+    sdir = tmp_path / "sweep"
+    grid = ["--grid", "optim.lr=[0.01,0.003]", "--prune", "halving", "task.args.step_sleep_s=0.1"]
+    cmd = [sys.executable, "-m", "orchestrator", "sweep", "configs/quickstart.yaml", "--dir", str(sdir), "--nproc",
+           "2", *BASE, *grid]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list(sdir.glob("*/checkpoints/latest")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and "sweep stopped; the same command continues it" in err, err
+    first = status(sdir)["trials"][0]
+    assert first["state"] == "pending" and first["step"] < 12, first
+    sweep(sdir, *grid)
+    assert {t["state"] for t in status(sdir)["trials"]} <= {"done", "pruned"}
+    assert status(sdir)["trials"][0]["state"] == "done" and status(sdir)["trials"][0]["step"] == 12

@@ -25,6 +25,8 @@ def spec_of(args: argparse.Namespace) -> SweepSpec:
     random = dict(parse_random(r) for r in args.random)
     if args.trials is not None and args.trials < 1:
         raise ConfigError(f"--trials {args.trials}: must be at least 1")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed {args.seed}: must be in [0, 2**32)")
     if args.prune not in (None, "halving"):
         raise ConfigError(f"--prune {args.prune!r}: the pruner is 'halving' (successive halving)")
     mode = args.mode or base.eval.mode
@@ -38,8 +40,9 @@ def spec_of(args: argparse.Namespace) -> SweepSpec:
     return spec
 
 
-def check_trials(spec: SweepSpec, sdir: SweepDir, values: list[dict], nproc: int) -> None:
-    """Every trial's config is built and checked (keys, values, batch plan, run dir) before anything runs."""
+def check_trials(spec: SweepSpec, sdir: SweepDir, values: list[dict], nproc: int, slurm: bool = False) -> None:
+    """Every trial's config is built and checked (keys, values, batch plan at every world size it may run with,
+    run dir) before anything runs."""
     if not values:
         raise ConfigError("the sweep has no trials. HINT: give --grid KEY=[...] and/or --random KEY=DIST")
     for trial in values:
@@ -49,7 +52,8 @@ def check_trials(spec: SweepSpec, sdir: SweepDir, values: list[dict], nproc: int
                 f"the sweep's metric eval/{spec.metric} needs evaluation, and the config evaluates nothing. HINT: "
                 "set eval.every=N (or eval.at_end=true)"
             )
-        cheap_checks(cfg, RunDir(cfg.run.dir), nproc)
+        for world in cfg.slurm.world_sizes if slurm else (nproc,):
+            cheap_checks(cfg, RunDir(cfg.run.dir), world)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -68,18 +72,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not args.dir:
         raise ConfigError("orchestrator sweep CONFIG needs --dir DIR (the sweep's own folder; trials go inside)")
+    args.overrides = [*args.overrides, *submit_options(args)]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [sweep] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     spec, sdir = spec_of(args), SweepDir(args.dir)
     nproc = args.nproc or load_config(args.target, list(args.overrides)).launch.nproc
     if not args.slurm:
-        device_groups(args.parallel)  # (more trials at once than devices: said before anything is written)
+        device_groups(args.parallel, nproc)  # (more trials at once than devices: said before anything is written)
+    elif [k for k in [*spec.grid, *spec.random] if k.startswith("slurm.")]:
+        raise ConfigError("--slurm: the trials of one array share its shape; slurm.* keys cannot be searched. HINT: "
+                          "sweep them in separate sweeps")  # fmt: skip
     if sdir.state.is_file():
         state = SweepState.load(sdir)
         check_same_sweep(spec, state, sdir)
-        check_trials(spec, sdir, [t.overrides for t in state.trials], nproc)
+        check_trials(spec, sdir, [t.overrides for t in state.trials], nproc, args.slurm)
     else:
         values = draw_trials(spec)
-        check_trials(spec, sdir, values, nproc)
+        check_trials(spec, sdir, values, nproc, args.slurm)
         state = register(spec, sdir, values)
     if args.slurm:
         from orchestrator.sweep.slurm import submit_array  # noqa: PLC0415
@@ -87,6 +95,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         env_of = lambda trial: trial_env(spec, sdir, trial)  # noqa: E731
         return submit_array(spec, sdir, state, unfinished(sdir, state), env_of, group_override(spec, sdir))
     return LocalSweep(spec, sdir, state, nproc, args.parallel).run()
+
+
+SUBMIT = {"nodes": "nodes", "tasks_per_node": "tasks_per_node", "gpus_per_node": "gpus_per_node",
+          "partition": "partition", "time": "time_min"}  # fmt: skip
+
+
+def submit_options(args: argparse.Namespace) -> list[str]:
+    """``--slurm``'s submit options, as the slurm.* overrides of every trial (``submit`` takes the same)."""
+    given = {name: getattr(args, name) for name in SUBMIT if getattr(args, name) is not None}
+    if given and not args.slurm:
+        raise ConfigError(f"--{next(iter(given)).replace('_', '-')}: a SLURM option; add --slurm, or leave it out")
+    return [f"slurm.{SUBMIT[name]}={value}" for name, value in given.items()]
 
 
 def add_parser(sub: object) -> None:
@@ -107,6 +127,14 @@ def add_parser(sub: object) -> None:
     sweep.add_argument(
         "--slurm", action="store_true", help="submit the trials as one SLURM array (slurm.* keys: each trial's job)"
     )
+    for flag, helptext in (
+        ("--nodes", "--slurm: nodes per trial, N or MIN-MAX"),
+        ("--tasks-per-node", "--slurm"),
+        ("--gpus-per-node", "--slurm"),
+        ("--partition", "--slurm"),
+        ("--time", "--slurm: minutes"),
+    ):
+        sweep.add_argument(flag, default=None, help=helptext)  # fmt: skip
     sweep.add_argument("--json", action="store_true", help="status: one JSON object")
     sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every trial")
 

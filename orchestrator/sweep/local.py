@@ -6,6 +6,7 @@ alone, an interrupted one resumes, pending ones start. A failed trial is recorde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,13 +26,19 @@ from workers.contract import ENV_SWEEP_TRIAL, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from workers.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def device_groups(parallel: int) -> list[dict[str, Any]]:
+def device_groups(parallel: int, nproc: int = 1) -> list[dict[str, Any]]:
     """How ``parallel`` trials at once split this machine: per trial, ``{"gpus": "0,1"}`` or ``{"cores": {..}}``.
-    ConfigError when there are fewer devices than trials."""
+    ConfigError when there are fewer devices than trials, or (GPUs) fewer per trial than ``nproc`` workers."""
+    if parallel < 1:
+        raise ConfigError(f"--parallel {parallel}: must be at least 1")
     gpus = _gpus()
     devices = gpus or sorted(os.sched_getaffinity(0))
+    if gpus and len(gpus) // parallel < nproc:
+        raise ConfigError(f"--parallel {parallel} x --nproc {nproc}: each trial needs {nproc} GPU(s) and {len(gpus)} "
+                          f"are visible. HINT: --parallel {max(1, len(gpus) // nproc)}")  # fmt: skip
     if parallel > len(devices):
         what = f"{len(gpus)} GPU(s)" if gpus else f"{len(devices)} CPU core(s)"
         raise ConfigError(f"--parallel {parallel}: more trials at once than the {what} here. HINT: use at most "
@@ -77,7 +84,7 @@ class LocalSweep:
 
     def __init__(self, spec: SweepSpec, sdir: SweepDir, state: SweepState, nproc: int, parallel: int) -> None:
         self.spec, self.sdir, self.state, self.nproc = spec, sdir, state, nproc
-        self.groups = device_groups(parallel)
+        self.groups = device_groups(parallel, nproc)
         self.stopping = False
 
     def run(self) -> int:
@@ -90,7 +97,12 @@ class LocalSweep:
                 for group in [g for g in range(len(self.groups)) if g not in running]:
                     if todo and not self.stopping and not usage_error:
                         trial = todo.pop(0)
-                        running[group] = (trial, self._start(trial, self.groups[group]))
+                        # (a stop request waits until the new trial is registered: it is then passed on to it)
+                        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                        try:
+                            running[group] = (trial, self._start(trial, self.groups[group]))
+                        finally:
+                            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 for group, (trial, proc) in list(running.items()):
                     if proc.poll() is not None:
                         del running[group]
@@ -124,7 +136,8 @@ class LocalSweep:
         """Record how the trial ended; True for a usage error (the sweep stops: the others would repeat it)."""
         if code == EXIT_OK:
             self.state.failed.pop(trial.id, None)
-            self._tell(trial)
+            if trial_info(trial, self.sdir, self.state, set())["state"] == DONE:  # (not a trial stopped on request)
+                self._tell(trial)
         elif code == EXIT_USAGE:
             log.error("trial %s: a usage error (above); the sweep stops: the other trials would meet it too", trial.id)
         elif not self.stopping:
@@ -152,11 +165,10 @@ class LocalSweep:
         def handle(signum: int, _frame: Any) -> None:
             self.stopping = True
             for _, proc in running.values():
-                if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):  # (it may have just ended)
                     os.kill(proc.pid, signum)
 
-        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        old = {s: signal.signal(s, handle) for s in signals}
+        old = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
         try:
             yield
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from typing import Any
 
 from orchestrator import slurm_submit as slurm
@@ -15,6 +16,7 @@ from orchestrator.sweep.store import SweepDir, SweepState, Trial
 from workers.config import check_node_range
 from workers.contract import EXIT_OK
 from workers.entry import SlurmSweepTrial
+from workers.errors import ClusterRefusedError
 from workers.preflight import save_resolved_config
 from workers.rundir import RunDir
 
@@ -29,6 +31,7 @@ def submit_array(
         return EXIT_OK
     slurm.require_slurm()
     slurm.require_controller()
+    _refuse_while_active(sdir, state)
     cfgs = [spec.config_of(t.overrides, sdir.trial_dir(t.id), extra) for t in todo]
     for cfg in cfgs:
         check_node_range(cfg)
@@ -36,11 +39,13 @@ def submit_array(
     executor = slurm.executor_for(cfgs[0], runs[0], folder=sdir.slurm / "%j",
                                   teardown=slurm.requeue_on_failure([r.root for r in runs]))  # fmt: skip
     executor.update_parameters(job_name=sdir.root.resolve().name, array_parallelism=len(todo))
-    with executor.batch():
-        jobs = [executor.submit(SlurmSweepTrial(cfg.to_dict(), env_of(t))) for cfg, t in zip(cfgs, todo, strict=True)]
+    jobs = _submit(executor, [SlurmSweepTrial(cfg.to_dict(), env_of(t)) for cfg, t in zip(cfgs, todo, strict=True)])
     array = str(jobs[0].job_id).split("_")[0]
-    for cfg, run in zip(cfgs, runs, strict=True):
+    for cfg, run, job in zip(cfgs, runs, jobs, strict=True):
         save_resolved_config(cfg, run)
+        s = cfg.slurm  # (the trial's own jobs.json: `status` / `cancel` of its run dir know its job)
+        slurm.add_job(run, {"job_id": str(job.job_id), "submitted": time.time(), "nodes": s.nodes,
+                            "tasks_per_node": s.tasks_per_node, "world_size": s.world_size})  # fmt: skip
     state.slurm_jobs.append(array)
     state.save(sdir)
     print(array)
@@ -48,6 +53,32 @@ def submit_array(
           f"  follow: orchestrator sweep status {sdir.root}    stop: orchestrator sweep cancel {sdir.root}",
           file=sys.stderr)  # fmt: skip
     return EXIT_OK
+
+
+def _submit(executor: Any, tasks: list[SlurmSweepTrial]) -> list[Any]:
+    """One array job of ``tasks``; ClusterRefusedError (one line, exit 2) when sbatch refuses it."""
+    from submitit.core.utils import FailedJobError  # noqa: PLC0415
+
+    try:
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+    except FailedJobError as exc:
+        said = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise ClusterRefusedError(
+            f"SLURM refused the sweep's array job: {said[-1] if said else 'FailedJobError'}. HINT: check "
+            "slurm.partition / account / qos, slurm.nodes against sinfo"
+        ) from None
+    return jobs
+
+
+def _refuse_while_active(sdir: SweepDir, state: SweepState) -> None:
+    """An earlier array job of the sweep still queued or running: its trials would be submitted twice."""
+    for job in state.slurm_jobs:
+        if not slurm.job_state(job).terminal:
+            raise ClusterRefusedError(
+                f"sweep dir '{sdir.root}' already has array job {job} queued or running. HINT: orchestrator sweep "
+                f"status {sdir.root} follows it; orchestrator sweep cancel {sdir.root} ends it"
+            )
 
 
 def cancel(sdir: SweepDir, state: SweepState) -> int:

@@ -133,7 +133,7 @@ class SweepSpec:
 
     def trial_overrides(self, trial: dict[str, Any], run_dir: Path, extra: list[str] | None = None) -> list[str]:
         """What makes the base config the trial's: every trial's overrides, the searched values, the run dir."""
-        pairs = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in trial.items()]
+        pairs = [f"{k}={json.dumps(v)}" for k, v in trial.items()]  # (JSON is YAML: null stays null, strings quoted)
         return [*self.overrides, *pairs, f"run.dir={run_dir}", *(extra or [])]
 
 

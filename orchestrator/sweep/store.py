@@ -79,7 +79,7 @@ def open_study(spec: SweepSpec, sdir: SweepDir, sampler: Any = None) -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = JournalStorage(JournalFileBackend(str(sdir.journal)))
-    pruner = optuna.pruners.SuccessiveHalvingPruner() if spec.prune == "halving" else optuna.pruners.NopPruner()
+    pruner = optuna.pruners.NopPruner()  # (the trials prune themselves: workers.eval.pruning)
     try:  # (loading writes nothing to the journal; creating again would append an entry)
         return optuna.load_study(study_name=STUDY, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:

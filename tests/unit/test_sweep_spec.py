@@ -54,3 +54,9 @@ def test_a_rerun_must_be_the_same_sweep(tmp_path):
         check_same_sweep(other, state, sdir)
     with pytest.raises(ConfigError, match="metric was 'loss', now 'accuracy'"):
         check_same_sweep(SweepSpec(CONFIG, grid=spec.grid, metric="accuracy"), state, sdir)
+
+
+def test_a_null_grid_value_reaches_the_config_as_null():
+    spec = SweepSpec(CONFIG, grid=dict([parse_grid("eval.patience=[null, 5]")]))
+    assert [spec.config_of(t, Path("/tmp/x")).eval.patience for t in spec.grid_points()] == [None, 5]
+    assert spec.config_of({"optim.name": "sgd"}, Path("/tmp/x")).optim.name == "sgd"

@@ -146,11 +146,11 @@ class DirectBatches:
 
 
 def _pinned(batch: Any) -> Any:
-    """``batch`` in pinned memory, as the DataLoader pins it: tensors in any nesting, and a custom batch type
-    through its own ``pin_memory()``."""
-    if not isinstance(batch, torch.Tensor) and callable(getattr(batch, "pin_memory", None)):
-        return batch.pin_memory()
-    return _map_tensors(batch, torch.Tensor.pin_memory)
+    """``batch`` in pinned memory by torch's own function, the one its DataLoader calls: tensors in any nesting
+    (mappings of any type, namedtuples), and a custom batch type through its own ``pin_memory()``."""
+    from torch.utils.data._utils.pin_memory import pin_memory  # noqa: PLC0415 - torch's (private) DataLoader helper
+
+    return pin_memory(batch)
 
 
 def _loader_start() -> str | None:

@@ -25,18 +25,23 @@ log = logging.getLogger("workers.eval")
 class Pruning:
     """``decide(step, metrics)`` after each eval, on every rank; True: the trial is pruned (stop now)."""
 
-    def __init__(self, spec: Mapping[str, Any], ctx: DistContext) -> None:
+    def __init__(self, spec: Mapping[str, Any], ctx: DistContext, every: int = 1, last_step: int = 0) -> None:
+        """``every``: steps between evals (the first rung of successive halving: no completed trial is needed to
+        start pruning, as with Optuna's "auto"); ``last_step``: an eval there is never pruned (the trial is done)."""
+        self.every, self.last_step = max(1, every), last_step
         self.journal, self.study_name = str(spec["journal"]), str(spec["study"])
         self.number, self.metric, self.ctx = int(spec["number"]), str(spec["metric"]), ctx
         self.prunes = bool(spec.get("prune"))  # else only the metric is checked (the sweep reads it afterwards)
         self._trial: Any = None
 
     @classmethod
-    def from_env(cls, ctx: DistContext) -> Pruning | None:
+    def from_env(cls, ctx: DistContext, every: int = 1, last_step: int = 0) -> Pruning | None:
         text = os.environ.get(ENV_SWEEP_TRIAL)
-        return cls(json.loads(text), ctx) if text else None
+        return cls(json.loads(text), ctx, every, last_step) if text else None
 
     def decide(self, step: int, metrics: Mapping[str, float]) -> bool:
+        if step >= self.last_step:
+            return False  # the trial has trained to the end: nothing is left to save by stopping it
         prune = self._ask(step, metrics.get(self.metric)) if self.ctx.is_main else False
         if self.ctx.distributed and self.ctx.world_size > 1:
             flag = torch.tensor([int(prune)], device=self.ctx.device)
@@ -66,7 +71,7 @@ class Pruning:
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             storage = JournalStorage(JournalFileBackend(self.journal))
-            pruner = optuna.pruners.SuccessiveHalvingPruner()
+            pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=self.every)
             study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)
             trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == self.number)
             self._trial = optuna.trial.Trial(study, trial_id)

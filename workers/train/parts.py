@@ -128,7 +128,8 @@ def _evaluation(
         )
     evaluator = Evaluator(task, model, ctx, ecfg.batch_size, cfg.train.seed, autocast, lockstep=sharded)
     names = evaluator.probe(ecfg.metric)
-    pruning = Pruning.from_env(ctx)  # a sweep's trial: its metric must be one the eval makes
+    # A sweep's trial: its metric must be one the eval makes.
+    pruning = Pruning.from_env(ctx, ecfg.every, cfg.train.max_steps)
     if pruning is not None and pruning.metric not in names:
         raise ConfigError(
             f"sweep --metric {pruning.metric!r}: the task's eval does not produce it. HINT: use one of "
