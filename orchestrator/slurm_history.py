@@ -22,7 +22,8 @@ def history(events: list[dict[str, Any]]) -> list[str]:
             lines.append(f"{at}: started on {e.get('nodes')}, world size {e.get('world_size')}")
         elif e["event"] == "failed":
             then = "requeued" if e.get("requeued") else "not requeued"
-            lines.append(f"{at}: failed — {e.get('error')}; {then} ({e.get('why')})")
+            where = f" on {e['node']}" if e.get("node") else ""
+            lines.append(f"{at}: failed{where} — {e.get('error')}; {then} ({e.get('why')})")
         elif e["event"] == "requeue":
             lines.append(f"{at}: {e.get('kind')} notice, saved step {e.get('saved_step')}; requeued")
         else:

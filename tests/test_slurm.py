@@ -392,8 +392,10 @@ def test_a_lost_node_leaves_the_job_on_the_node_it_has_and_it_grows_back_when_th
 
 def test_a_job_that_keeps_failing_ends_failed_when_its_restarts_are_spent(tmp_path):
     run = tmp_path / "run"
-    # rank 1 raises at its 5th micro-step (step 3, before any checkpoint) in every incarnation
-    proc = submit(run, *ELASTIC, "--max-restarts", "1", "task.args.fail_rank=1", "task.args.fail_call=5")
+    # rank 1 raises at its 5th micro-step (step 3, before any checkpoint) in every incarnation. Two nodes, not a
+    # range: a requeued range job may start before the other node is free again, on one node, where no rank 1 is.
+    fixed = ["--nodes", "2", "--tasks-per-node", "1", *SLOW]
+    proc = submit(run, *fixed, "--max-restarts", "1", "task.args.fail_rank=1", "task.args.fail_call=5")
     assert proc.returncode == 1, proc.stderr
     failed = [(e["restart"], e["requeued"], e["why"]) for e in events(run) if e["event"] == "failed"]
     assert failed == [(0, True, "restart 1/1"), (1, False, "launch.max_restarts=1 spent")]
@@ -412,6 +414,16 @@ def test_an_unusable_checkpoint_found_by_the_job_never_requeues(tmp_path):
     failed = [e for e in events(run) if e["event"] == "failed"]
     assert len(failed) == 1 and not failed[0]["requeued"] and failed[0]["why"].startswith("not retryable ("), failed
     assert [e["event"] for e in events(run)].count("start") == 1
+
+
+def test_a_failure_names_the_node_it_happened_on(tmp_path):
+    run = tmp_path / "run"
+    fixed = ["--nodes", "2", "--tasks-per-node", "1", *SLOW]
+    proc = submit(run, *fixed, "task.args.fail_node=n2", "task.args.fail_call=3")  # every rank on n2 raises
+    assert proc.returncode == 1, proc.stderr
+    failed = [e for e in events(run) if e["event"] == "failed"]
+    assert [(e["rank"], e["node"], e["requeued"]) for e in failed] == [(1, "n2", False)]
+    assert any("failed on n2 — RuntimeError: node n2 is broken" in line for line in status(run)["history"])
 
 
 # ---------------------------------------------------------------- sweeps as an array job

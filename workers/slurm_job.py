@@ -176,6 +176,7 @@ def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
         "step_status": step_status, "rank": failure.rank if failure else None,
         "error": failure.message if failure else unreported, "kind": failure.kind.value if failure else None,
         "nodes": os.environ.get("SLURM_JOB_NODELIST"), "restarts_spent": spent,
+        "node": _node_of(failure.rank, cfg.slurm.tasks_per_node) if failure else None,
     }  # fmt: skip
     if failure is not None and not failure.kind.retryable:
         record_event(paths, "failed", requeued=False, why=f"not retryable ({failure.kind.value})", **fields)
@@ -186,9 +187,20 @@ def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
         log.error("job %s failed (%s); %s: not requeued", job, fields["error"], why)
         return False
     record_event(paths, "failed", requeued=True, why=f"restart {spent + 1}/{cfg.launch.max_restarts}", **fields)
-    try:  # (recorded first: SLURM may end this script the moment the requeue is accepted)
+    try:  # (recorded first: SLURM ends this script the moment the requeue is accepted)
         subprocess.run(["scontrol", "requeue", job or "?"], capture_output=True, text=True, timeout=60, check=True)
     except (OSError, subprocess.SubprocessError) as exc:
         record_event(paths, "requeue-failed", error=str(getattr(exc, "stderr", "") or exc).strip())
         return False
     return True
+
+
+def _node_of(rank: int, tasks_per_node: int) -> str | None:
+    """The node rank ``rank`` ran on: SLURM's default (block) layout of the job's tasks over its nodes."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", os.environ.get("SLURM_JOB_NODELIST", "")],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.split()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    index = rank // max(1, tasks_per_node)
+    return out[index] if 0 <= index < len(out) else None

@@ -43,7 +43,7 @@ def submit_array(
     array = str(jobs[0].job_id).split("_")[0]
     for cfg, run, job in zip(cfgs, runs, jobs, strict=True):
         save_resolved_config(cfg, run)
-        s = cfg.slurm  # (the trial's own jobs.json: `status` / `cancel` of its run dir know its job)
+        s = cfg.slurm  # (recorded in the trial's run dir: its `status` and `cancel` know its job)
         slurm.add_job(run, {"job_id": str(job.job_id), "submitted": time.time(), "nodes": s.nodes,
                             "tasks_per_node": s.tasks_per_node, "world_size": s.world_size})  # fmt: skip
     state.slurm_jobs.append(array)

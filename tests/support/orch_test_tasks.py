@@ -28,12 +28,16 @@ class _Slowed:
         self.hold_at_call = hold_at_call
         self.slow_rank: int | None = None  # step_sleep_s on this rank only (None: every rank)
         self.fail_slot: int | None = None  # every worker on this device slot fails from call fail_call (or 1) on
+        self.fail_node: str | None = None  # every worker on this SLURM node fails from call fail_call (or 1) on
 
     def loss(self, model, batch):
         self.calls += 1
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # srun sets no RANK
         if self.fail_rank == rank and self.calls == self.fail_call:
             raise RuntimeError(f"injected failure on call {self.calls}")
+        node = os.environ.get("SLURMD_NODENAME")
+        if self.fail_node is not None and node == self.fail_node and self.calls >= (self.fail_call or 1):
+            raise RuntimeError(f"node {node} is broken (call {self.calls})")  # whatever rank runs there
         slot = os.environ.get("ORCH_SLOT")
         if self.fail_slot is not None and slot == str(self.fail_slot) and self.calls >= (self.fail_call or 1):
             raise RuntimeError(f"device slot {slot} is broken (call {self.calls})")  # whatever rank runs there
@@ -147,6 +151,7 @@ def quick(
     batchnorm: bool = False,
     bad_shard_units: bool = False,
     fail_slot: int | None = None,
+    fail_node: str | None = None,
     **kwargs,
 ):
     if audit_dir:
@@ -165,6 +170,7 @@ def quick(
     task.slow_eval = (slow_eval_after, slow_eval_s, slow_eval_marker)
     task.slow_rank = slow_rank
     task.fail_slot = fail_slot
+    task.fail_node = fail_node
     if batchnorm:  # a BatchNorm layer after the first projection (train.sync_batchnorm on a GPU)
         inner = task.model
         task.model = task.inner.model = torch.nn.Sequential(inner[0], torch.nn.BatchNorm1d(inner[0].out_features),
