@@ -133,6 +133,7 @@ def test_two_trials_at_once_each_equal_their_sequential_result(tmp_path):
         (["--grid", "optim.lr=[0.1]", "--parallel", "0"], "--parallel 0: must be at least 1"),
         (["--random", "optim.lr=uniform(0.1,0.2)", "--seed", "-1"], "--seed -1: must be in [0, 2**32)"),
         (["--grid", "optim.lr=[0.1]", "--nodes", "2"], "--nodes: a SLURM option; add --slurm"),
+        (["--grid", "task.args.not_an_arg=[1,2]", "task.factory=workers.tasks.quickstart:build"], "not_an_arg"),
     ],
 )
 def test_bad_sweeps_exit_2_in_one_line_and_create_nothing(tmp_path, args, expected):

@@ -14,7 +14,7 @@ from orchestrator.sweep.store import SweepDir, SweepState, check_same_sweep, dra
 from workers.config import ConfigError, load_config
 from workers.contract import EXIT_OK
 from workers.eval.selection import DEFAULT_METRIC
-from workers.preflight import cheap_checks
+from workers.preflight import preflight
 from workers.rundir import RunDir
 
 
@@ -53,7 +53,7 @@ def check_trials(spec: SweepSpec, sdir: SweepDir, values: list[dict], nproc: int
                 "set eval.every=N (or eval.at_end=true)"
             )
         for world in cfg.slurm.world_sizes if slurm else (nproc,):
-            cheap_checks(cfg, RunDir(cfg.run.dir), world)
+            preflight(cfg, RunDir(cfg.run.dir), world)  # (the factory's arguments too, as `launch` checks them)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
