@@ -322,6 +322,22 @@ def _rank_pid(job: str, rank: int) -> int:
     raise AssertionError(f"no process of rank {rank} of job {job}")
 
 
+def _idle_nodes() -> list[str]:
+    return subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True).stdout.split()
+
+
+def _requeued_onto_both_nodes(run: Path, job: str, restart: int) -> None:
+    """Once the killed job is back in the queue, hold it until both nodes are free again, then let it go: SLURM
+    starts a node-range job on the nodes free at that moment, and a node still cleaning up after the killed step
+    would make it start on one (correct, but not the case under test)."""
+    started = lambda: any(e["event"] == "start" and e["restart"] == restart for e in events(run))  # noqa: E731
+    wait_until(lambda: slurm_state(job) == "PENDING" or started(), 120, "the requeue")
+    held = subprocess.run(["scontrol", "hold", job], capture_output=True, text=True).returncode == 0
+    if held:  # (already running again: it started on what it got; the assertions say which)
+        wait_until(lambda: _idle_nodes() == ["idle", "idle"], 120, "both nodes free")
+        subprocess.run(["scontrol", "release", job], check=True)
+
+
 def _follow(run: Path, *args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "orchestrator", "submit", "configs/quickstart.yaml", f"run.dir={run}", *QUICK]
     return subprocess.Popen([*cmd, "slurm.time_min=10", *args, "--wait"], env=env(), cwd=ROOT, text=True,
@@ -341,6 +357,8 @@ def test_a_node_range_job_runs_on_every_node_it_gets_and_a_killed_rank_requeues_
     proc = _follow(run, *ELASTIC, "--max-restarts", "2")
     try:
         job = _kill_rank_after_first_checkpoint(run, proc, 1)
+        wait_until(lambda: any(e["event"] == "failed" for e in events(run)), 120, "the failure recorded")
+        _requeued_onto_both_nodes(run, job, restart=1)
         _, err = proc.communicate(timeout=240)  # --wait follows the job through its requeue to the end
     finally:
         if proc.poll() is None:
@@ -370,6 +388,8 @@ def test_a_lost_node_leaves_the_job_on_the_node_it_has_and_it_grows_back_when_th
         wait_until(lambda: latest_name(run) == f"step-{2 * EVERY:08d}", what="a checkpoint on one node")
         subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=True)
         os.kill(_rank_pid(job, 0), 9)
+        wait_until(lambda: sum(e["event"] == "failed" for e in events(run)) == 2, 120, "the second failure")
+        _requeued_onto_both_nodes(run, job, restart=2)
         _, err = proc.communicate(timeout=240)
     finally:
         subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
