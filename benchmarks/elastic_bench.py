@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import psutil
+from recovery_bench import _rows, _wait  # (this folder is on sys.path: the benchmarks run as scripts)
 
 from workers.data import GlobalOrder
 from workers.rundir import RunDir
@@ -35,25 +36,6 @@ from workers.rundir import RunDir
 ROOT = Path(__file__).resolve().parents[1]
 DEV_CONF = Path(os.environ.get("ORCH_SLURM_DIR", "/tmp/orch-slurm")) / "etc" / "slurm.conf"
 GBS, EVERY = 64, 20
-
-
-def _rows(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-    return value
 
 
 def _env() -> dict[str, str]:

@@ -168,10 +168,14 @@ class ErrorRecord:
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "DistBackendError:", "DistNetworkError:")
 
 
-def first_failure(paths: RunDir, job_id: str | None = None) -> ErrorRecord | None:
-    """The error record of the rank that failed first (earliest time), of job ``job_id`` when given."""
+def first_failure(
+    paths: RunDir, job_id: str | None = None, since: float = 0.0, own: bool = False
+) -> ErrorRecord | None:
+    """The error record of the rank that failed first (earliest time), of job ``job_id`` when given, written at or
+    after ``since``; ``own``: a failure of the rank's own, not one that only saw its peer vanish."""
     errors = [e for p in paths.error_files() if (e := ErrorRecord.read(p)) is not None]
-    errors = [e for e in errors if job_id is None or e.job_id == job_id]
+    errors = [e for e in errors if (job_id is None or e.job_id == job_id) and e.time >= since]
+    errors = [e for e in errors if not (own and e.lost_peer)]
     return min(errors, key=lambda e: e.time) if errors else None
 
 

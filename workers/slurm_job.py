@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from workers.config import Config
-from workers.contract import ErrorRecord
+from workers.contract import first_failure
 from workers.fsutil import append_line, read_lines
 from workers.rundir import RunDir
 from workers.stop import StopFlag
@@ -150,14 +150,6 @@ def on_finish(cfg: Config, paths: RunDir, stop: StopFlag, step: int, stop_reason
 _ENDINGS = ("completed", "stopped", "requeue", "requeue-failed", "timeout-cap", "failed")
 
 
-def _own_failure(paths: RunDir, job: str | None, since: float) -> ErrorRecord | None:
-    """The first error record of this incarnation of the job that is a failure of its own — not a rank that only
-    saw its peer vanish (then the rank that vanished wrote nothing: killed, or its node lost)."""
-    records = [e for p in paths.error_files() if (e := ErrorRecord.read(p)) is not None]
-    own = [e for e in records if e.job_id == job and e.time >= since and not e.lost_peer]
-    return min(own, key=lambda e: e.time) if own else None
-
-
 def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
     """The batch script, after its job step (``srun``) ended with ``step_status``: when the step failed without
     saying so itself — a crashed or OOM-killed rank, a lost node — record the failure in the events and requeue the
@@ -169,7 +161,8 @@ def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
     if step_status == 0 or any(e["event"] in _ENDINGS for e in mine):
         return False  # it ended well, or a rank already said how it ended (a notice's requeue, a stop, ...)
     started = min((float(e.get("time", 0)) for e in mine if e["event"] == "start"), default=0.0)
-    failure = _own_failure(paths, job, started)
+    # (a rank that only saw its peer vanish is not the cause: the vanished rank, killed or its node lost, wrote none)
+    failure = first_failure(paths, job, since=started, own=True)
     spent = sum(1 for e in read_events(paths) if e.get("job_id") == job and e["event"] == "failed" and e["requeued"])
     unreported = f"the job step ended with status {step_status}: a rank was killed, or a node was lost"
     fields: dict[str, Any] = {

@@ -85,6 +85,7 @@ class LocalSweep:
     def __init__(self, spec: SweepSpec, sdir: SweepDir, state: SweepState, nproc: int, parallel: int) -> None:
         self.spec, self.sdir, self.state, self.nproc = spec, sdir, state, nproc
         self.groups = device_groups(parallel, nproc)
+        self.group_of_sweep = group_override(spec, sdir)  # (every trial's; built once)
         self.stopping = False
 
     def run(self) -> int:
@@ -116,8 +117,7 @@ class LocalSweep:
         return EXIT_FAILED if self.state.failed else EXIT_OK
 
     def _start(self, trial: Trial, group: dict[str, Any]) -> subprocess.Popen:
-        group_of_sweep = group_override(self.spec, self.sdir)
-        overrides = self.spec.trial_overrides(trial.overrides, self.sdir.trial_dir(trial.id), group_of_sweep)
+        overrides = self.spec.trial_overrides(trial.overrides, self.sdir.trial_dir(trial.id), self.group_of_sweep)
         cmd = [sys.executable, "-m", "orchestrator", "launch", str(self.spec.config), "--nproc", str(self.nproc),
                *overrides]  # fmt: skip
         env = {**os.environ, **trial_env(self.spec, self.sdir, trial)}
