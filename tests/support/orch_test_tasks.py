@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -84,31 +83,42 @@ def _install_write_audit(audit_dir: str) -> None:
 def _install_die_in_save(marker: str, step: int, rank: int) -> None:
     """SIGKILL rank ``rank`` in the middle of writing checkpoint ``step``, once. Rank 0 of a DDP run (the writer):
     after model.pt is written, while optim.pt is being opened. Another rank (a sharded run, where every rank writes
-    its shard under dcp/): once its shard file has its first bytes, before the rest. ``marker`` records that it
-    happened (for a shard: its size at the kill)."""
+    its shard under dcp/): right after DCP wrote the first item of its shard file, before the rest (a wrapper of
+    DCP's per-item writer, so the kill lands mid-file however busy the machine is). ``marker`` records that it
+    happened (for a shard: the file's size at the kill)."""
     if int(os.environ.get("RANK", "0")) != rank:
         return
     target = f".tmp-step-{step:08d}-"
-    name = "optim.pt" if rank == 0 else f"__{rank}_0.distcp"
-
-    def kill_when_written(path: str) -> None:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not (os.path.exists(path) and os.path.getsize(path) > 0):
-            time.sleep(0.0001)
-        with open(marker, "w") as f:
-            f.write(str(os.path.getsize(path) if os.path.exists(path) else 0))
-        os.kill(os.getpid(), signal.SIGKILL)
+    if rank != 0:
+        _kill_after_first_shard_item(marker, target, f"__{rank}_0.distcp")
+        return
 
     def hook(event: str, args: tuple) -> None:
         path = str(args[0]) if event == "open" else ""
-        writing = target in path and path.endswith(name) and "w" in str(args[1])
+        writing = target in path and path.endswith("optim.pt") and "w" in str(args[1])
         if writing and not os.path.exists(marker):
-            if rank == 0:
-                open(marker, "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)
-            threading.Thread(target=kill_when_written, args=(path,), daemon=True).start()
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     sys.addaudithook(hook)
+
+
+def _kill_after_first_shard_item(marker: str, target: str, name: str) -> None:
+    from torch.distributed.checkpoint import filesystem
+
+    write_item = filesystem._write_item
+
+    def write_then_die(transforms, stream, *args, **kwargs):
+        result = write_item(transforms, stream, *args, **kwargs)
+        path = str(getattr(stream, "name", ""))
+        if target in path and path.endswith(name) and not os.path.exists(marker):
+            stream.flush()
+            with open(marker, "w") as f:
+                f.write(str(os.path.getsize(path)))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    filesystem._write_item = write_then_die
 
 
 class _Forbid:
