@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from conftest import (
     EVERY,
@@ -115,3 +117,36 @@ def test_random_augmentation_is_reproduced_whatever_the_loader_workers_and_stops
     launch(run, 2, "task.args.augment=0.5", "data.num_workers=2")
     assert tensors_equal(load(run), load(ref))
     assert rel_diff(load(ref), load(refs[2])) > 1e-4  # the augmentation really changed the training
+
+
+def _as_written_before_the_order_was_recorded(run) -> None:
+    """Take ``order`` out of every checkpoint's train_state.json and fix its manifest entry: what a checkpoint of
+    the randperm days looks like."""
+    from workers.fsutil import digest_of, file_digest
+
+    for folder in (run / "checkpoints").glob("step-*"):
+        state_file, manifest_file = folder / "train_state.json", folder / "manifest.json"
+        state = json.loads(state_file.read_text())
+        assert state.pop("order") == "randperm"
+        state_file.write_text(json.dumps(state))
+        manifest = json.loads(manifest_file.read_text())
+        entry = manifest["files"]["train_state.json"]
+        algorithm, _ = digest_of(entry)
+        entry.update({"size": state_file.stat().st_size, algorithm: file_digest(state_file, algorithm)})
+        manifest_file.write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_from_before_the_order_was_recorded_resumes_in_its_randperm_order_bitwise(tmp_path):
+    full = tmp_path / "full"
+    launch(full, 2, "data.order=randperm")
+    run = tmp_path / "old"
+    launch_and_kill(run, 2, "data.order=randperm", "task.args.step_sleep_s=0.1", kill_after=f"step-{EVERY:08d}")
+    _as_written_before_the_order_was_recorded(run)
+    proc = launch(run, 3)  # today's default is feistel: the resumed stream must still be the old one
+    assert "the checkpoint's sample order is randperm; data.order=feistel applies to new runs only" in proc.stderr
+    assert rel_diff(load(run), load(full)) <= 1e-5
+    old = GlobalOrder(200, 0, "randperm")
+    assert consumed_sequence(run) == [old.take(step * GBS, GBS) for step in range(MAX_STEPS)]
+    assert consumed_sequence(run) != expected_sequence()  # the two schemes really differ
+    final = json.loads((run / "checkpoints" / f"step-{MAX_STEPS:08d}" / "train_state.json").read_text())
+    assert final["order"] == "randperm"

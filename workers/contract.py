@@ -199,6 +199,10 @@ def _typed(value: Any, types: type | tuple[type, ...]) -> Any:
 # ---------------------------------------------------------------- the train state of a checkpoint
 
 
+ORDER_SCHEMES = ("feistel", "randperm")  # the global order's schemes (workers.data.order); train_state's ``order``
+LEGACY_ORDER = "randperm"  # what a checkpoint without ``order`` was written with
+
+
 @dataclass(frozen=True)
 class TrainState:
     """``train_state.json`` of a checkpoint: the world-size-independent position of the run (JSON, not pickle).
@@ -224,6 +228,7 @@ class TrainState:
     nonfinite_skipped: int | None = None  # steps skipped for non-finite gradients so far (train.nonfinite)
     nonfinite_streak: int | None = None  # consecutive ones up to this step (a resume continues the count)
     parallel: str | None = None  # train.parallel at save: "ddp" (model.pt + optim.pt) | "fsdp" (shards under dcp/)
+    order: str | None = None  # the global order's scheme (ORDER_SCHEMES); None: written before it, LEGACY_ORDER
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -256,6 +261,8 @@ class TrainState:
             values[f.name] = value
         if "selection" in values:
             check_selection_state(values["selection"], where)
+        if values.get("order", LEGACY_ORDER) not in ORDER_SCHEMES:
+            raise CheckpointError(f"'{where}': 'order' = {values['order']!r} is not one of {', '.join(ORDER_SCHEMES)}")
         extra = {k: v for k, v in data.items() if k not in values and k not in _STATE_TYPES}
         return cls(**values, extra=extra)
 
@@ -274,7 +281,7 @@ _STATE_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "task": ((str,), False), "tracking_run_id": ((str,), False), "dataset_len": ((int,), False),
     "task_args": ((dict,), False), "torch": ((str,), False), "time": ((int, float), False),
     "optimizer": ((str,), False), "selection": ((dict,), False), "nonfinite_skipped": ((int,), False),
-    "nonfinite_streak": ((int,), False), "parallel": ((str,), False),
+    "nonfinite_streak": ((int,), False), "parallel": ((str,), False), "order": ((str,), False),
 }  # fmt: skip
 _NON_NEGATIVE = {
     "step", "samples_seen", "world_size", "global_batch_size", "seed", "max_steps", "dataset_len",

@@ -54,9 +54,10 @@ def test_each_epoch_is_a_permutation_fixed_by_seed_and_epoch():
 
 def test_the_largest_seed_the_config_accepts_makes_a_stream():
     seed = config_from_dict({}, [f"train.seed={2**63 - 1}"]).train.seed
-    assert sorted(GlobalOrder(N, seed).take(0, N)) == list(range(N))
-    # below the wrap, the epoch seed is what it always was: existing runs keep their order
-    small = GlobalOrder(N, SEED).permutation(3).tolist()
+    for scheme in ("feistel", "randperm"):
+        assert sorted(GlobalOrder(N, seed, scheme).take(0, N)) == list(range(N))
+    # below the wrap, the randperm scheme's epoch seed is what it always was: runs begun with it keep their order
+    small = GlobalOrder(N, SEED, "randperm").permutation(3).tolist()
     assert small == torch.randperm(N, generator=torch.Generator().manual_seed(SEED * 1_000_003 + 3)).tolist()
 
 
@@ -154,8 +155,9 @@ def test_a_micro_batch_is_its_position_index_pairs_and_pickles_as_plain_ints():
     order = GlobalOrder(N, SEED)
     batch = MicroBatch(N - 2, order.take_tensor(N - 2, 4))  # crosses into the next epoch
     assert list(batch) == list(enumerate(order.take(N - 2, 4), N - 2)) and batch[-1] == (N + 1, order.take(N + 1, 1)[0])
-    view = MicroBatch(3, order.take_tensor(3, 2))  # within an epoch: a view of the whole permutation
-    assert view.indices.untyped_storage().nbytes() == 8 * N
+    block = StepBatchSampler(N, SEED, _plan(2), rank=0, start_step=0).block(0, 5)
+    view = MicroBatch(GBS, block[1][:2])  # a view of the sampler's block of steps
+    assert view.indices.untyped_storage().nbytes() == 8 * block.numel() and view.indices.tolist() == order.take(GBS, 2)
     copy = pickle.loads(pickle.dumps(view))
     assert len(pickle.dumps(view)) < 200 and list(copy) == list(view)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workers.contract import ORDER_SCHEMES
 from workers.errors import ConfigError
 
 
@@ -113,8 +114,12 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     # Debug/audit: append the sample indices each rank consumes to ``run.dir/samples/rank-<r>.jsonl``.
     record_indices: bool = False
+    # The global order's scheme for a new run: "feistel" (computed per position: any dataset size, O(1) memory) or
+    # "randperm" (the scheme before it, materialised per epoch). A resumed run keeps its checkpoint's.
+    order: str = "feistel"
 
     def __post_init__(self) -> None:
+        check_choice("data.order", self.order, ORDER_SCHEMES)
         check_range("data.global_batch_size", self.global_batch_size, 1, _BIG)
         check_range("data.micro_batch_size", self.micro_batch_size, 1, _BIG)
         check_range("data.num_workers", self.num_workers, 0, 256)

@@ -3,10 +3,9 @@ those samples (``loader``), per-sample RNG seeding (``seeding``) and the audit t
 (``recorder``)."""
 
 from workers.data.loader import Collated, IndexedCollate, IndexedDataset, make_loader, to_device
-from workers.data.order import GlobalOrder, MicroBatch, StepBatchSampler, derive_seed
+from workers.data.order import DEFAULT_ORDER, GlobalOrder, MicroBatch, StepBatchSampler, derive_seed
 
 __all__ = [
-    "Collated", "GlobalOrder", "IndexedCollate", "IndexedDataset", "MicroBatch", "StepBatchSampler", "derive_seed",
-    "make_loader",
-    "to_device",
+    "DEFAULT_ORDER", "Collated", "GlobalOrder", "IndexedCollate", "IndexedDataset", "MicroBatch", "StepBatchSampler",
+    "derive_seed", "make_loader", "to_device",
 ]  # fmt: skip

@@ -11,7 +11,7 @@ import torch
 
 from workers.checkpoint import SavePlan
 from workers.config import BatchPlan, Config
-from workers.contract import TrainState
+from workers.contract import LEGACY_ORDER, TrainState
 from workers.dist import DistContext
 from workers.eval.selection import ModelSelection
 from workers.train.numerics import NonFiniteGuard
@@ -31,6 +31,7 @@ class RunProgress:
         self.optimizer_class = type(optimizer).__name__
         self.guard, self.selection = guard, selection
         self.step = 0
+        self.order = cfg.data.order  # a resumed run keeps its checkpoint's (workers.data.order)
         self.tracking_run_id: str | None = None
 
     @property
@@ -63,6 +64,7 @@ class RunProgress:
             nonfinite_skipped=self.guard.skipped if self.guard else None,
             nonfinite_streak=self.guard.streak if self.guard else None,
             parallel=self.cfg.train.parallel,
+            order=self.order,
         )
 
     def save_plan(self) -> SavePlan:
@@ -75,6 +77,12 @@ class RunProgress:
 
     def load_state_dict(self, state: TrainState) -> None:
         self.step = state.step
+        self.order = state.order or LEGACY_ORDER
+        if self.order != self.cfg.data.order:
+            log.warning(
+                "the checkpoint's sample order is %s; data.order=%s applies to new runs only (the stream continues "
+                "as it began)", self.order, self.cfg.data.order,
+            )  # fmt: skip
         if self.guard is not None:
             self.guard.restore(state)
         if self.selection is not None and state.selection is not None and not self.selection.restore(state.selection):

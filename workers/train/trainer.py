@@ -90,7 +90,7 @@ def open_run(parts: Parts, paths: RunDir, stop: StopFlag, step: int, counts: Map
     try:  # (an empty dataset, an unwritable samples folder: what was opened is closed before the error leaves)
         p.progress.tracking_run_id = report.run_id
         recorder = IndexRecorder(paths, ctx, step) if cfg.data.record_indices else None
-        sampler = StepBatchSampler(len(p.task.dataset), cfg.train.seed, p.plan, ctx.rank, step)
+        sampler = StepBatchSampler(len(p.task.dataset), cfg.train.seed, p.plan, ctx.rank, step, p.progress.order)
         loader = make_loader(
             p.task.dataset, sampler, cfg.data.num_workers, p.task.collate_fn, ctx.device.type == "cuda",
             # A task whose samples involve no randomness says so (``random_samples = False``): no per-sample seeding.
