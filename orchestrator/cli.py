@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import typing
+from pathlib import Path
 
 from workers import __version__
 from workers.config import load_config
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator.sweep.command import add_parser as add_sweep  # noqa: PLC0415
 
     add_sweep(sub)
+    data = sub.add_parser("data", help="prepare data: token files for the built-in GPT task")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    tokenize = data_sub.add_parser("tokenize", help="write a byte-level token file (vocabulary 256) of a UTF-8 text")
+    tokenize.add_argument("text", help="the text file")
+    tokenize.add_argument("out", help="the token file to write (its folder is made)")
+    tokenize.add_argument("--dtype", default="uint16", help="uint16 (default) or uint32")
     _add_read_commands(sub)
     return parser
 
@@ -217,6 +224,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from workers.tasks.tokens import tokenize  # noqa: PLC0415
+
+    count = tokenize(Path(args.text), Path(args.out), args.dtype)
+    print(f"wrote {count} token ids ({args.dtype}, byte-level: vocabulary 256) to {args.out}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     # `python -m orchestrator` puts the current directory on sys.path, the console script does not: make them the
     # same, so a task package next to the user's config imports in both (the workers inherit sys.path).
@@ -248,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.sweep.command import cmd_sweep  # noqa: PLC0415
 
             return cmd_sweep(args)
+        if args.command == "data":
+            return cmd_tokenize(args)
         if args.command == "stacks":
             from orchestrator import stacks  # noqa: PLC0415
 

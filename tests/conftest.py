@@ -247,7 +247,7 @@ SUITES: dict[str, tuple[str, ...]] = {
         "test_checkpointer.py",
         "test_checkpoint_format.py",
     ),
-    "data": ("test_exactness.py", "test_units.py", "test_input_classes.py", "test_data.py"),
+    "data": ("test_exactness.py", "test_units.py", "test_input_classes.py", "test_data.py", "test_order.py"),
     "eval": ("test_evaluation.py", "test_eval_defects.py", "test_readme_examples.py", "test_eval.py"),
     "tracking": (
         "test_tracking.py",
@@ -285,6 +285,7 @@ SUITES: dict[str, tuple[str, ...]] = {
         "test_capacity.py",
     ),
     "sweep": ("test_sweep.py", "test_sweep_spec.py"),
+    "scale": ("test_scale.py", "test_order.py"),
     "slurm": ("test_slurm.py",),
 }
 

@@ -23,6 +23,8 @@ class _Slowed:
     ) -> None:
         self.inner, self.model, self.dataset = inner, inner.model, inner.dataset
         self.eval_dataset = getattr(inner, "eval_dataset", None)
+        self.tokens_per_sample = getattr(inner, "tokens_per_sample", None)
+        self.flops_per_sample = getattr(inner, "flops_per_sample", None)
         self.step_sleep_s, self.fail_rank, self.fail_call, self.calls = step_sleep_s, fail_rank, fail_call, 0
         self.hold_at_call = hold_at_call
         self.slow_rank: int | None = None  # step_sleep_s on this rank only (None: every rank)
@@ -346,3 +348,35 @@ def input_classes(eval_device: str | None = None, optimizer_kind: str | None = N
     if optimizer_kind == "twice_in_group":
         task.optimizer = lambda model: torch.optim.SGD([*model.parameters(), next(model.parameters())], lr=0.1)
     return task
+
+
+class _Generated:
+    """``n`` samples that exist only as a function of their index (no storage): a dataset of any size."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        x = torch.randn(16, generator=torch.Generator().manual_seed(index))
+        return x, x[:4] * 0.5
+
+
+def huge(n: int = 10**12, ballast_mb: int = 0, **kwargs):
+    """The quickstart model on ``n`` generated samples; ``ballast_mb``: every worker also holds that much memory
+    (the control that shows a peak-RSS measurement sees the workers)."""
+    task = quickstart.build(eval_n=0, **kwargs)
+    task.dataset = _Generated(n)
+    task.ballast = torch.ones(ballast_mb * 2**18) if ballast_mb else None
+    return task
+
+
+def gpt(step_sleep_s: float = 0.0, **kwargs):
+    """The built-in GPT task, slowed per step (a test can kill it between two checkpoints)."""
+    from workers.tasks import gpt as gpt_task
+
+    return _Slowed(gpt_task.build(**kwargs), step_sleep_s, None, None)

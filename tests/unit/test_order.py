@@ -92,5 +92,5 @@ def test_train_state_records_the_order_and_reads_a_state_without_one():
 
 def test_data_order_is_checked_by_the_config():
     assert config_from_dict({}, []).data.order == "feistel"
-    with pytest.raises(ConfigError, match="data.order"):
+    with pytest.raises(ConfigError, match=r"data\.order"):
         config_from_dict({}, ["data.order=shuffled"])

@@ -5,6 +5,7 @@ a terminal."""
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 import sys
 import threading
@@ -93,7 +94,7 @@ class Reporter:
         cpu_s = time.process_time()  # the process's user + system time, what psutil's cpu_percent reads too
         values = [
             float(stats.loss), 100 * (cpu_s - self.window_cpu_s) / max(t0 - self.window_start, 1e-9),
-            self.proc.memory_info().rss / 2**20,
+            self.proc.memory_info().rss / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB
             torch.cuda.max_memory_allocated(self.ctx.device) / 2**20 if self.ctx.device.type == "cuda" else 0.0,
             1000 * self.step_time / steps, 1000 * self.data_wait / steps, 1000 * self.compute / steps,
         ]  # fmt: skip

@@ -12,7 +12,9 @@ from typing import Any
 
 RATIO = 1.25
 MIN_SHARE = 0.1  # the excess over the others' median, as a share of the step time
-PER_RANK = ("cpu_percent", "rss_mb", "cuda_max_mem_mb", "step_time_ms", "data_wait_ms", "compute_ms")
+PER_RANK = (
+    "cpu_percent", "rss_mb", "rss_peak_mb", "cuda_max_mem_mb", "step_time_ms", "data_wait_ms", "compute_ms",
+)  # fmt: skip
 
 
 def find_straggler(compute_ms: Sequence[float], step_ms: Sequence[float]) -> tuple[int, float] | None:

@@ -1,0 +1,115 @@
+"""Token files: a flat binary of token ids (``uint16`` or ``uint32``, native byte order, no header), read through a
+memory map: a dataset of any size trains with memory that does not grow with the file (nanoGPT's and Megatron's
+format). This module owns the format: :class:`TokenWindows` reads it, :func:`tokenize` writes it.
+
+Sample ``i`` is the window ``ids[i*seq_len : i*seq_len + seq_len + 1]`` (input and next-token target), so a file of
+``T`` ids holds ``(T - 1) // seq_len`` samples. The map is opened lazily in each process (a forked or spawned loader
+worker opens its own; the dataset pickles as its path).
+
+No torch import at module level: ``orchestrator data tokenize`` needs none.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workers.errors import ConfigError, UsageError
+from workers.fsutil import atomic_stream
+
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+BYTE_VOCAB = 256  # tokenize's vocabulary: the bytes of the UTF-8 text
+_CHUNK = 1 << 24  # tokenize reads the text 16 MiB at a time
+
+
+def check_token_file(path: str, dtype: str, key: str) -> int:
+    """The number of token ids in ``path``; ConfigError naming ``key`` when it is missing, empty or not a whole
+    number of ``dtype`` ids."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"config key 'task.args.dtype' = {dtype!r}: one of {', '.join(DTYPES)}")
+    hint = "HINT: make one with `orchestrator data tokenize TEXT OUT`"
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise ConfigError(f"config key '{key}' = {path!r}: {exc.strerror or exc}. {hint}") from None
+    if not os.path.isfile(path) or size == 0:
+        raise ConfigError(f"config key '{key}' = {path!r}: {'empty' if size == 0 else 'not a file'}. {hint}")
+    width = np.dtype(DTYPES[dtype]).itemsize
+    if size % width:
+        raise ConfigError(
+            f"config key '{key}' = {path!r}: {size} bytes is not a whole number of {dtype} ids ({width} bytes each). "
+            "HINT: is task.args.dtype the one the file was written with?"
+        )
+    return size // width
+
+
+class TokenWindows:
+    """Map-style dataset over a token file: ``(input, target)`` long tensors of ``seq_len`` ids each."""
+
+    def __init__(self, path: str, seq_len: int, dtype: str = "uint16", vocab_size: int | None = None,
+                 key: str = "task.args.tokens") -> None:  # fmt: skip
+        """``vocab_size``: ids at or above it are refused when read (an embedding would fail less clearly)."""
+        count = check_token_file(path, dtype, key)
+        if seq_len < 1:
+            raise ConfigError(f"config key 'task.args.seq_len' = {seq_len!r}: must be at least 1")
+        if count < seq_len + 1:
+            raise ConfigError(
+                f"config key 'task.args.seq_len' = {seq_len}: larger than {path!r} allows ({count} ids; a window "
+                f"takes seq_len + 1). HINT: a smaller seq_len, or a longer file"
+            )
+        self.path, self.seq_len, self.dtype, self.vocab_size = path, seq_len, dtype, vocab_size
+        self.tokens = count
+        self._len = (count - 1) // seq_len
+        self._ids: np.memmap | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _map(self) -> np.memmap:
+        if self._ids is None:
+            self._ids = np.memmap(self.path, dtype=DTYPES[self.dtype], mode="r")
+        return self._ids
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        import torch  # noqa: PLC0415 (see the module docstring)
+
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        start = index * self.seq_len
+        window = torch.from_numpy(self._map()[start : start + self.seq_len + 1].astype(np.int64))
+        if self.vocab_size is not None and int(window.max()) >= self.vocab_size:
+            raise ValueError(
+                f"'{self.path}' holds token id {int(window.max())} near id {start}, outside the vocabulary of "
+                f"{self.vocab_size} (task.args.vocab_size)"
+            )
+        return window[:-1], window[1:]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_ids": None}  # a worker maps the file itself; never pickle the ids
+
+
+def tokenize(text: Path, out: Path, dtype: str = "uint16") -> int:
+    """Write the token file of a UTF-8 text file, byte-level (id = byte, vocabulary 256: nothing to download),
+    streaming (any size); atomically (a reader never sees half a file). Returns the number of ids written.
+    UsageError (one line) for a text that is missing or empty, an unknown dtype, or an existing ``out``."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    if not text.is_file():
+        raise UsageError(f"'{text}': no such file")
+    if text.stat().st_size == 0:
+        raise UsageError(f"'{text}' is empty: nothing to tokenize")
+    if out.exists():
+        raise UsageError(f"'{out}' exists. HINT: remove it, or choose another OUT")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"'{out.parent}': cannot make the folder for OUT: {exc.strerror or exc}") from None
+    count = 0
+    with atomic_stream(out) as sink, open(text, "rb") as source:
+        while chunk := source.read(_CHUNK):
+            np.frombuffer(chunk, dtype=np.uint8).astype(DTYPES[dtype]).tofile(sink)
+            count += len(chunk)
+    return count
