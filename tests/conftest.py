@@ -240,6 +240,7 @@ SUITES: dict[str, tuple[str, ...]] = {
         "test_broken_run_state.py",
         "test_exactness.py",
         "test_sharded.py",
+        "test_hsdp.py",
         "test_optimizers.py",
         "test_clean_reports.py",
         "test_resume_command.py",
@@ -285,7 +286,7 @@ SUITES: dict[str, tuple[str, ...]] = {
         "test_capacity.py",
     ),
     "sweep": ("test_sweep.py", "test_sweep_spec.py"),
-    "scale": ("test_scale.py", "test_order.py"),
+    "scale": ("test_scale.py", "test_order.py", "test_hsdp.py"),
     "slurm": ("test_slurm.py",),
 }
 

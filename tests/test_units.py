@@ -283,6 +283,7 @@ def test_fsdp_bf16_hands_the_loss_fp32_outputs(tmp_path):
     H200 with the quickstart task's mse_loss). An in-process gloo group of one rank; the mesh and FSDP2 are real."""
     import torch.distributed as dist
 
+    from workers.config import TrainConfig
     from workers.dist import DistContext
     from workers.parallel import shard
     from workers.tasks import resolve
@@ -292,7 +293,7 @@ def test_fsdp_bf16_hands_the_loss_fp32_outputs(tmp_path):
     try:
         task = resolve(build(n=64, hidden=16))
         ctx = DistContext(0, 0, 1, 1, "127.0.0.1", 0, torch.device("cpu"), "gloo", "single")
-        model = shard(task.model, task, ctx, "bf16", reshard_after_forward=True)
+        model = shard(task.model, task, ctx, TrainConfig(precision="bf16", parallel="fsdp"))
         seen: list[torch.dtype] = []
         for unit in model.children():
             unit.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))

@@ -1,7 +1,9 @@
-"""How the model is spread over the ranks: DDP (replicated) or FSDP2 (sharded). One place for what differs.
+"""How the model is spread over the ranks: DDP (replicated), FSDP2 (sharded) or HSDP (FSDP2 on a 2-D mesh: sharded
+within groups of ranks, replicated across them). One place for what differs.
 
 With ``train.parallel: fsdp`` every unit of ``task.shard_units(model)`` (default: the model's direct children that
-hold parameters) and then the root get ``fully_shard`` over an explicit 1-d device mesh of all ranks — on the CPU
+hold parameters) and then the root get ``fully_shard`` over an explicit 1-d device mesh of all ranks (hsdp: a 2-d
+mesh, replicate x shard; :func:`device_mesh`) — on the CPU
 ``init_device_mesh("cpu", ...)``: a default mesh on a GPU machine with a gloo group goes wrong (pytorch 132471).
 Parameters, gradients and optimizer state are then DTensors sharded on dim 0; everything here that looks at them
 (norms, finiteness, state dicts) works on the local shards and reduces across ranks.
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from workers.config import TrainConfig
 from workers.dist import DistContext
 from workers.errors import ConfigError
 from workers.tasks import Task
@@ -71,10 +74,39 @@ def mixed_precision(precision: str) -> Any:
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
-def shard(model: nn.Module, task: Task, ctx: DistContext, precision: str, reshard_after_forward: bool) -> nn.Module:
-    """Apply FSDP2 in place (units first, then the root) and return the model. Must be called on all ranks, before
-    the optimizer is built (it must hold the sharded parameters). Without a process group (one process, no
-    launcher) there is nothing to shard over: the model stays whole; checkpoints are still of the sharded kind."""
+def shard_group_size(train: TrainConfig, ctx: DistContext) -> int:
+    """The ranks of one shard group: all of them for fsdp; ``train.shard_size`` or the ranks of a node for hsdp.
+    ConfigError when it does not divide the world size."""
+    if train.parallel != "hsdp":
+        return ctx.world_size
+    size = train.shard_size or ctx.local_world_size
+    if ctx.world_size % size:
+        raise ConfigError(
+            f"config key 'train.shard_size' = {size} ({'set' if train.shard_size else 'the ranks of one node'}) does "
+            f"not divide the world size {ctx.world_size}. HINT: set train.shard_size to a divisor of it"
+        )
+    return size
+
+
+def device_mesh(train: TrainConfig, ctx: DistContext) -> Any:
+    """FSDP's mesh, built explicitly (a default one on a GPU machine with a gloo group goes wrong, pytorch 132471):
+    1-D over every rank for fsdp; for hsdp 2-D, ``(replicate, shard)`` = (world / shard size, shard size), so the
+    ranks of a shard group are consecutive (one node's, with the default size)."""
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+
+    size = shard_group_size(train, ctx)
+    if train.parallel != "hsdp":
+        return init_device_mesh(ctx.device.type, (ctx.world_size,))
+    return init_device_mesh(ctx.device.type, (ctx.world_size // size, size), mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model: nn.Module, task: Task, ctx: DistContext, train: TrainConfig) -> nn.Module:
+    """Apply FSDP2 in place (units first, then the root) and return the model: over every rank (fsdp), or sharded
+    within groups and replicated across them (hsdp: gradients are reduce-scattered in a group, then all-reduced
+    between the groups). Must be called on all ranks, before the optimizer is built (it must hold the sharded
+    parameters). Without a process group (one process, no launcher) there is nothing to shard over: the model
+    stays whole; checkpoints are still of the sharded kind."""
+    precision, reshard_after_forward = train.precision, train.reshard_after_forward
     units = shard_units(task, model)  # checked in one process too: the mistake shows before the cluster run
     objects = [k for k, v in model.state_dict().items() if not isinstance(v, torch.Tensor)]
     if objects:  # a sharded checkpoint holds tensors only (anything else DCP would pickle, and we refuse to load)
@@ -83,12 +115,12 @@ def shard(model: nn.Module, task: Task, ctx: DistContext, precision: str, reshar
             "tensor: train.parallel=fsdp checkpoints hold tensors only. HINT: use train.parallel=ddp for this model"
         )
     if not ctx.distributed:
-        log.info("train.parallel=fsdp in a single process: nothing to shard over (checkpoints are still sharded)")
+        log.info("train.parallel=%s in a single process: nothing to shard over (checkpoints are still sharded)",
+                 train.parallel)  # fmt: skip
         return model
-    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
 
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    mesh = device_mesh(train, ctx)
     options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     policy = mixed_precision(precision)
     if policy is not None:
@@ -100,7 +132,13 @@ def shard(model: nn.Module, task: Task, ctx: DistContext, precision: str, reshar
         # bf16 output with an fp32 target fails its backward on CUDA ("Found dtype Float but expected BFloat16").
         options["mp_policy"] = dataclasses.replace(policy, output_dtype=torch.float32)
     fully_shard(model, **options)
-    log.info("fsdp: %d unit(s) + root sharded over %d ranks (%s)", len(units), ctx.world_size,
+    size = shard_group_size(train, ctx)
+    layout = (
+        f"over {ctx.world_size} ranks"
+        if train.parallel == "fsdp"
+        else (f"over groups of {size} ranks, replicated {ctx.world_size // size}x")
+    )
+    log.info("%s: %d unit(s) + root sharded %s (%s)", train.parallel, len(units), layout,
              f"{precision} parameters, fp32 reductions" if policy else "fp32")  # fmt: skip
     return model
 

@@ -31,6 +31,10 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
             "profile.ranks", list(cfg.profile.ranks), f"rank {profiled[0]} is outside the world (size {world_size})",
             f"list ranks 0..{world_size - 1}",
         )  # fmt: skip
+    shard = cfg.train.shard_size
+    if cfg.train.parallel == "hsdp" and shard is not None and world_size % shard:
+        fail("train.shard_size", shard, f"does not divide the world size {world_size}",
+             f"use a divisor of {world_size} (the ranks of one node, or a share of them)")  # fmt: skip
     gbs = cfg.data.global_batch_size
     if cfg.data.micro_batch_size is not None:
         micro = cfg.data.micro_batch_size

@@ -186,10 +186,18 @@ class TrainConfig:
     # ddp: every rank holds the whole model, gradients and optimizer state. fsdp: FSDP2 shards all three over the
     # ranks (task.shard_units names the units; default: the model's direct children holding parameters) and
     # checkpoints are sharded (torch.distributed.checkpoint under dcp/), resumable on any world size in either mode.
+    # hsdp: FSDP2 over a 2-D mesh (replicate x shard): sharded within groups of train.shard_size ranks (default:
+    # the ranks of one node), replicated across them (gradients all-reduced between the groups); checkpoints as fsdp.
     parallel: str = "ddp"
+    shard_size: int | None = None  # hsdp: ranks per shard group (must divide the world size; default: per node)
     reshard_after_forward: bool = True  # fsdp: free the gathered parameters after forward (less memory, more comms)
     # fsdp: when the full, unwrapped model.pt is written beside the shards: every checkpoint, the final one, never.
     export_model: str = "final"
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 holds the model (fsdp, hsdp): parameters are DTensors, checkpoints are sharded."""
+        return self.parallel in ("fsdp", "hsdp")
 
     def __post_init__(self) -> None:
         check_min("train.max_steps", self.max_steps, 1)
@@ -204,13 +212,17 @@ class TrainConfig:
             object.__setattr__(self, "nonfinite", "off")
         check_choice("train.nonfinite", self.nonfinite, ("skip", "halt", "off"))
         check_range("train.max_nonfinite", self.max_nonfinite, 1, 1_000_000)
-        check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
+        check_choice("train.parallel", self.parallel, ("ddp", "fsdp", "hsdp"))
+        check_range("train.shard_size", self.shard_size, 1, _BIG)
+        if self.shard_size is not None and self.parallel != "hsdp":
+            fail("train.shard_size", self.shard_size, f"applies to train.parallel=hsdp only (this is {self.parallel})",
+                 "set train.parallel=hsdp, or leave train.shard_size out")  # fmt: skip
         check_choice("train.export_model", self.export_model, ("every", "final", "never"))
-        if self.parallel == "fsdp" and self.precision == "fp16":  # GradScaler's inf check would see one shard only
-            fail("train.precision", "fp16", "is not supported with train.parallel=fsdp (each rank would find "
-                 "overflows in its own shard only)", "use train.precision=bf16")  # fmt: skip
-        if self.parallel == "fsdp" and self.sync_batchnorm:
-            fail("train.sync_batchnorm", True, "is not supported with train.parallel=fsdp",
+        if self.sharded and self.precision == "fp16":  # GradScaler's inf check would see one shard only
+            fail("train.precision", "fp16", f"is not supported with train.parallel={self.parallel} (each rank would "
+                 "find overflows in its own shard only)", "use train.precision=bf16")  # fmt: skip
+        if self.sharded and self.sync_batchnorm:
+            fail("train.sync_batchnorm", True, f"is not supported with train.parallel={self.parallel}",
                  "set train.sync_batchnorm=false, or train.parallel=ddp")  # fmt: skip
 
 

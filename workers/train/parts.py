@@ -63,8 +63,8 @@ def build_parts(cfg: Config, ctx: DistContext, paths: RunDir) -> Parts:
         )
     model = _sync_batchnorm(cfg, ctx, task.model.to(ctx.device))
     sharded = False
-    if cfg.train.parallel == "fsdp":
-        model = shard(model, task, ctx, cfg.train.precision, cfg.train.reshard_after_forward)
+    if cfg.train.sharded:
+        model = shard(model, task, ctx, cfg.train)
         sharded = is_sharded(model)
     optim = build_optim(cfg.optim, task, model, cfg.train.max_steps)
     fp16 = cfg.train.precision == "fp16" and ctx.device.type == "cuda"
@@ -82,7 +82,7 @@ def build_parts(cfg: Config, ctx: DistContext, paths: RunDir) -> Parts:
     progress = RunProgress(cfg, ctx, plan, len(task.dataset), optim.optimizer, guard, selection)
     ckpt = Checkpointer(
         paths, ctx, model=model, optim=state, progress=progress, keep=cfg.train.keep_checkpoints,
-        async_save=cfg.train.async_checkpoint, sharded=cfg.train.parallel == "fsdp",
+        async_save=cfg.train.async_checkpoint, sharded=cfg.train.sharded,
         extra_files={CONFIG_FILE: dump_config(cfg).encode()},  # each checkpoint knows how it was made
     )  # fmt: skip
     numerics = Numerics(model, ctx, sharded, paths, guard, optim)
