@@ -37,6 +37,7 @@ def _describe_folder(folder: Path) -> dict[str, Any]:
         info["complete"], info["problem"] = False, str(exc)
         if isinstance(exc, dcp_io.UnsafeCheckpointError):  # e.g. a pickle payload in DCP's metadata: never read
             info["safe"] = False
+    state = None
     try:
         state = read_train_state(folder)
         info.update(
@@ -48,7 +49,8 @@ def _describe_folder(folder: Path) -> dict[str, Any]:
     except CheckpointError:
         pass
     if manifest.get("parallel") == "fsdp":  # sharded: its layout, read from the (verified, restricted) metadata
-        info.update(parallel="fsdp", saved_world_size=manifest.get("world_size"), **dcp_io.layout(folder / DCP_DIR))
+        mode = state.parallel if state is not None and state.parallel == "hsdp" else "fsdp"  # the same format
+        info.update(parallel=mode, saved_world_size=manifest.get("world_size"), **dcp_io.layout(folder / DCP_DIR))
         info["shard_files"] = [f"{DCP_DIR}/{f}" for f in info["shard_files"]]
     elif manifest:
         info["parallel"] = "ddp"
@@ -93,7 +95,7 @@ def _print_folder(info: dict[str, Any], indent: str = "") -> None:
         if info.get(key) is not None:
             print(f"{indent}  {label}: {info[key]}")
     if info.get("parallel"):
-        print(f"{indent}  parallel: {info['parallel']}" + (" (sharded)" if info["parallel"] == "fsdp" else ""))
+        print(f"{indent}  parallel: {info['parallel']}" + (" (sharded)" if info["parallel"] != "ddp" else ""))
     if "shard_files" in info:
         files = ", ".join(info["shard_files"])
         print(f"{indent}  shards: {len(info['shard_files'])} files, {info['shard_bytes']:,} bytes ({files})")

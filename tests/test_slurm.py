@@ -472,3 +472,16 @@ def test_a_sweep_runs_as_one_array_and_a_preempted_trial_requeues_and_equals_its
         assert rel_diff(load(sdir / trial["id"]), load(local)) <= 1e-6
     assert (sdir / "slurm").is_dir() and json.loads((sdir / "sweep.json").read_text())["slurm_jobs"] == [array]
     assert "cancelled array job(s)" in cli("sweep", "cancel", str(sdir), check=True).stdout
+
+
+def test_hsdp_on_2_nodes_of_2_tasks_shards_within_each_node_and_trains_like_ddp(refs, tmp_path):
+    run = tmp_path / "run"
+    proc = submit(run, "--nodes", "2", "--tasks-per-node", "2", "train.parallel=hsdp")
+    job = job_id_of(proc)
+    assert f"job {job} completed at step {MAX_STEPS}" in proc.stderr, proc.stderr
+    # the default shard group is the node (SLURM_NTASKS_PER_NODE): 2 groups of 2, one per node
+    assert "hsdp: 3 unit(s) + root sharded over groups of 2 ranks, replicated 2x" in proc.stdout, proc.stdout
+    start = [e for e in events(run) if e["event"] == "start"]
+    assert [(e["world_size"], e["nodes"]) for e in start] == [(4, "n[1-2]")]
+    assert rel_diff(load(run), load(refs[2])) <= 1e-5
+    assert consumed_sequence(run) == consumed_sequence(refs[2])
