@@ -409,6 +409,48 @@ def sweep_section(r: dict | None) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", summary
 
 
+def scale_section(r: dict | None) -> tuple[str, list[str]]:
+    title, cmd = "Scale: the order, ddp vs fsdp vs hsdp, token files", "python benchmarks/scale_bench.py --repeats 2"
+    if r is None:
+        return _missing(title, cmd), []
+    lines, summary = [f"## {title}", "", f"`{cmd}` (method: the module's docstring)."], []
+    if r.get("order"):
+        lines += ["", "The global order, rank 0 of 2 x 32 samples a step:", "",
+                  "| samples | scheme | per step | of the toy step | RSS growth | the order holds |",
+                  "|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+        for o in r["order"]:
+            if "not_run" in o:
+                lines.append(f"| {o['n']:.0e} | {o['scheme']} | – | – | – | {o['not_run']} |")
+                continue
+            share = f"{100 * o['share_of_toy_step']:.2f} %" if o.get("share_of_toy_step") else "–"
+            lines.append(f"| {o['n']:.0e} | {o['scheme']} | {o['per_step_us']:.1f} µs | {share} | "
+                         f"{o['rss_growth_mb']:.1f} MB | {o['order_holds_bytes']:,} B |")  # fmt: skip
+        worst = max((o for o in r["order"] if o.get("share_of_toy_step")), key=lambda o: o["share_of_toy_step"])
+        share = worst["share_of_toy_step"]
+        summary.append(f"| a step's indices, any dataset size (feistel) | < 1 % of the toy step | "
+                       f"{100 * share:.2f} % | {'met' if share < 0.01 else 'NOT met'} |")  # fmt: skip
+    if r.get("parallel"):
+        lines += ["", "ddp vs fsdp vs hsdp (groups of 2), 4 ranks on this CPU:", "",
+                  "| mode | state per rank | of ddp | e2e step (hidden 2048) | e2e peak RSS (largest rank) |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for p in r["parallel"]:
+            lines.append(f"| {p['mode']} | {p['state_per_rank_mb']:.1f} MB | {p['state_of_ddp']:.3f} | "
+                         f"{p['e2e_step_time_ms']:.1f} ms | {p['e2e_max_rank_peak_rss_mb']:.0f} MB |")  # fmt: skip
+        hsdp = next(p for p in r["parallel"] if p["mode"] == "hsdp")
+        summary.append(f"| hsdp (4 ranks, groups of 2): state per rank | 1/2 of ddp | {hsdp['state_of_ddp']:.3f} | |")
+    if r.get("tokens"):
+        lines += ["", "The GPT task on token files of random ids, 2 ranks, 100 steps (peak RSS):", "",
+                  "| file | launcher | ranks | limit |", "|---|---:|---:|---:|"]  # fmt: skip
+        for t in r["tokens"]:
+            ranks = ", ".join(f"{v:.0f}" for v in t["rank_peak_rss_mb"])
+            lines.append(f"| {t['file']} | {t['launcher_peak_rss_mb']:.0f} MB | {ranks} MB | {t['limit_mb']} MB |")
+        worst = max(max(t["rank_peak_rss_mb"]) for t in r["tokens"])
+        met = all(t["met"] for t in r["tokens"])
+        summary.append(f"| GPT on a 2 GB token file: peak RSS per process | < 700 MB | {worst:.0f} MB | "
+                       f"{'met' if met else 'NOT met'} |")  # fmt: skip
+    return "\n".join(lines) + "\n", summary
+
+
 def render(results: Path) -> str:
     parts, summary = [], []
     sections = [
@@ -425,6 +467,7 @@ def render(results: Path) -> str:
         diagnosis_section(_load(results, "diagnosis")),
         elastic_section(_load(results, "elastic")),
         sweep_section(_load(results, "sweep")),
+        scale_section(_load(results, "scale")),
     ]
     for text, rows in sections:
         parts.append(text)

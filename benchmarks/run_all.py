@@ -50,6 +50,8 @@ def commands(quick: bool) -> dict[str, list[str]]:
                     "--out", str(RESULTS / "elastic.json")],
         "sweep": [py, "benchmarks/sweep_bench.py", "--repeats", "1" if quick else "3",
                   "--out", str(RESULTS / "sweep.json")],
+        "scale": [py, "benchmarks/scale_bench.py", "--repeats", "1" if quick else "2",
+                  "--out", str(RESULTS / "scale.json")],
         "chaos": [py, "scripts/chaos.py", "--trials", "5" if quick else "50", "--seed", "0",
                   "--out", str(RESULTS / "chaos.json")],
     }  # fmt: skip

@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from workers.checkpoint import Checkpointer, HeldState, OptimizerState, SavePlan
+from workers.config import TrainConfig
 from workers.contract import TrainState
 from workers.dist import DistContext
 from workers.parallel import parameters_bytes, shard
@@ -64,9 +65,9 @@ def _build(mode: str, ctx: DistContext, total_mb: float) -> tuple[nn.Module, nn.
     """(the model as trained, the bare model, AdamW over it) after one step, so every state tensor exists."""
     torch.manual_seed(0)
     bare = _model(total_mb)
-    if mode == "fsdp":
+    if mode in ("fsdp", "hsdp"):  # hsdp: groups of 2 ranks
         no_hooks = resolve(SimpleNamespace(model=bare, dataset=[], loss=None))  # default units: the direct children
-        trained = shard(bare, no_hooks, ctx, "fp32", reshard_after_forward=True)
+        trained = shard(bare, no_hooks, ctx, TrainConfig(parallel=mode, shard_size=2 if mode == "hsdp" else None))
     else:
         trained = nn.parallel.DistributedDataParallel(bare)
     opt = torch.optim.AdamW(trained.parameters(), lr=1e-3)
@@ -124,7 +125,7 @@ def _checkpoint(mode: str, ctx: DistContext, total_mb: float, repeats: int, base
             held = HeldState(dataclasses.replace(state, step=r + 1), SavePlan(export_model=False))
             ckpt = Checkpointer(
                 RunDir(root), ctx, model=trained, optim=OptimizerState(trained, opt, sched, scaler), progress=held,
-                keep=1, async_save=use_async, sharded=mode == "fsdp",
+                keep=1, async_save=use_async, sharded=mode != "ddp",
             )  # fmt: skip
             dist.barrier()
             t0 = time.perf_counter()

@@ -1,7 +1,8 @@
 """GPU paths that the CPU test suite cannot reach: NCCL at world size 1, CUDA placement, bf16 and fp16 (GradScaler)
 steps, checkpoint save and a bitwise resume on the GPU, the non-finite guard and train.sync_batchnorm, sharded
 training (train.parallel=fsdp: FSDP2 over NCCL, bf16 MixedPrecisionPolicy, a DCP save, sync and async, and a
-bitwise resume, peak GPU memory vs ddp); then a GPU
+bitwise resume, peak GPU memory vs ddp), hsdp's 2-D mesh in bf16, the GPT task's tokens/s and MFU, NCCL's flight
+recorder; then a GPU
 benchmark (our loop vs the hand-written DDP loop in bf16 on one GPU, and checkpoint blocked time sync vs async with
 pinned memory). Prints a table; exit code 1 if any check fails.
 
@@ -95,7 +96,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     # GPU_CHECK_PARTS=sharded,benchmark (say) reruns only those parts, e.g. after a fix, to spare device time.
     parts = set(
-        filter(None, os.environ.get("GPU_CHECK_PARTS", "precision,numerics,faults,sharded,benchmark").split(","))
+        filter(
+            None,
+            os.environ.get("GPU_CHECK_PARTS", "precision,numerics,faults,sharded,scale,flight,benchmark").split(","),
+        )
     )
     for precision in ("fp32", "bf16", "fp16") if "precision" in parts else ():
         run = tmp / precision
@@ -143,6 +147,10 @@ def main() -> int:
         if not (tmp / "bf16").exists():  # the bf16 ddp run the sharded peak memory is compared with
             launch(tmp / "bf16", "train.precision=bf16")
         sharded(tmp, tmp / "bf16")
+    if "scale" in parts:
+        scale(tmp)
+    if "flight" in parts:
+        flight_recorder(tmp)
     if "benchmark" in parts:
         benchmark(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -217,6 +225,48 @@ def sharded(tmp: Path, ddp_run: Path) -> None:
         all(mem.values()),
         f"ddp {mem['ddp']} MB, fsdp {mem['fsdp']} MB",
     )
+
+
+def scale(tmp: Path) -> None:
+    """hsdp (a 1 x 1 mesh on one GPU: the 2-D mesh, FSDP2 over NCCL and the bf16 policy) trains and saves; the GPT
+    task on a token file trains in bf16 with tokens/s and MFU (the GPU's peak is known) in its metrics rows."""
+    proc = launch(tmp / "hsdp", "train.parallel=hsdp", "train.precision=bf16")
+    said = "hsdp: 3 unit(s) + root sharded over groups of 1 ranks" in proc.stderr
+    check(
+        "hsdp: bf16 policy, 2-D mesh over NCCL, train + save", proc.returncode == 0 and said, f"exit {proc.returncode}"
+    )
+    tokens = tmp / "tokens.bin"
+    sub = subprocess.run([sys.executable, "-m", "orchestrator", "data", "tokenize",
+                          str(ROOT / "workers" / "tasks" / "data" / "tiny_corpus.txt"), str(tokens)],
+                         cwd=ROOT, capture_output=True, text=True, check=False)  # fmt: skip
+    args = json.dumps({"tokens": str(tokens), "seq_len": 32, "d_model": 256, "n_layers": 4, "n_heads": 4})
+    run = tmp / "gpt"
+    proc = launch(run, "task.factory=workers.tasks.gpt:build", f"task.args={args}", "train.precision=bf16",
+                  "data.global_batch_size=32")  # fmt: skip
+    rows = [json.loads(x) for x in RunDir(run).metrics.read_text().splitlines()] if proc.returncode == 0 else []
+    mfu = [r["mfu"] for r in rows if "mfu" in r]
+    check("gpt: token file, bf16, tokens/s and MFU reported", sub.returncode == 0 and bool(mfu) and mfu[-1] > 0,
+          f"exit {proc.returncode}, mfu {mfu[-1] if mfu else None}")  # fmt: skip
+
+
+def flight_recorder(tmp: Path) -> None:
+    """NCCL's flight recorder under the settings workers/entry.py gives a GPU run records our collectives (one
+    rank: a dump of its buffer after an all-reduce holds the all-reduce)."""
+    code = (
+        "import os, pickle, torch, torch.distributed as dist\n"
+        "dist.init_process_group('nccl', init_method='tcp://127.0.0.1:29533', rank=0, world_size=1, "
+        "device_id=torch.device('cuda', 0))\n"
+        "t = torch.ones(4, device='cuda'); dist.all_reduce(t); torch.cuda.synchronize()\n"
+        "trace = pickle.loads(torch._C._distributed_c10d._dump_nccl_trace())\n"
+        "print('ENTRIES', [e.get('profiling_name') for e in trace.get('entries', [])])\n"
+        "dist.destroy_process_group()\n"
+    )
+    env = {**os.environ, "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+           "TORCH_FR_DUMP_TEMP_FILE": str(tmp / "nccl-trace-rank-")}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          check=False)  # fmt: skip
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("ENTRIES")), "")
+    check("flight recorder: records an NCCL all-reduce", "allreduce" in line, line or proc.stderr[-500:])
 
 
 def faults(tmp: Path) -> None:

@@ -146,3 +146,22 @@ def test_a_token_window_is_the_files_ids_without_a_copy_of_the_file(tmp_path, dt
         windows[99]
     with pytest.raises(ValueError, match=r"holds token id 252 near id 30, outside the vocabulary of 100"):
         TokenWindows(str(tmp_path / "t.bin"), seq_len=10, dtype=dtype, vocab_size=100)[3]
+
+
+def test_the_readmes_gpt_commands_work_as_written(tmp_path):
+    from test_readme_examples import _block, _run
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "gpt.yaml").write_text((ROOT / "configs" / "gpt.yaml").read_text())
+    (tmp_path / "workers" / "tasks" / "data").mkdir(parents=True)
+    for text in (TEXT, VAL_TEXT):
+        (tmp_path / "workers" / "tasks" / "data" / text.name).write_text(text.read_text())
+    commands = [line.split() for line in _block("orchestrator data tokenize").splitlines() if line.strip()]
+    assert [c[:3] for c in commands] == [["orchestrator", "data", "tokenize"]] * 2 + [
+        ["orchestrator", "launch", "configs/gpt.yaml"]
+    ]
+    for command in commands:
+        extra = ["train.max_steps=50", "tracking.mode=disabled"] if command[1] == "launch" else []
+        proc = _run([*command[1:], *extra], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert "eval at step 50: eval/accuracy" in proc.stderr and "run finished: runs/gpt" in proc.stderr

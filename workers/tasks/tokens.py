@@ -11,6 +11,7 @@ No torch import at module level: ``orchestrator data tokenize`` needs none.
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from workers.fsutil import atomic_stream
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 BYTE_VOCAB = 256  # tokenize's vocabulary: the bytes of the UTF-8 text
 _CHUNK = 1 << 24  # tokenize reads the text 16 MiB at a time
+# Reads between fresh maps. Every page a map has touched stays mapped, and counted in the process's RSS, until it is
+# unmapped: over an epoch that would be the whole file (nanoGPT remakes its np.memmap per batch for this reason), and
+# a kernel that maps a whole large folio per fault maps ~200 KB per random read here.
+_REMAP_EVERY = 64
 
 
 def check_token_file(path: str, dtype: str, key: str) -> int:
@@ -63,15 +68,31 @@ class TokenWindows:
         self.path, self.seq_len, self.dtype, self.vocab_size = path, seq_len, dtype, vocab_size
         self.tokens = count
         self._len = (count - 1) // seq_len
-        self._ids: np.memmap | None = None
+        self._ids: np.ndarray | None = None
+        self._map_handle: mmap.mmap | None = None
+        self._reads = 0
 
     def __len__(self) -> int:
         return self._len
 
-    def _map(self) -> np.memmap:
-        if self._ids is None:
-            self._ids = np.memmap(self.path, dtype=DTYPES[self.dtype], mode="r")
+    def _map(self) -> np.ndarray:
+        """The file's ids through a read-only map, made afresh every ``_REMAP_EVERY`` reads; random access (no
+        read-ahead: a window is a few hundred bytes)."""
+        if self._ids is None or self._reads >= _REMAP_EVERY:
+            self._unmap()
+            with open(self.path, "rb") as f:
+                self._map_handle = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(mmap, "MADV_RANDOM"):
+                self._map_handle.madvise(mmap.MADV_RANDOM)
+            self._ids = np.frombuffer(self._map_handle, dtype=DTYPES[self.dtype])
+        self._reads += 1
         return self._ids
+
+    def _unmap(self) -> None:
+        self._ids, self._reads = None, 0  # (windows are copies: no view of the map outlives it)
+        if self._map_handle is not None:
+            self._map_handle.close()
+            self._map_handle = None
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         import torch  # noqa: PLC0415 (see the module docstring)
@@ -88,7 +109,7 @@ class TokenWindows:
         return window[:-1], window[1:]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_ids": None}  # a worker maps the file itself; never pickle the ids
+        return {**self.__dict__, "_ids": None, "_map_handle": None, "_reads": 0}  # a worker maps the file itself
 
 
 def tokenize(text: Path, out: Path, dtype: str = "uint16") -> int:
