@@ -436,6 +436,10 @@ def scale_section(r: dict | None) -> tuple[str, list[str]]:
         for p in r["parallel"]:
             lines.append(f"| {p['mode']} | {p['state_per_rank_mb']:.1f} MB | {p['state_of_ddp']:.3f} | "
                          f"{p['e2e_step_time_ms']:.1f} ms | {p['e2e_max_rank_peak_rss_mb']:.0f} MB |")  # fmt: skip
+        lines += ["", "State: parameters, gradients and AdamW moments each rank holds. The end-to-end peak RSS of the "
+                  "sharded modes is higher at this size: every rank builds the whole model before it is sharded, "
+                  "and FSDP's all-gather buffers stay with the allocator; on CPU the all-gathers also make a step "
+                  "slower than ddp's (hsdp's stay within groups of 2)."]  # fmt: skip
         hsdp = next(p for p in r["parallel"] if p["mode"] == "hsdp")
         summary.append(f"| hsdp (4 ranks, groups of 2): state per rank | 1/2 of ddp | {hsdp['state_of_ddp']:.3f} | |")
     if r.get("tokens"):

@@ -77,7 +77,7 @@ def order_part(steps: int) -> list[dict]:
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     for n in (10**9, 10**12):
-        rows.append({"n": n, "scheme": "randperm", "not_run": f"would materialise {8 * n / 2**30:,.0f} GiB per rank"})
+        rows.append({"n": n, "scheme": "randperm", "not_run": f"would materialise {8 * n / 1e9:,.0f} GB per rank"})
     return rows
 
 

@@ -27,7 +27,7 @@ _CHUNK = 1 << 24  # tokenize reads the text 16 MiB at a time
 # Reads between fresh maps. Every page a map has touched stays mapped, and counted in the process's RSS, until it is
 # unmapped: over an epoch that would be the whole file (nanoGPT remakes its np.memmap per batch for this reason), and
 # a kernel that maps a whole large folio per fault maps ~200 KB per random read here.
-_REMAP_EVERY = 64
+_REMAP_EVERY = 16
 
 
 def check_token_file(path: str, dtype: str, key: str) -> int:
