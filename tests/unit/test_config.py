@@ -190,3 +190,15 @@ def test_config_changes_name_what_differs_except_where_and_how_many():
     ]
     assert config_changes(saved, saved) == []
     assert isinstance(Config(), Config) and config_changes(Config(), config_from_dict({})) == []
+
+
+def test_a_key_glued_to_its_value_is_named_with_the_space_yaml_needs(tmp_path):
+    """`{n:200}` is YAML for one key "n:200" with no value: a factory would get an unknown keyword, a retried crash."""
+    with pytest.raises(ConfigError, match=r"override 'task.args=\{n:200\}': 'n:200' is one key with no value: YAML "
+                                          r"needs a space after ':' \(write 'n: 200'\)"):  # fmt: skip
+        config_from_dict({}, ["task.args={n:200}"])
+    path = tmp_path / "c.yaml"
+    path.write_text("task:\n  args: {hidden:32}\n")
+    with pytest.raises(ConfigError, match=r"line 2.*'hidden:32' is one key with no value.*'hidden: 32'"):
+        load_config(path)
+    assert config_from_dict({}, ["task.args={url: 'http://x:80', n: 2}"]).task.args["url"] == "http://x:80"

@@ -36,7 +36,7 @@ class _Loader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat; PyYAML flattens it
                 continue
             key = self.construct_object(key_node, deep=True)
@@ -49,7 +49,17 @@ class _Loader(yaml.SafeLoader):
                     None, None, "a key must be a plain value", key_node.start_mark
                 ) from None
             seen[key] = line
+            glued = _GLUED.match(key) if isinstance(key, str) else None
+            if glued and value_node.tag == "tag:yaml.org,2002:null" and not value_node.value:
+                name, value = glued.groups()  # `{n:200}`: YAML reads one key "n:200" with no value
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is one key with no value: YAML needs a space after ':' (write "
+                    f"'{name}: {value}')", key_node.start_mark,
+                )  # fmt: skip
         return super().construct_mapping(node, deep=deep)
+
+
+_GLUED = re.compile(r"^([A-Za-z_][\w.]*):(\S.*)$")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -182,6 +192,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = _yaml(raw) if raw.strip() else ""
     except _DuplicateKey as exc:
         raise ConfigError(f"override '{item}': key {exc.key!r} is given twice") from None
+    except yaml.constructor.ConstructorError as exc:
+        if "YAML needs a space after ':'" in str(exc.problem):
+            raise ConfigError(f"override '{item}': {exc.problem}") from None
+        value = raw
     except yaml.YAMLError:
         value = raw  # not YAML: keep the literal string
     if isinstance(value, str) and CONTROL_CHARS.search(raw):  # YAML turns a raw line break into a space, silently
