@@ -15,6 +15,7 @@ import json
 import pytest
 from conftest import (
     EVERY,
+    GBS,
     MAX_STEPS,
     consumed_sequence,
     copy_run,
@@ -114,3 +115,20 @@ def test_a_shard_size_that_cannot_work_is_one_line_exit_2_and_nothing_written(ov
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
     assert not run.exists()
+
+
+def test_a_poisoned_sample_is_skipped_by_every_hsdp_rank_and_training_goes_on_as_under_ddp(hsdp_refs, tmp_path):
+    from test_numerics import _finite, _skips
+
+    from workers.data import GlobalOrder
+
+    order = GlobalOrder(200, 0)
+    bad = order.take(5 * GBS + 7, 1)[0]  # a sample of step 6: on rank 0's shard group, not rank 3's
+    expected = [(s + 1, s * GBS, (s + 1) * GBS - 1) for s in range(MAX_STEPS) if bad in order.take(s * GBS, GBS)]
+    runs = {mode: tmp_path / mode for mode in ("hsdp", "ddp")}
+    for mode, run in runs.items():
+        proc = launch(run, 4, f"task.args.poison_index={bad}", *(HSDP if mode == "hsdp" else []))
+        assert _skips(proc.stderr) == expected and expected, proc.stderr
+        for rank in range(4):  # the decision rests on the norm reduced over both mesh dimensions: every rank
+            assert _skips((run / "logs" / f"rank-{rank}.log").read_text()) == expected
+    assert _finite(load(runs["hsdp"])) and rel_diff(load(runs["hsdp"]), load(runs["ddp"])) <= 1e-5
