@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+
+import pytest
 
 from workers.config import config_from_dict
 from workers.rundir import RunDir
 from workers.stop import NONE, STOP, StopFlag
 from workers.tracking import Tracker, read_metrics, read_run_id, run_id
+from workers.tracking.batching import RowBatches
 from workers.tracking.metrics_file import JsonlSink, set_aside_dead_rows
 from workers.tracking.stepsync import StepSync
 
@@ -172,3 +176,50 @@ def test_the_straggler_is_the_rank_that_computes_longer_before_it_waits():
     ]
     assert straggler_of(row) == {"rank": 1, "ratio": 3.0}
     assert straggler_of({"loss": 1.0, "rank0/step_time_ms": 1.0, "rank1/step_time_ms": 1.0}) is None  # older rows
+
+
+class _SlowBatches(RowBatches):
+    EVERY_S = 3600.0  # nothing is "stale" during the test: only add() after a write and drain() write
+
+
+def test_rows_wait_for_a_batch_and_drain_writes_them_in_order():
+    written: list[list[int]] = []
+    batches = _SlowBatches(written.append)
+    try:
+        batches.add(1)  # the first row is written at once (a run's first row shows without delay)
+        batches.add(2)
+        batches.add(3)
+        assert written == [[1]]  # written less than EVERY_S ago: 2 and 3 wait for the next batch
+        batches.drain()
+        batches.drain()  # nothing waiting: no empty batch
+        assert written == [[1], [2, 3]]
+    finally:
+        batches.close()
+    assert not batches.thread.is_alive()
+
+
+def test_rows_of_a_stalled_loop_are_written_by_the_background_thread():
+    """The loop stops coming back (a hang, a long eval): the rows it completed reach the file anyway."""
+    written: list[list[int]] = []
+    batches = RowBatches(written.append)
+    try:
+        batches.add(1)
+        batches.add(2)  # right after a write: waits
+        deadline = time.monotonic() + 60
+        while written != [[1], [2]] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert written == [[1], [2]]  # no further call from the "training thread"
+    finally:
+        batches.close()
+
+
+def test_a_failing_write_reaches_the_caller_of_drain():
+    def write(items):
+        raise OSError(28, "No space left on device")
+
+    batches = _SlowBatches(write)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            batches.add(1)
+    finally:
+        batches.close()

@@ -99,7 +99,9 @@ def set_aside_dead_rows(paths: RunDir, start_step: int) -> None:
 
 
 class JsonlSink:
-    """Appends one JSON object per logged step to the run's metrics file."""
+    """Appends one JSON object per logged step to the run's metrics file; the rows reach the file at
+    :meth:`flush` (a batch of rows in one write: a kill keeps every flushed row, and at most tears the last line).
+    """
 
     def __init__(self, paths: RunDir, start_step: int) -> None:
         self.path = paths.metrics
@@ -110,8 +112,12 @@ class JsonlSink:
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         if self._file is None:
-            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - kept open; line-buffered: a kill keeps rows
+            self._file = open(self.path, "a")  # noqa: SIM115 - kept open; written through at each flush
         self._file.write(json.dumps({"step": step, **row}) + "\n")
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
 
     def finish(self, quick: bool = False) -> None:
         if self._file is not None:

@@ -19,6 +19,7 @@ import torch
 
 from workers.config import Config
 from workers.dist import DistContext
+from workers.tracking.batching import RowBatches
 from workers.tracking.straggler import PER_RANK, find_straggler
 from workers.tracking.throughput import Throughput
 from workers.tracking.tracker import Tracker
@@ -60,6 +61,10 @@ class StepStats:
     compute_s: float = 0.0  # forward (and the backward of micro-steps before the last): no collective waits
 
 
+# rank 0's values of a log step: lr, samples/s, step time, data wait, logging time so far, wall time, extra, grad norm
+_Pending = tuple[float, float, float, float, float, float, dict[str, float], float | None]
+
+
 class Reporter:
     """Called every step on every rank; does real work only at log steps.
 
@@ -68,6 +73,9 @@ class Reporter:
     is completed when that exchange has finished — at the next exchange, or when a checkpoint flushes it — and
     rank 0 writes it. No collective of its own; on GPUs reading the loss (and grad norm) is the one host sync, at
     log steps only.
+
+    Rank 0 writes completed rows in batches (workers.tracking.batching), and all of them before a checkpoint or an
+    eval, and at the end.
     """
 
     def __init__(
@@ -89,8 +97,10 @@ class Reporter:
         self.extra: dict[str, float] = dict(counts)
         self.progress = Progress(self.max_steps, start_step) if ctx.is_main and sys.stderr.isatty() else None
         self.last_loss = float("nan")
-        self.partial: dict[int, tuple[dict[str, float], float | None]] = {}  # log rows awaiting their table
-        self.logging_s = 0.0  # cumulative time this rank spent on logging (values, rows, sinks, console)
+        self.partial: dict[int, _Pending] = {}  # rank 0's values of log steps awaiting their table
+        self.logging_s = 0.0  # cumulative time this rank spent reading log values
+        self.write_s = 0.0  # ... and rank 0 building and writing rows (under the batches' lock)
+        self.batches = RowBatches(self._write) if ctx.is_main else None
 
     def is_log_step(self, step: int) -> bool:
         """The same on every rank: every ``log_every`` steps, and the first and last step."""
@@ -114,7 +124,7 @@ class Reporter:
         t0 = time.perf_counter()
         steps = max(1, step - self.window_step)
         if self.ctx.is_main:  # only rank 0 writes rows: the others just contribute their values
-            self.partial[step] = self._partial_row(step, stats, steps, t0)
+            self.partial[step] = self._pending_row(step, stats, steps, t0)
         usage = resource.getrusage(resource.RUSAGE_SELF)  # one call: CPU time and peak RSS (~3 µs; psutil's ~70)
         cpu_s = usage.ru_utime + usage.ru_stime  # the process's user + system time, what process_time() reads
         values = [
@@ -130,36 +140,49 @@ class Reporter:
         return values
 
     def complete(self, step: int, table: list[list[float]]) -> None:
-        """The gathered values of log step ``step`` (the loss and PER_RANK, per rank) arrived: finish its row; rank 0
-        writes it."""
-        if not self.ctx.is_main:
-            return
+        """The gathered values of log step ``step`` (the loss and PER_RANK, per rank) arrived: rank 0 finishes its
+        row and writes it, in a batch with the rows before it (workers.tracking.batching)."""
+        if self.batches is not None:
+            self.batches.add((step, table))
+
+    def drain(self) -> None:
+        """Write every completed row now (rank 0; nothing elsewhere): before a checkpoint or an eval, at the end."""
+        if self.batches is not None:
+            self.batches.drain()
+
+    def _write(self, completed: list[tuple[int, list[list[float]]]]) -> None:
         t0 = time.perf_counter()
-        row, grad_norm = self.partial.pop(step)
-        row = {"loss": sum(r[0] for r in table) / len(table), **row, **self._per_rank(table)}
+        for step, table in completed:
+            self._emit(step, self._row(step, table))
+        self.tracker.flush()
+        self.write_s += time.perf_counter() - t0
+
+    def _row(self, step: int, table: list[list[float]]) -> dict[str, float]:
+        """Log step ``step``'s row: rank 0's values read at the step and every rank's gathered ones."""
+        lr, rate, step_time, data_wait, logging_s, wall, extra, grad_norm = self.partial.pop(step)
+        row = {
+            "loss": sum(r[0] for r in table) / len(table), "lr": lr, "samples_per_s": round(rate, 2),
+            **self.throughput.values(rate), "step_time_s": round(step_time, 6), "data_wait_s": round(data_wait, 6),
+            "world_size": self.ctx.world_size, "logging_s_total": round(logging_s, 6), "time": round(wall, 3),
+            **extra, **self._per_rank(table),
+        }  # fmt: skip
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         self._note_straggler(step, row, table)
         self.last_loss = row["loss"]
-        self._emit(step, row)
-        self.logging_s += time.perf_counter() - t0
+        return row
 
-    def _partial_row(
-        self, step: int, stats: StepStats, steps: int, now: float
-    ) -> tuple[dict[str, float], float | None]:
-        """Rank 0's row of a log step without the gathered values, and the grad norm — read now, beside the loss:
-        later it would wait for the next step's queued GPU work."""
-        rate = self._rate(step, now)
-        row = {
-            "lr": stats.lr, "samples_per_s": round(rate, 2), **self.throughput.values(rate),
-            "step_time_s": round(self.step_time / steps, 6), "data_wait_s": round(self.data_wait / steps, 6),
-            "world_size": self.ctx.world_size, "logging_s_total": round(self.logging_s, 6),
-            "time": round(time.time(), 3), **self.extra,
-        }  # fmt: skip
-        return row, None if stats.grad_norm is None else float(stats.grad_norm)
+    def _pending_row(self, step: int, stats: StepStats, steps: int, now: float) -> _Pending:
+        """Rank 0's values of a log step, read now (the row is built when it is written) — the grad norm too,
+        beside the loss: later it would wait for the next step's queued GPU work."""
+        grad_norm = None if stats.grad_norm is None else float(stats.grad_norm)
+        return (
+            stats.lr, self._rate(step, now), self.step_time / steps, self.data_wait / steps,
+            self.logging_s + self.write_s, time.time(), dict(self.extra), grad_norm,
+        )  # fmt: skip
 
     def _emit(self, step: int, row: dict[str, float]) -> None:
-        self.tracker.log(step, row)
+        self.tracker.log(step, row, flush=False)  # drain() flushes the batch
         if self.progress:
             if step == self.max_steps:
                 self.progress.update(step, row["samples_per_s"], row["loss"])
@@ -176,7 +199,10 @@ class Reporter:
             self.progress.eval_text = f"eval/{metric} {value:.4g} "
 
     def close(self) -> None:
-        """End the progress bar (if any); the console's log lines go back to plain writes."""
+        """End the background writer and the progress bar (if any); the console's log lines go back to plain writes.
+        Rows not yet written stay unwritten: :meth:`drain` first."""
+        if self.batches is not None:
+            self.batches.close()
         if self.progress:
             self.progress.close()
 

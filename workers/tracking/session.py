@@ -4,6 +4,7 @@ requests). The training loop talks to this and to nothing else of tracking."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from workers.config import Config
@@ -14,6 +15,8 @@ from workers.tracking.reporting import Reporter, StepStats
 from workers.tracking.stepsync import StepSync
 from workers.tracking.throughput import Throughput
 from workers.tracking.tracker import Tracker
+
+log = logging.getLogger("workers.tracking")
 
 
 class ReportingSession:
@@ -50,8 +53,9 @@ class ReportingSession:
         if eval_due:
             self.tracker.hold_for_eval(step)  # before this step's train row can be written
         code = self.sync.step(step, stats.step_time_s, log_values)
-        if eval_due:
-            self.sync.flush()  # the training rows up to this step are written before its eval row
+        if eval_due:  # the training rows up to this step are written before its eval row
+            self.sync.flush()
+            self.reporter.drain()
         return code
 
     @property
@@ -78,10 +82,21 @@ class ReportingSession:
     def flush(self) -> None:
         """Write the rows up to now (before a checkpoint that ends them exists; at the end). Every rank, same step."""
         self.sync.flush()
+        self.reporter.drain()
 
     def close(self, quick: bool) -> None:
-        """End the progress bar and every sink; ``quick`` (after a stop or an error) bounds wandb's wait."""
+        """Write the rows completed so far, end the progress bar and every sink; ``quick`` (after a stop or an
+        error) bounds wandb's wait, and a row that cannot be written then does not hide the error being reported."""
         try:
+            self._drain(quick)
             self.reporter.close()
         finally:
             self.tracker.finish(quick)
+
+    def _drain(self, quick: bool) -> None:
+        try:
+            self.reporter.drain()
+        except Exception as exc:
+            if not quick:
+                raise
+            log.warning("the last metrics rows could not be written: %s", exc)

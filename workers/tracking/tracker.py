@@ -27,6 +27,7 @@ class Sink(Protocol):
     skip_through: int  # steps <= this are already in this sink (logged before a stop): not logged again
 
     def log(self, step: int, row: dict[str, Any]) -> None: ...
+    def flush(self) -> None: ...
     def finish(self, quick: bool = False) -> None: ...
 
 
@@ -53,15 +54,23 @@ class Tracker:
             self.run_id = run_id(paths)
             self.sinks.append(WandbProcess(cfg, self.run_id, wandb_mode(cfg), start_step))
 
-    def log(self, step: int, row: dict[str, Any], is_eval: bool = False) -> None:
+    def log(self, step: int, row: dict[str, Any], is_eval: bool = False, flush: bool = True) -> None:
         """``is_eval``: an eval row, which may be at the step this start resumed from (an eval that a stop
-        abandoned there runs first on resume; its row is in no sink yet)."""
+        abandoned there runs first on resume; its row is in no sink yet). ``flush=False``: more rows follow at
+        once (a batch); the caller ends the batch with :meth:`flush`."""
         for sink in self.sinks:
             if step > sink.skip_through or (is_eval and step == sink.skip_through):
                 if step == self.held_step and isinstance(sink, WandbProcess):
                     self.held.update(row)
                 else:
                     sink.log(step, row)
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the rows logged so far on: to the metrics file's disk cache, to wandb's process."""
+        for sink in self.sinks:
+            sink.flush()
 
     def hold_for_eval(self, step: int) -> None:
         """An eval is due at ``step``: its rows reach wandb together, at :meth:`release_held`."""
@@ -73,6 +82,7 @@ class Tracker:
             for sink in self.sinks:
                 if isinstance(sink, WandbProcess):
                     sink.log(self.held_step, self.held)
+                    sink.flush()
         self.held_step, self.held = None, {}
 
     def finish(self, quick: bool = False) -> None:

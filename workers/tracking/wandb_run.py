@@ -94,9 +94,10 @@ def wandb_mode(cfg: Config) -> str | None:
 
 
 class WandbProcess:
-    """Rank 0's wandb run, in a child process of rank 0 (``orch-wandb``). The training process only puts each row
-    on a queue (a small dict, pickled into a pipe by a feeder thread); wandb's Python work — serialisation and IPC to
-    its service, ~0.2–0.4 ms of CPU per row here — never holds the training process's interpreter lock. (On a
+    """Rank 0's wandb run, in a child process of rank 0 (``orch-wandb``). The training process only puts the rows
+    of each :meth:`flush` on a queue (a list of small dicts, pickled into a pipe by a feeder thread at once); wandb's
+    Python work — serialisation and IPC to its service, ~0.2–0.4 ms of CPU per row here — never holds the training
+    process's interpreter lock. (On a
     thread inside the worker it did, and cost the training thread ~1 ms per logged row on 2 cores.) wandb also
     starts there, so training no longer waits for ``wandb.init``.
 
@@ -133,6 +134,7 @@ class WandbProcess:
         # A plain queue and a feeder thread: the training thread never blocks on the pipe, even if the child lags.
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.closed = False  # the child is gone: rows are dropped here (the metrics file has them)
+        self.batch: list[tuple[int, dict[str, Any]]] = []  # logged, not yet handed to the feeder
         self.feeder = threading.Thread(target=self._feed, name="orch-wandb-feeder", daemon=True)
         self.feeder.start()
 
@@ -149,11 +151,17 @@ class WandbProcess:
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         if not self.closed:
-            self.queue.put((step, row))
+            self.batch.append((step, row))
+
+    def flush(self) -> None:
+        if self.batch:
+            self.queue.put(self.batch)
+            self.batch = []
 
     def finish(self, quick: bool = False) -> None:
-        """Send what is queued, then wait for wandb to flush and end; ``quick`` after a stop or an error."""
+        """Send what is logged, then wait for wandb to flush and end; ``quick`` after a stop or an error."""
         timeout = self.QUICK_FINISH_TIMEOUT_S if quick else self.FINISH_TIMEOUT_S
+        self.flush()
         self.queue.put(None)
         deadline = time.monotonic() + timeout
         self.feeder.join(timeout)
@@ -178,15 +186,15 @@ def _background_priority() -> None:
 
 
 def _rows(conn: Any) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The rows sent by the worker, until its end message (or end-of-file: it died)."""
+    """The rows sent by the worker (lists of them), until its end message (or end-of-file: it died)."""
     while True:
         try:
-            item = conn.recv()
+            batch = conn.recv()
         except EOFError:
             return
-        if item is None:
+        if batch is None:
             return
-        yield item
+        yield from batch
 
 
 def wandb_process_main(
