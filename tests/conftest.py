@@ -284,6 +284,7 @@ SUITES: dict[str, tuple[str, ...]] = {
         "test_dist.py",
         "test_elastic.py",
         "test_capacity.py",
+        "test_selfwatch.py",
     ),
     "sweep": ("test_sweep.py", "test_sweep_spec.py"),
     "scale": ("test_scale.py", "test_order.py", "test_hsdp.py"),

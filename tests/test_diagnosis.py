@@ -19,6 +19,8 @@ import psutil
 import pytest
 from conftest import QUICK, ROOT, cli, env, fingerprint
 
+from orchestrator.launcher import free_port
+
 HANG = ["launch.hang_timeout_s=4", "launch.grace_period_s=1", "train.max_steps=100000", "train.checkpoint_every=1000"]
 
 
@@ -169,3 +171,25 @@ def test_without_py_spy_the_ranks_dump_their_own_stacks(tmp_path, py_spy):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_under_torchrun_each_rank_watches_itself_and_writes_its_stacks_at_a_hang(tmp_path):
+    """No launcher of ours watches a torchrun (or SLURM) run: each rank's own watch finds the hang, writes every
+    thread's stack into the attempt's stacks file, and ends the rank as failed — torchrun's report says where."""
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        "-m", "workers", "configs/quickstart.yaml", f"run.dir={run}", *QUICK, *HANG,
+        "task.args.block_after_samples=200", "task.args.block_rank=1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "HangError: hung — no progress for" in proc.stderr, proc.stderr[-3000:]
+    stacks = (run / "logs" / "stacks-0.txt").read_text()
+    # one block per rank: "# rank r: <why>", "# <where it is>", then every thread
+    blocks = {int(b.split(":")[0]): b for b in re.split(r"^# rank (?=\d+: no progress)", stacks, flags=re.M)[1:]}
+    assert sorted(blocks) == [0, 1], stacks
+    assert "orch_test_tasks.py:" in blocks[1].splitlines()[1] and "__getitem__" in blocks[1], stacks  # its dataset
+    assert "inside " in blocks[0].splitlines()[1] and "workers/train/trainer.py:" in blocks[0], stacks  # waits
+    for block in blocks.values():  # every thread, named
+        assert 'Thread "MainThread"' in block and 'Thread "orch-selfwatch"' in block, block

@@ -79,7 +79,7 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
     """
 
     from workers.dist import DistContext, check_precision  # noqa: PLC0415
-    from workers.heartbeat import NoHeartbeat, heartbeat_for  # noqa: PLC0415
+    from workers.heartbeat import NoHeartbeat  # noqa: PLC0415
     from workers.train.trainer import Trainer  # noqa: PLC0415
 
     paths = RunDir(cfg.run.dir)
@@ -97,7 +97,7 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
         setup_logging(paths, rank)
         if ctx.source == "slurm" and ctx.is_main:
             slurm.on_start(paths, ctx.world_size)
-        heartbeat = heartbeat_for(start.heartbeat_file, rank).start()
+        heartbeat = _watch(cfg, paths, rank, start).start()
         _diagnostics(paths, rank, ctx.backend)
         ctx.init_process_group(cfg.launch.collective_timeout_s)
         result = Trainer(cfg, ctx, paths, stop, heartbeat, dict(start.counts)).fit()
@@ -125,6 +125,23 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
         if ctx is not None:
             with contextlib.suppress(Exception):
                 ctx.destroy()
+
+
+def _watch(cfg: Config, paths: RunDir, rank: int, start: WorkerStart) -> Any:
+    """This rank's progress watch: the heartbeat file our launcher reads, or — where no launcher of ours watches
+    (SLURM, torchrun) — the rank's own watch (workers.selfwatch), which reports a hang with its stacks and ends it."""
+    from workers.heartbeat import heartbeat_for  # noqa: PLC0415
+    from workers.selfwatch import HangError, SelfWatch  # noqa: PLC0415
+
+    if start.heartbeat_file is not None or cfg.launch.hang_timeout_s <= 0:
+        return heartbeat_for(start.heartbeat_file, rank)
+
+    def hung(message: str) -> None:
+        _report(start, ErrorRecord.from_exception(rank, HangError(message), slurm.job_id()))
+        exit_now(EXIT_FAILED)
+
+    attempt = int(dict(start.counts).get("restarts", 0))
+    return SelfWatch(paths, rank, attempt, cfg.launch.hang_timeout_s, hung)
 
 
 def _log_failure(record: ErrorRecord, start: WorkerStart) -> None:

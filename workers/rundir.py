@@ -189,7 +189,8 @@ class RunDir:
         return self.logs / "nccl-trace-rank-"
 
     def stacks_file(self, attempt: int) -> Path:
-        """Every rank's stacks, taken when the launcher judged attempt ``attempt`` (0: the first) hung."""
+        """Every rank's stacks, taken when the launcher judged attempt ``attempt`` (0: the first) hung — or, where no
+        launcher of ours watches, appended by each rank whose own watch found it hung (workers.selfwatch)."""
         return self.logs / f"stacks-{attempt}.txt"
 
     def heartbeat_files(self) -> list[Path]:
