@@ -61,6 +61,7 @@ class SelfWatch:
         self.paths, self.rank, self.attempt, self.timeout_s, self.on_hang = paths, rank, attempt, timeout_s, on_hang
         self.step, self.phase, self.tick = 0, "setup", 0
         self.interval_s = min(1.0, timeout_s / 4)
+        self.clock = time.monotonic  # (a test moves it)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="orch-selfwatch", daemon=True)
 
@@ -79,10 +80,15 @@ class SelfWatch:
         self._stop.set()
 
     def _watch(self) -> None:
-        seen, since = None, time.monotonic()
+        seen, since = None, self.clock()
+        checked = since
         while not self._stop.wait(self.interval_s):
-            now, state = time.monotonic(), (self.step, self.phase, self.tick)
-            if state != seen:
+            now, state = self.clock(), (self.step, self.phase, self.tick)
+            # This thread woke far too late: the whole process was stopped (a suspended SLURM job, a SIGSTOP and
+            # SIGCONT, a machine asleep), which is not this rank failing to progress — start counting again.
+            late = now - checked > 3 * self.interval_s + 1.0
+            checked = now
+            if state != seen or late:
                 seen, since = state, now
             elif self.phase in WATCHED and now - since >= self.timeout_s:
                 self._hung(f"no progress for {now - since:.0f} s at step {self.step} ({self.phase})")

@@ -65,3 +65,24 @@ def test_a_rank_without_progress_in_training_writes_its_stacks_then_ends(tmp_pat
     text = paths.stacks_file(2).read_text()
     assert text.startswith("# rank 1: no progress for") and 'Thread "MainThread"' in text
     assert 'Thread "orch-selfwatch"' in text and text.count("=== rank 1 ") == 1
+
+
+def test_a_process_stopped_and_continued_is_not_a_hang(tmp_path):
+    """The whole process stopped (a suspended job, SIGSTOP ... SIGCONT): its watch wakes far too late, and that
+    stillness is not the rank's — it starts counting again instead of reporting a hang."""
+    paths = RunDir(tmp_path / "run")
+    paths.logs.mkdir(parents=True)
+    hung: list[str] = []
+    watch = _FastWatch(paths, rank=0, attempt=0, timeout_s=40.0, on_hang=hung.append)  # checks every 1 s
+    skipped, reads = [0.0], []
+    watch.clock = lambda: reads.append(1) or time.monotonic() + skipped[0]
+    watch.update(7, "train")
+    watch.start()
+    try:
+        assert _wait(lambda: len(reads) >= 2)  # watching
+        skipped[0] = 100.0  # 100 s pass in one wake-up: the process was stopped
+        seen = len(reads)
+        assert _wait(lambda: len(reads) >= seen + 2)  # two more checks since
+        assert hung == []
+    finally:
+        watch.stop()
