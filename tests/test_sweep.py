@@ -153,10 +153,22 @@ def test_a_dir_holding_another_sweep_is_refused_naming_the_difference(tmp_path):
     assert fingerprint(sdir) == before
 
 
-def test_a_metric_the_task_does_not_make_is_a_usage_error(tmp_path):
-    proc = sweep(tmp_path / "sweep", "--grid", "optim.lr=[0.01,0.02]", "--metric", "accuracy", check=False)
-    assert proc.returncode == 2 and "sweep --metric 'accuracy': the task's eval does not produce it" in proc.stderr
-    assert "the sweep stops" in proc.stderr
+def test_a_metric_the_task_does_not_make_is_a_usage_error_before_anything_runs(tmp_path):
+    """Only an eval tells the metric names: the sweep probes the task on the CPU before DIR exists or a trial
+    starts. The trial's own check (workers) is not reached: one line, no trial, no DIR."""
+    sdir = tmp_path / "sweep"
+    proc = sweep(sdir, "--grid", "optim.lr=[0.01,0.02]", "--metric", "accuracy", check=False)
+    assert proc.returncode == 2, proc.stderr
+    said = "orchestrator: error: sweep --metric 'accuracy': the task's eval does not produce it. HINT: use one of loss"
+    assert proc.stderr == said + "\n"
+    assert not sdir.exists()
+    # A task whose eval makes other names: the hint lists them, the sweep's default metric (loss) is refused too.
+    named = ["task.factory=orch_test_tasks:named_metrics", "task.args={n: 200, hidden: 32, eval_n: 48}"]
+    proc = sweep(sdir, "--grid", "optim.lr=[0.01]", *named, check=False)
+    assert proc.returncode == 2 and "sweep --metric 'loss'" in proc.stderr and "use one of mae, mse" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not sdir.exists(), proc.stderr
+    ok = sweep(sdir, "--grid", "optim.lr=[0.01]", "--metric", "mae", *named, "train.max_steps=4")
+    assert ok.returncode == 0 and status(sdir)["trials"][0]["metric"]["name"] == "mae"
 
 
 def test_a_sweep_stopped_on_request_saves_its_trial_and_the_rerun_finishes_it_with_the_pruner_on(tmp_path):
