@@ -1,6 +1,6 @@
 """Where each trial of a sweep stands, and the best: ``orchestrator sweep status DIR [--json]`` (the contract in
-DESIGN.md, "Sweeps"). Read-only: a trial's state comes from its run dir, the Optuna journal (pruned) and
-``sweep.json`` (failed)."""
+DESIGN.md, "Sweeps"). Read-only: a trial's state comes from its run dir (running, done, failed), the Optuna
+journal (pruned) and ``sweep.json`` (failed before its run dir said so: a launch that never started)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ def trial_info(trial: Trial, sdir: SweepDir, state: SweepState, pruned: set[int]
             info["state"] = PRUNED
         elif run["state"] in ("done", "early-stopped"):
             info["state"] = DONE
+        elif run["state"] == "failed":  # (its last launch failed: a local one, or a SLURM task out of restarts)
+            info["state"] = FAILED
+            info["error"] = run.get("failure") or state.failed.get(trial.id, "its last launch failed")
     if info["state"] == PENDING and trial.id in state.failed:  # (a rerun tries it again)
         info["state"] = FAILED
         info["error"] = state.failed[trial.id]

@@ -1,5 +1,5 @@
-"""orchestrator/sweep/spec.py and store.py: parsing the search space, stable trial ids, seeded draws, and the
-check that a rerun continues the same sweep."""
+"""orchestrator/sweep/spec.py, store.py and report.py: parsing the search space, stable trial ids, seeded draws,
+the check that a rerun continues the same sweep, and a trial's state read from its run dir."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.sweep.report import pruned_numbers, trial_info
 from orchestrator.sweep.spec import SweepSpec, parse_grid, parse_random, trial_id
 from orchestrator.sweep.store import SweepDir, SweepState, check_same_sweep, draw_trials, register
 from workers.config import ConfigError
+from workers.contract import ErrorRecord
+from workers.preflight import save_resolved_config
+from workers.rundir import RunDir
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
@@ -60,3 +64,19 @@ def test_a_null_grid_value_reaches_the_config_as_null():
     spec = SweepSpec(CONFIG, grid=dict([parse_grid("eval.patience=[null, 5]")]))
     assert [spec.config_of(t, Path("/tmp/x")).eval.patience for t in spec.grid_points()] == [None, 5]
     assert spec.config_of({"optim.name": "sgd"}, Path("/tmp/x")).optim.name == "sgd"
+
+
+def test_a_trial_whose_run_dir_says_failed_is_failed_without_the_local_sweeps_record(tmp_path):
+    """A SLURM sweep's trials run without the local sweep that fills ``sweep.json``'s failures: the run dir's own
+    state (its ranks' error records) says the trial failed."""
+    spec = SweepSpec(CONFIG, grid={"optim.lr": [0.1, 0.2]})
+    sdir = SweepDir(tmp_path / "sweep")
+    state = register(spec, sdir, draw_trials(spec))
+    trial = state.trials[0]
+    paths = RunDir(sdir.trial_dir(trial.id))
+    save_resolved_config(spec.config_of(trial.overrides, paths.root), paths)  # what a submission writes
+    assert trial_info(trial, sdir, state, pruned_numbers(sdir))["state"] == "pending"  # (queued: nothing ran yet)
+    ErrorRecord.from_exception(0, RuntimeError("CUDA error: an illegal memory access")).write(paths.error_file(0))
+    info = trial_info(trial, sdir, state, pruned_numbers(sdir))
+    assert info["state"] == "failed" and "illegal memory access" in info["error"], info
+    assert not state.failed and trial_info(state.trials[1], sdir, state, set())["state"] == "pending"
