@@ -119,6 +119,22 @@ def test_two_trials_at_once_each_equal_their_sequential_result(tmp_path):
         assert tensors_equal(final(x["run_dir"]), final(y["run_dir"]))
 
 
+def test_a_failed_trial_is_recorded_and_the_sweep_goes_on_then_exits_1(tmp_path):
+    """The first trial's rank 0 crashes at its 5th step (a real exception in a real worker); the sweep records it,
+    runs the next trial to the end, and says with its exit code (1: training failed) that a trial failed."""
+    sdir = tmp_path / "sweep"
+    proc = sweep(sdir, "--grid", "task.args.fail_call=[5,null]", "task.args.fail_rank=0", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "failed (exit code 1); the sweep goes on" in proc.stderr and "injected failure on call 5" in proc.stderr
+    info = status(sdir)
+    crashed, fine = info["trials"]
+    assert crashed["overrides"]["task.args.fail_call"] == 5 and crashed["state"] == "failed", crashed
+    assert "injected failure" in crashed["error"] and (crashed["step"] or 0) < 12
+    assert fine["state"] == "done" and fine["step"] == 12 and info["best"]["id"] == fine["id"]
+    table = cli("sweep", "status", str(sdir), check=True).stdout
+    assert any(line.startswith(crashed["id"]) and " failed " in line for line in table.splitlines()), table
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
