@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli, env, fingerprint, load, tensors_equal
+from conftest import ROOT, cli, env, fingerprint, load, tensors_equal, wandb_view
+
+from workers.tracking.wandb_records import offline_logs, read_records
 
 # A short evaluated run of the common test task: 12 steps, an eval every 4 (the pruner's reports).
 BASE = [
@@ -133,6 +135,24 @@ def test_a_failed_trial_is_recorded_and_the_sweep_goes_on_then_exits_1(tmp_path)
     assert fine["state"] == "done" and fine["step"] == 12 and info["best"]["id"] == fine["id"]
     table = cli("sweep", "status", str(sdir), check=True).stdout
     assert any(line.startswith(crashed["id"]) and " failed " in line for line in table.splitlines()), table
+
+
+def test_each_trial_is_a_wandb_run_of_the_sweeps_group_with_its_overrides_in_its_config(tmp_path):
+    """wandb offline: every trial's run is in one group (the DIR's name) and carries the sweep, its id and its
+    overrides in its config, read back from the files wandb wrote."""
+    sdir = tmp_path / "lr-sweep"
+    sweep(sdir, "--grid", "optim.lr=[0.001,0.01]", "tracking.mode=offline")
+    trials = status(sdir)["trials"]
+    assert len(trials) == 2
+    for trial in trials:
+        run = Path(trial["run_dir"])
+        rid, _, config = wandb_view(run)
+        value = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}  # (wandb may wrap)
+        assert value["sweep"] == {"dir": str(sdir.resolve()), "trial": trial["id"], "overrides": trial["overrides"]}
+        assert value["optim"]["lr"] == trial["overrides"]["optim.lr"] and value["tracking"]["group"] == "lr-sweep"
+        groups = {r.run.run_group for p in offline_logs(run, rid) for r in read_records(p)
+                  if r.WhichOneof("record_type") == "run"}  # fmt: skip
+        assert groups == {"lr-sweep"}, groups
 
 
 @pytest.mark.parametrize(
