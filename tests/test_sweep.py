@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli, env, fingerprint, load, tensors_equal, wandb_view
 
+from workers.rundir import RunDir
 from workers.tracking.wandb_records import offline_logs, read_records
 
 # A short evaluated run of the common test task: 12 steps, an eval every 4 (the pruner's reports).
@@ -207,28 +208,58 @@ def test_a_metric_the_task_does_not_make_is_a_usage_error_before_anything_runs(t
     assert ok.returncode == 0 and status(sdir)["trials"][0]["metric"]["name"] == "mae"
 
 
-def test_a_sweep_stopped_on_request_saves_its_trial_and_the_rerun_finishes_it_with_the_pruner_on(tmp_path):
-    """SIGINT to the sweep alone: the running trial saves and stops, the sweep exits 0; the stopped trial is not a
-    finished one (Optuna is told nothing), so the rerun resumes it — its evals still go to the pruner."""
-    sdir = tmp_path / "sweep"
-    grid = ["--grid", "optim.lr=[0.01,0.003]", "--prune", "halving", "task.args.step_sleep_s=0.1"]
+def committed(run_dir: str | Path) -> list[int]:
+    """The steps of the run's committed checkpoints, oldest first."""
+    return sorted(step for step, _ in RunDir(run_dir).committed_folders())
+
+
+def ctrl_c(sdir: Path, *args: str, trials: int) -> tuple[subprocess.Popen, str, dict[str, int]]:
+    """Start a sweep in a session of its own, wait until ``trials`` of its trials have committed a checkpoint, then
+    SIGINT its whole process group, as a terminal's Ctrl-C does (the sweep, the trials' launchers and workers).
+    Returns the ended process, its stderr, and each trial's newest committed step before the signal."""
     cmd = [sys.executable, "-m", "orchestrator", "sweep", "configs/quickstart.yaml", "--dir", str(sdir), "--nproc",
-           "2", *BASE, *grid]  # fmt: skip
+           "2", *BASE, *args]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not list(sdir.glob("*/checkpoints/latest")):
-            assert proc.poll() is None and time.monotonic() < deadline
+        while len(saved := {r.name: committed(r)[-1] for r in sdir.glob("*/") if committed(r)}) < trials:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return proc, err, saved
+
+
+def test_a_sweep_stopped_by_ctrl_c_saves_its_trial_and_the_rerun_finishes_it_with_the_pruner_on(tmp_path):
+    """Ctrl-C (SIGINT to the process group): the running trial saves at the step it stopped at — a checkpoint later
+    than any before the signal, before the end — and the sweep exits 0 (a stop on request); the stopped trial is
+    not a finished one (Optuna is told nothing), so the rerun resumes it — its evals still go to the pruner."""
+    sdir = tmp_path / "sweep"
+    grid = ["--grid", "optim.lr=[0.01,0.003]", "--prune", "halving", "task.args.step_sleep_s=0.1"]
+    proc, err, before = ctrl_c(sdir, *grid, trials=1)
     assert proc.returncode == 0 and "sweep stopped; the same command continues it" in err, err
     first = status(sdir)["trials"][0]
-    assert first["state"] == "pending" and first["step"] < 12, first
+    assert first["state"] == "pending" and list(before) == [first["id"]], (first, before)
+    stop_step = committed(first["run_dir"])[-1]
+    assert before[first["id"]] < stop_step < 12 and first["step"] == stop_step, (before, stop_step, first)
+    assert status(sdir)["trials"][1]["state"] == "pending" and not Path(status(sdir)["trials"][1]["run_dir"]).exists()
     sweep(sdir, *grid)
     assert {t["state"] for t in status(sdir)["trials"]} <= {"done", "pruned"}
     assert status(sdir)["trials"][0]["state"] == "done" and status(sdir)["trials"][0]["step"] == 12
+
+
+def test_ctrl_c_under_parallel_2_stops_both_running_trials_each_saved(tmp_path):
+    sdir = tmp_path / "sweep"
+    # 40 steps: a trial that started seconds before the other is still training when both have saved once
+    proc, err, before = ctrl_c(sdir, "--grid", "optim.lr=[0.01,0.003]", "--parallel", "2", "train.max_steps=40",
+                               "task.args.step_sleep_s=0.2", trials=2)  # fmt: skip
+    assert proc.returncode == 0 and "sweep stopped; the same command continues it" in err, err
+    trials = status(sdir)["trials"]
+    assert {t["id"] for t in trials} == set(before)
+    for trial in trials:
+        stop_step = committed(trial["run_dir"])[-1]
+        assert trial["state"] == "pending" and before[trial["id"]] < stop_step < 40, (trial, before)
