@@ -100,14 +100,18 @@ def test_a_sweep_killed_in_its_second_trial_finishes_when_run_again(tmp_path):
 
 def test_halving_prunes_a_trial_runs_the_best_to_the_end_and_a_rerun_changes_nothing(tmp_path):
     sdir = tmp_path / "sweep"
-    sweep(sdir, "--grid", "optim.lr=[0.01,0.003,0.0001,0.00003]", "--prune", "halving")
+    # Checkpoints every 6 steps, evals every 4: a checkpoint at an eval step before 12 is the pruned trial's save.
+    args = ["--grid", "optim.lr=[0.01,0.003,0.0001,0.00003]", "--prune", "halving", "train.checkpoint_every=6"]
+    sweep(sdir, *args)
     info = status(sdir)
     states = {t["overrides"]["optim.lr"]: t for t in info["trials"]}
     pruned = [t for t in info["trials"] if t["state"] == "pruned"]
-    assert pruned and all(t["step"] < 12 for t in pruned)
+    assert pruned and all(t["step"] < 12 and t["step"] % 4 == 0 for t in pruned), pruned
+    for t in pruned:  # saved at the pruned step, and every earlier checkpoint kept
+        assert committed(t["run_dir"]) == [s for s in (6,) if s < t["step"]] + [t["step"]], (t, committed(t["run_dir"]))
     assert info["best"]["id"] == states[0.01]["id"] and states[0.01]["step"] == 12
     before = fingerprint(sdir)
-    proc = sweep(sdir, "--grid", "optim.lr=[0.01,0.003,0.0001,0.00003]", "--prune", "halving")
+    proc = sweep(sdir, *args)
     assert "0 to run" in proc.stderr
     assert fingerprint(sdir) == before
 

@@ -3,15 +3,18 @@ the check that a rerun continues the same sweep, and a trial's state read from i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from orchestrator.sweep.local import trial_env
 from orchestrator.sweep.report import pruned_numbers, trial_info
 from orchestrator.sweep.spec import SweepSpec, parse_grid, parse_random, trial_id
 from orchestrator.sweep.store import SweepDir, SweepState, check_same_sweep, draw_trials, register
 from workers.config import ConfigError
-from workers.contract import ErrorRecord
+from workers.contract import ENV_SWEEP_TRIAL, ErrorRecord
+from workers.eval.pruning import Pruning
 from workers.preflight import save_resolved_config
 from workers.rundir import RunDir
 
@@ -80,3 +83,26 @@ def test_a_trial_whose_run_dir_says_failed_is_failed_without_the_local_sweeps_re
     info = trial_info(trial, sdir, state, pruned_numbers(sdir))
     assert info["state"] == "failed" and "illegal memory access" in info["error"], info
     assert not state.failed and trial_info(state.trials[1], sdir, state, set())["state"] == "pending"
+
+
+def test_a_trial_resumed_from_an_older_checkpoint_makes_the_pruning_decisions_it_made_before(tmp_path, ctx):
+    """Successive halving (evals every 4 steps of 12): trial 0 reports first at step 4 and is kept; the three others
+    then report better values there, two of them pruned. Trial 0 resumed from a checkpoint before step 4 evaluates
+    step 4 again: asked afresh against today's rung it would be pruned (the worst of four), but the first decision
+    stands — Optuna's pruner records each completed rung of the trial in the journal and never revisits it — and so
+    does every later one."""
+    spec = SweepSpec(CONFIG, grid={"optim.lr": [0.1, 0.2, 0.3, 0.4, 0.5]}, prune="halving")
+    sdir = SweepDir(tmp_path / "sweep")
+    state = register(spec, sdir, draw_trials(spec))
+
+    def pruning(number: int) -> Pruning:  # a fresh process's view of trial ``number`` (as a (re)started run has)
+        env = json.loads(trial_env(spec, sdir, state.trials[number])[ENV_SWEEP_TRIAL])
+        return Pruning(env, ctx, every=4, last_step=12)
+
+    assert pruning(0).decide(4, {"loss": 1.0}) is False  # the first at this rung: kept
+    assert [pruning(n).decide(4, {"loss": v}) for n, v in ((1, 0.1), (2, 0.2), (3, 0.3))] == [False, True, True]
+    assert pruned_numbers(sdir) == {2, 3}
+    assert pruning(4).decide(4, {"loss": 1.0}) is True  # trial 0's value, asked afresh now: pruned
+    resumed = pruning(0)
+    assert resumed.decide(4, {"loss": 1.0}) is False and resumed.decide(8, {"loss": 0.9}) is False
+    assert pruned_numbers(sdir) == {2, 3, 4}
