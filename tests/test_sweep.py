@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT, cli, env, fingerprint, load, tensors_equal, wandb_view
 
 from workers.rundir import RunDir
+from workers.tracking import read_metrics
 from workers.tracking.wandb_records import offline_logs, read_records
 
 # A short evaluated run of the common test task: 12 steps, an eval every 4 (the pruner's reports).
@@ -117,11 +118,16 @@ def test_halving_prunes_a_trial_runs_the_best_to_the_end_and_a_rerun_changes_not
 
 
 def test_two_trials_at_once_each_equal_their_sequential_result(tmp_path):
-    grid = ["--grid", "optim.lr=[0.001,0.01]"]
+    """Both trials train at the same time (their logged rows' wall times overlap) on disjoint cores (the split:
+    tests/unit/test_sweep_spec.py), and each equals the same trial run alone, bitwise."""
+    grid = ["--grid", "optim.lr=[0.001,0.01]", "task.args.step_sleep_s=0.3"]  # (sleeps: no effect on the weights)
     sweep(tmp_path / "parallel", *grid, "--parallel", "2")
     sweep(tmp_path / "sequential", *grid)
     a, b = status(tmp_path / "parallel")["trials"], status(tmp_path / "sequential")["trials"]
     assert [t["id"] for t in a] == [t["id"] for t in b]
+    spans = [[r["time"] for r in read_metrics(RunDir(t["run_dir"])) if "time" in r] for t in a]
+    assert all(len(times) >= 3 for times in spans), spans  # (rows at steps 1, 4, 8, 12)
+    assert max(min(times) for times in spans) < min(max(times) for times in spans), spans  # they overlapped
     for x, y in zip(a, b, strict=True):
         assert tensors_equal(final(x["run_dir"]), final(y["run_dir"]))
 

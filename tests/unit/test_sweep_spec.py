@@ -4,11 +4,12 @@ the check that a rerun continues the same sweep, and a trial's state read from i
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from orchestrator.sweep.local import trial_env
+from orchestrator.sweep.local import device_groups, trial_env
 from orchestrator.sweep.report import pruned_numbers, trial_info
 from orchestrator.sweep.spec import SweepSpec, parse_grid, parse_random, trial_id
 from orchestrator.sweep.store import SweepDir, SweepState, check_same_sweep, draw_trials, register
@@ -106,3 +107,18 @@ def test_a_trial_resumed_from_an_older_checkpoint_makes_the_pruning_decisions_it
     resumed = pruning(0)
     assert resumed.decide(4, {"loss": 1.0}) is False and resumed.decide(8, {"loss": 0.9}) is False
     assert pruned_numbers(sdir) == {2, 3, 4}
+
+
+def test_trials_at_once_get_disjoint_cores_or_gpus_covering_the_machine(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: the cores this process may use are split
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    for parallel in (2, 3, 8):
+        cores = [g["cores"] for g in device_groups(parallel)]
+        assert len(cores) == parallel and set().union(*cores) == set(range(8)), cores
+        assert sum(map(len, cores)) == 8 and max(map(len, cores)) - min(map(len, cores)) <= 1  # disjoint, even
+    with pytest.raises(ConfigError, match="--parallel 9: more trials at once than the 8 CPU core"):
+        device_groups(9)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert device_groups(2, nproc=2) == [{"gpus": "0,2"}, {"gpus": "1,3"}]
+    with pytest.raises(ConfigError, match="each trial needs 3 GPU"):
+        device_groups(2, nproc=3)
