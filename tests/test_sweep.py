@@ -26,6 +26,7 @@ BASE = [
     "train.log_every=4",
 ]  # fmt: skip
 GRID = ["--grid", "optim.lr=[0.001,0.01]", "--grid", "train.seed=[0,1]"]
+TOO_MANY = len(os.sched_getaffinity(0)) + 1  # --parallel above the cores this machine gives the tests (no GPU here)
 
 
 def sweep(sdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -174,7 +175,8 @@ def test_each_trial_is_a_wandb_run_of_the_sweeps_group_with_its_overrides_in_its
         (["--grid", "optim.lr=[]"], "--grid 'optim.lr=[]': the list is empty"),
         (["--random", "optim.lr=loguniform(0,1)"], "loguniform needs a < b > 0"),
         (["--random", "optim.lr=normal(0,1)"], "expected KEY=DIST"),
-        (["--grid", "optim.lr=[0.1]", "--parallel", "64"], "--parallel 64: more trials at once than the"),
+        (["--grid", "optim.lr=[0.1]", "--parallel", str(TOO_MANY)], f"--parallel {TOO_MANY}: more trials at once than"),
+        (["--grid", "optim.lr=[0.1]", "--slurm", "--parallel", "2"], "--parallel 2: trials at once on this machine"),
         (["--grid", "optim.lr=[0.1]", "eval.every=0"], "needs evaluation"),
         (["--grid", "run.dir=[a,b]"], "each trial's run.dir is DIR/<trial id>"),
         (["--grid", "optim.lr=[0.1]", "--parallel", "0"], "--parallel 0: must be at least 1"),

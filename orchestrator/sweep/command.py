@@ -110,6 +110,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     nproc = args.nproc or load_config(args.target, list(args.overrides)).launch.nproc
     if not args.slurm:
         device_groups(args.parallel, nproc)  # (more trials at once than devices: said before anything is written)
+    elif args.parallel != 1:
+        raise ConfigError(f"--parallel {args.parallel}: trials at once on this machine; with --slurm the array runs "
+                          "its tasks at once as the cluster allows. HINT: leave --parallel out")  # fmt: skip
     elif [k for k in [*spec.grid, *spec.random] if k.startswith("slurm.")]:
         raise ConfigError("--slurm: the trials of one array share its shape; slurm.* keys cannot be searched. HINT: "
                           "sweep them in separate sweeps")  # fmt: skip
