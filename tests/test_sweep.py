@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli, env, fingerprint, load, tensors_equal, wandb_view
 
+from orchestrator.sweep.report import plot_sweep
+from orchestrator.sweep.store import SweepDir
 from workers.rundir import RunDir
 from workers.tracking import read_metrics
 from workers.tracking.wandb_records import offline_logs, read_records
@@ -65,7 +67,9 @@ def test_a_grid_runs_every_trial_and_each_equals_a_plain_launch(tmp_path):
     assert tensors_equal(final(trial["run_dir"]), final(plain(tmp_path / "plain", trial["overrides"])))
     png = tmp_path / "sweep.png"
     assert "wrote" in cli("plot", str(sdir), "--out", str(png), check=True).stdout
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # every trial's eval curve in one figure
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = plot_sweep(SweepDir(sdir), tmp_path / "again.png")  # (in-process: the figure's own lines)
+    assert sorted(drawn) == sorted(t["id"] for t in info["trials"])  # every trial's eval curve in one figure
     text = cli("sweep", "status", str(sdir), check=True).stdout
     assert text.splitlines()[2].startswith(best["id"]) and f"best: {best['id']}" in text  # sorted by the metric
 

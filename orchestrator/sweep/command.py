@@ -185,7 +185,8 @@ def plot(args: argparse.Namespace) -> int:
     sdir = SweepDir(args.run_dir)
     out = Path(args.out) if args.out else Path(f"{sdir.root.resolve().name or 'sweep'}-plot.png")
     try:
-        print(f"wrote {plot_sweep(sdir, out)}")
+        drawn = plot_sweep(sdir, out)
+        print(f"wrote {out} ({len(drawn)} trial curve(s))")
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     return EXIT_OK
