@@ -35,7 +35,8 @@ ENV_LAUNCHER = "ORCH_LAUNCHER"  # "launcher" when our local launcher started the
 ENV_HEARTBEAT_INTERVAL = "ORCH_HEARTBEAT_INTERVAL_S"  # seconds between heartbeat writes (default 1)
 ENV_TORCHELASTIC_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"  # torchrun names a per-rank error file here
 ENV_SLOT = "ORCH_SLOT"  # the worker's device slot: the CUDA device index on a GPU, the original local rank on CPU
-ENV_SWEEP_TRIAL = "ORCH_SWEEP_TRIAL"  # a sweep's trial: JSON {journal, study, number, metric, prune}
+# A sweep's trial: JSON {journal, study, number, metric, prune, dir, trial, overrides}.
+ENV_SWEEP_TRIAL = "ORCH_SWEEP_TRIAL"
 ENV_PY_SPY = "ORCH_PY_SPY"  # the py-spy executable for stack reports ("none": do not use py-spy, faulthandler only)
 # A worker dumps every thread's stack (faulthandler) to its RunDir.faulthandler_file when sent this signal: the
 # stack report's fallback where py-spy cannot read the process (not installed, no ptrace permission).

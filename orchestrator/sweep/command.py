@@ -4,6 +4,7 @@ it, run its trials; ``orchestrator sweep status DIR [--json]``."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -13,9 +14,12 @@ from orchestrator.sweep.spec import SweepSpec, check_keys, parse_grid, parse_ran
 from orchestrator.sweep.store import SweepDir, SweepState, check_same_sweep, draw_trials, register
 from workers.config import ConfigError, load_config
 from workers.contract import EXIT_OK
+from workers.errors import UsageError
 from workers.eval.selection import DEFAULT_METRIC
 from workers.preflight import preflight
 from workers.rundir import RunDir
+
+log = logging.getLogger("orchestrator")
 
 
 def spec_of(args: argparse.Namespace) -> SweepSpec:
@@ -54,6 +58,34 @@ def check_trials(spec: SweepSpec, sdir: SweepDir, values: list[dict], nproc: int
             )
         for world in cfg.slurm.world_sizes if slurm else (nproc,):
             preflight(cfg, RunDir(cfg.run.dir), world)  # (the factory's arguments too, as `launch` checks them)
+    check_metric(spec, sdir, values)
+
+
+def check_metric(spec: SweepSpec, sdir: SweepDir, values: list[dict]) -> None:
+    """The sweep's metric is one the task's eval produces. Only an eval tells its metric names, so the task is built
+    here once per distinct ``task.*`` of the trials and one small batch evaluated on the CPU (the trials' workers
+    probe the same way before their first step; found here, nothing is written and no trial starts). A probe that
+    fails for another reason (a task that needs a GPU or data only the nodes see) leaves the check to the trials."""
+    from workers.eval.job import metric_names  # noqa: PLC0415 - imports torch and the task
+
+    probed: set[str] = set()
+    for trial in values:
+        cfg = spec.config_of(trial, sdir.trial_dir(trial_id(trial)))
+        key = json.dumps([cfg.task.factory, cfg.task.args], sort_keys=True, default=str)
+        if key in probed:
+            continue
+        probed.add(key)
+        try:
+            names = metric_names(cfg)
+        except UsageError:
+            raise
+        except Exception as exc:
+            log.warning("could not evaluate the task here to check --metric %r (%s: %s); each trial checks it before "
+                        "its first step", spec.metric, type(exc).__name__, exc)  # fmt: skip
+            return
+        if spec.metric not in names:
+            raise ConfigError(f"sweep --metric {spec.metric!r}: the task's eval does not produce it. HINT: use one of "
+                              f"{', '.join(names)}")  # fmt: skip
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -78,6 +110,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     nproc = args.nproc or load_config(args.target, list(args.overrides)).launch.nproc
     if not args.slurm:
         device_groups(args.parallel, nproc)  # (more trials at once than devices: said before anything is written)
+    elif args.parallel != 1:
+        raise ConfigError(f"--parallel {args.parallel}: trials at once on this machine; with --slurm the array runs "
+                          "its tasks at once as the cluster allows. HINT: leave --parallel out")  # fmt: skip
     elif [k for k in [*spec.grid, *spec.random] if k.startswith("slurm.")]:
         raise ConfigError("--slurm: the trials of one array share its shape; slurm.* keys cannot be searched. HINT: "
                           "sweep them in separate sweeps")  # fmt: skip
@@ -150,7 +185,8 @@ def plot(args: argparse.Namespace) -> int:
     sdir = SweepDir(args.run_dir)
     out = Path(args.out) if args.out else Path(f"{sdir.root.resolve().name or 'sweep'}-plot.png")
     try:
-        print(f"wrote {plot_sweep(sdir, out)}")
+        drawn = plot_sweep(sdir, out)
+        print(f"wrote {out} ({len(drawn)} trial curve(s))")
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     return EXIT_OK

@@ -66,10 +66,12 @@ def unfinished(sdir: SweepDir, state: SweepState) -> list[Trial]:
 
 
 def trial_env(spec: SweepSpec, sdir: SweepDir, trial: Trial) -> dict[str, str]:
-    """What makes a run a trial of this sweep (workers.eval.pruning): the journal, the trial, the metric."""
+    """What makes a run a trial of this sweep: the journal, the trial, the metric (workers.eval.pruning); the
+    sweep's DIR, the trial's id and overrides (its wandb run's config: workers.tracking.wandb_run)."""
     return {ENV_SWEEP_TRIAL: json.dumps({
         "journal": str(sdir.journal.resolve()), "study": STUDY, "number": trial.number, "metric": spec.metric,
-        "prune": spec.prune is not None,
+        "prune": spec.prune is not None, "dir": str(sdir.root.resolve()), "trial": trial.id,
+        "overrides": trial.overrides,
     })}  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Where each trial of a sweep stands, and the best: ``orchestrator sweep status DIR [--json]`` (the contract in
-DESIGN.md, "Sweeps"). Read-only: a trial's state comes from its run dir, the Optuna journal (pruned) and
-``sweep.json`` (failed)."""
+DESIGN.md, "Sweeps"). Read-only: a trial's state comes from its run dir (running, done, failed), the Optuna
+journal (pruned) and ``sweep.json`` (failed before its run dir said so: a launch that never started)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ def trial_info(trial: Trial, sdir: SweepDir, state: SweepState, pruned: set[int]
             info["state"] = PRUNED
         elif run["state"] in ("done", "early-stopped"):
             info["state"] = DONE
+        elif run["state"] == "failed":  # (its last launch failed: a local one, or a SLURM task out of restarts)
+            info["state"] = FAILED
+            info["error"] = run.get("failure") or state.failed.get(trial.id, "its last launch failed")
     if info["state"] == PENDING and trial.id in state.failed:  # (a rerun tries it again)
         info["state"] = FAILED
         info["error"] = state.failed[trial.id]
@@ -100,8 +103,9 @@ def _order(trial: dict[str, Any], mode: str) -> tuple[bool, float]:
     return False, value if mode == "min" else -value
 
 
-def plot_sweep(sdir: SweepDir, out: Path) -> Path:
-    """Every trial's eval curve of the sweep's metric in one figure (PNG), the best trial drawn thickest."""
+def plot_sweep(sdir: SweepDir, out: Path) -> list[str]:
+    """Every trial's eval curve of the sweep's metric in one figure (PNG at ``out``), the best trial drawn thickest.
+    Returns the ids of the trials whose curve the figure holds (read back from its lines)."""
     import matplotlib  # noqa: PLC0415 - only for this command
 
     matplotlib.use("Agg")
@@ -110,7 +114,6 @@ def plot_sweep(sdir: SweepDir, out: Path) -> Path:
     info = sweep_status(sdir)
     key = f"eval/{info['metric']}"
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    drawn = 0
     for trial in info["trials"]:
         rows = [r for r in read_metrics(RunDir(trial["run_dir"])) if isinstance(r.get(key), (int, float))]
         if not rows:
@@ -118,8 +121,8 @@ def plot_sweep(sdir: SweepDir, out: Path) -> Path:
         best = info["best"] is not None and trial["id"] == info["best"]["id"]
         style = "--" if trial["state"] == PRUNED else "-"
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, marker=".", lw=2.5 if best else 1.2,
-                label=f"{trial['id']} ({trial['state']})")  # fmt: skip
-        drawn += 1
+                label=f"{trial['id']} ({trial['state']})", gid=trial["id"])  # fmt: skip
+    drawn = [line.get_gid() for line in ax.get_lines()]
     if not drawn:
         plt.close(fig)
         raise FileNotFoundError(f"no trial of the sweep in '{sdir.root}' has an eval of {key} yet")
@@ -132,4 +135,4 @@ def plot_sweep(sdir: SweepDir, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return out
+    return drawn

@@ -2,7 +2,9 @@
 sweep's Optuna journal and asks its pruner (successive halving); every rank gets the answer (one broadcast), so a
 pruned trial stops at that eval's step on every rank — saved, like an early stop — and rank 0 marks the trial
 pruned in the journal. The sweep (orchestrator/sweep) sets ``ORCH_SWEEP_TRIAL`` for its trials; a plain launch
-has no such variable and never imports Optuna. Decisions live in the journal: a resumed sweep sees them."""
+has no such variable and never imports Optuna. Decisions live in the journal: a resumed sweep sees them, and a
+trial resumed from an older checkpoint makes the same ones (the pruner records each rung the trial completed, kept
+or pruned, and never decides it again)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,7 +59,9 @@ class Pruning:
         from optuna.trial import TrialState  # noqa: PLC0415 - only sweep trials import Optuna
 
         trial = self._open()
-        trial.report(value, step)  # (a step reported before a resume keeps its first value)
+        with warnings.catch_warnings():  # (a step reported before a resume keeps its first value: Optuna warns)
+            warnings.simplefilter("ignore", UserWarning)
+            trial.report(value, step)
         if not trial.should_prune():
             return False
         trial.study.tell(self.number, state=TrialState.PRUNED)

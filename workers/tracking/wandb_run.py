@@ -5,6 +5,7 @@ resumed run's rows from the metrics file, and finishes within a bounded time aft
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.config import Config, config_from_dict
+from workers.contract import ENV_SWEEP_TRIAL
 from workers.logsetup import setup_logging
 from workers.rundir import RunDir
 from workers.stop import STOP_SIGNALS, die_with_parent, ignore_stop_signals
@@ -35,8 +37,8 @@ class WandbSink:
         t, paths = cfg.tracking, RunDir(cfg.run.dir)
         self.run = wandb.init(
             project=t.project, entity=t.entity, name=t.name or paths.root.name, group=t.group,
-            tags=list(t.tags) or None, config=cfg.to_dict(), dir=str(paths.root), id=rid, resume="allow",
-            mode=mode,
+            tags=list(t.tags) or None, config={**cfg.to_dict(), **sweep_entry()}, dir=str(paths.root), id=rid,
+            resume="allow", mode=mode,
             # workers own their console; wandb's system sampler would cost CPU on every rank-0 step
             # silent: wandb's own banner lines would break rank 0's progress bar; our log says the run id and mode
             settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True, silent=True, save_code=False),
@@ -81,6 +83,19 @@ class WandbSink:
 
     def finish(self) -> None:
         self.run.finish()
+
+
+def sweep_entry() -> dict[str, Any]:
+    """A sweep's trial (``ORCH_SWEEP_TRIAL``, set by ``orchestrator sweep``): ``{"sweep": {"dir", "trial",
+    "overrides"}}`` in its wandb run's config, so runs of one sweep (one wandb group) compare by what was swept."""
+    text = os.environ.get(ENV_SWEEP_TRIAL)
+    if not text:
+        return {}
+    try:
+        trial = json.loads(text)
+        return {"sweep": {"dir": trial["dir"], "trial": trial["trial"], "overrides": dict(trial["overrides"])}}
+    except (ValueError, KeyError, TypeError):
+        return {}  # (an older sweep's variable: tracking never stops a run)
 
 
 def wandb_mode(cfg: Config) -> str | None:
