@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from workers.contract import is_int
 from workers.errors import ConfigError, UsageError
 from workers.fsutil import atomic_stream
 
@@ -30,11 +31,29 @@ _CHUNK = 1 << 24  # tokenize reads the text 16 MiB at a time
 _REMAP_EVERY = 16
 
 
+def check_window_args(seq_len: Any, dtype: Any, vocab_size: Any) -> None:
+    """``task.args.seq_len``, ``dtype`` and ``vocab_size`` of a token file: ConfigError naming the key, with a hint,
+    for a value of the wrong type or out of range (a string ``seq_len`` must not be a TypeError at a comparison)."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ConfigError(
+            f"config key 'task.args.dtype' = {dtype!r}: must be one of {', '.join(DTYPES)}. HINT: the width the file "
+            "was written with: uint16 for ids up to 65,535 (orchestrator data tokenize's default), uint32 above"
+        )
+    if not is_int(seq_len) or seq_len < 1:
+        raise ConfigError(
+            f"config key 'task.args.seq_len' = {seq_len!r}: must be a whole number of at least 1 (the ids of one "
+            "sample's input). HINT: e.g. task.args.seq_len=64"
+        )
+    if vocab_size is not None and (not is_int(vocab_size) or vocab_size < 1):
+        raise ConfigError(
+            f"config key 'task.args.vocab_size' = {vocab_size!r}: must be a whole number of at least 1. HINT: 256 "
+            "for orchestrator data tokenize's files, the tokenizer's vocabulary size for others"
+        )
+
+
 def check_token_file(path: str, dtype: str, key: str) -> int:
     """The number of token ids in ``path``; ConfigError naming ``key`` when it is missing, empty or not a whole
     number of ``dtype`` ids."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"config key 'task.args.dtype' = {dtype!r}: one of {', '.join(DTYPES)}")
     hint = "HINT: make one with `orchestrator data tokenize TEXT OUT`"
     try:
         size = os.stat(path).st_size
@@ -57,9 +76,8 @@ class TokenWindows:
     def __init__(self, path: str, seq_len: int, dtype: str = "uint16", vocab_size: int | None = None,
                  key: str = "task.args.tokens") -> None:  # fmt: skip
         """``vocab_size``: ids at or above it are refused when read (an embedding would fail less clearly)."""
+        check_window_args(seq_len, dtype, vocab_size)
         count = check_token_file(path, dtype, key)
-        if seq_len < 1:
-            raise ConfigError(f"config key 'task.args.seq_len' = {seq_len!r}: must be at least 1")
         if count < seq_len + 1:
             raise ConfigError(
                 f"config key 'task.args.seq_len' = {seq_len}: larger than {path!r} allows ({count} ids; a window "
