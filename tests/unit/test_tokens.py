@@ -42,3 +42,22 @@ def _refused(call, *words: str) -> str:
 def test_a_bad_seq_len_dtype_or_vocab_size_is_a_usage_error_naming_the_key(tmp_path, args, words):
     path = _file(tmp_path, range(100))
     _refused(lambda: TokenWindows(path, **args), *words)
+
+
+def test_an_id_outside_the_vocabulary_is_refused_when_the_file_opens(tmp_path):
+    path = _file(tmp_path, np.arange(1000) * 7 % 256)  # the first id >= 100: 105, id number 15
+    message = _refused(lambda: TokenWindows(path, seq_len=10, vocab_size=100), "'task.args.vocab_size' = 100")
+    assert f"{path!r} holds token id 105 (id number 15 of the file)" in message
+    assert len(TokenWindows(path, seq_len=10, vocab_size=256)) == 99
+    assert len(TokenWindows(path, seq_len=10, dtype="uint16", vocab_size=70000)) == 99  # every uint16 id fits
+
+
+def test_in_a_file_too_large_to_scan_the_id_is_refused_when_its_window_is_read(tmp_path, monkeypatch):
+    from workers.tasks import tokens
+
+    monkeypatch.setattr(tokens, "_SCAN_LIMIT", 100)  # bytes: this 2,000-byte file is read window by window
+    path = _file(tmp_path, [1] * 500 + [300] + [1] * 499)
+    windows = TokenWindows(path, seq_len=10, vocab_size=256)
+    assert windows[48][1].tolist() == [1] * 10  # ids 480..490
+    for index in (49, 50):  # ids 490..500 (300: the last target) and 500..510 (300: the first input)
+        _refused(lambda i=index: windows[i], "'task.args.vocab_size' = 256", "token id 300 (id number 500 of the file)")
