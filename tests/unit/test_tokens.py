@@ -7,6 +7,7 @@ import pytest
 
 from workers.contract import FailureKind
 from workers.errors import ConfigError
+from workers.tasks import tokens
 from workers.tasks.tokens import TokenWindows
 
 
@@ -53,11 +54,69 @@ def test_an_id_outside_the_vocabulary_is_refused_when_the_file_opens(tmp_path):
 
 
 def test_in_a_file_too_large_to_scan_the_id_is_refused_when_its_window_is_read(tmp_path, monkeypatch):
-    from workers.tasks import tokens
-
     monkeypatch.setattr(tokens, "_SCAN_LIMIT", 100)  # bytes: this 2,000-byte file is read window by window
     path = _file(tmp_path, [1] * 500 + [300] + [1] * 499)
     windows = TokenWindows(path, seq_len=10, vocab_size=256)
     assert windows[48][1].tolist() == [1] * 10  # ids 480..490
     for index in (49, 50):  # ids 490..500 (300: the last target) and 500..510 (300: the first input)
         _refused(lambda i=index: windows[i], "'task.args.vocab_size' = 256", "token id 300 (id number 500 of the file)")
+
+
+def _read_all(windows: TokenWindows) -> list[list[int]]:
+    """Every window's input, read more times than a map lasts (tokens._REMAP_EVERY): the file is mapped afresh."""
+    return [windows[i % len(windows)][0].tolist() for i in range(max(len(windows), 2 * tokens._REMAP_EVERY))]
+
+
+def test_a_file_renamed_over_the_path_mid_run_is_not_read(tmp_path):
+    path = _file(tmp_path, np.arange(1000) % 200)
+    windows = TokenWindows(path, seq_len=10, vocab_size=256)
+    first = _read_all(windows)
+    for ids in (np.arange(1000) % 100 + 1, np.arange(3000) % 100):  # the same size, then another size
+        np.asarray(ids, dtype="uint16").tofile(tmp_path / "new.bin")
+        (tmp_path / "new.bin").replace(path)
+        assert _read_all(windows) == first  # the file the dataset checked, not what the path names now
+
+
+def test_a_file_whose_size_changes_in_place_is_refused_at_the_next_map(tmp_path):
+    path = _file(tmp_path, range(100))
+    windows = TokenWindows(path, seq_len=10, key="task.args.val_tokens")
+    windows[0]
+    with open(path, "ab") as f:
+        f.write(b"\x01\x00" * 10)
+    _refused(lambda: _read_all(windows), "'task.args.val_tokens'", path, "changed while the run read it",
+             "200 bytes when it opened, now 220")  # fmt: skip
+
+
+def test_a_pickled_copy_reads_the_same_file_or_refuses_another(tmp_path):
+    import pickle
+
+    path = _file(tmp_path, np.arange(1000) % 200)
+    windows = TokenWindows(path, seq_len=10)
+    copy = pickle.loads(pickle.dumps(windows))  # a spawned loader worker's
+    assert _read_all(copy) == _read_all(windows)
+    np.arange(1000, dtype="uint16").tofile(tmp_path / "new.bin")
+    (tmp_path / "new.bin").replace(path)
+    _refused(lambda: pickle.loads(pickle.dumps(windows))[0], path, "another file took its place")
+
+
+def _descriptors_of(path: str) -> int:
+    """How many of this process's descriptors are open on ``path``."""
+    import os
+
+    fds = "/proc/self/fd"
+    return sum(1 for fd in os.listdir(fds) if os.path.realpath(f"{fds}/{fd}") == os.path.realpath(path))
+
+
+def test_fresh_maps_open_no_descriptors_and_a_dropped_dataset_closes_its_own(tmp_path):
+    import gc
+
+    path = _file(tmp_path, range(100))
+    datasets = [TokenWindows(path, seq_len=10) for _ in range(20)]
+    assert _descriptors_of(path) == 20
+    for windows in datasets:
+        _read_all(windows)
+        _read_all(windows)
+    assert _descriptors_of(path) == 40  # its own and its live map's (mmap keeps a duplicate), however many maps
+    del datasets, windows
+    gc.collect()
+    assert _descriptors_of(path) == 0

@@ -3,8 +3,10 @@ memory map: a dataset of any size trains with memory that does not grow with the
 format). This module owns the format: :class:`TokenWindows` reads it, :func:`tokenize` writes it.
 
 Sample ``i`` is the window ``ids[i*seq_len : i*seq_len + seq_len + 1]`` (input and next-token target), so a file of
-``T`` ids holds ``(T - 1) // seq_len`` samples. The map is opened lazily in each process (a forked or spawned loader
-worker opens its own; the dataset pickles as its path).
+``T`` ids holds ``(T - 1) // seq_len`` samples. The file is opened once, when the dataset is made, and every map is
+made from that descriptor: a file renamed over the path during the run is never read (the run keeps the file it
+checked), and one whose size changes in place is refused. A spawned loader worker gets the dataset pickled as its
+path and opens it again, refusing another file than the one the rank opened.
 
 No torch import at module level: ``orchestrator data tokenize`` needs none.
 """
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from pathlib import Path
-from typing import Any, BinaryIO
+from stat import S_ISREG
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +39,7 @@ _REMAP_EVERY = 16
 # the same usage error, at the step that reads the id.
 _SCAN_LIMIT = 2 << 30
 _SCAN_CHUNK = 1 << 20
+_LEAVE_IT = "leave a token file as it is while a run reads it; write new data to a new file"
 
 
 def check_window_args(seq_len: Any, dtype: Any, vocab_size: Any) -> None:
@@ -57,39 +62,40 @@ def check_window_args(seq_len: Any, dtype: Any, vocab_size: Any) -> None:
         )
 
 
-def check_token_file(path: str, dtype: str, key: str) -> int:
-    """The number of token ids in ``path``; ConfigError naming ``key`` when it is missing, empty or not a whole
-    number of ``dtype`` ids."""
+def open_token_file(path: str, dtype: str, key: str) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of ``path`` and its stat; ConfigError naming ``key`` (the descriptor closed) when it is
+    missing, not a file, empty or not a whole number of ``dtype`` ids."""
     hint = "HINT: make one with `orchestrator data tokenize TEXT OUT`"
-    try:
-        size = os.stat(path).st_size
+    try:  # (O_NONBLOCK: a FIFO at the path must not block the open; it changes nothing for a file)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError(f"config key '{key}' = {path!r}: {exc.strerror or exc}. {hint}") from None
-    if not os.path.isfile(path) or size == 0:
-        raise ConfigError(f"config key '{key}' = {path!r}: {'empty' if size == 0 else 'not a file'}. {hint}")
-    width = np.dtype(DTYPES[dtype]).itemsize
-    if size % width:
-        raise ConfigError(
-            f"config key '{key}' = {path!r}: {size} bytes is not a whole number of {dtype} ids ({width} bytes each). "
-            "HINT: is task.args.dtype the one the file was written with?"
-        )
-    return size // width
+    stat, width = os.fstat(fd), np.dtype(DTYPES[dtype]).itemsize
+    problem = None
+    if not S_ISREG(stat.st_mode) or stat.st_size == 0:
+        problem = f"{'empty' if S_ISREG(stat.st_mode) else 'not a file'}. {hint}"
+    elif stat.st_size % width:
+        problem = (f"{stat.st_size} bytes is not a whole number of {dtype} ids ({width} bytes each). "
+                   "HINT: is task.args.dtype the one the file was written with?")  # fmt: skip
+    if problem:
+        os.close(fd)
+        raise ConfigError(f"config key '{key}' = {path!r}: {problem}")
+    return fd, stat
 
 
-def first_id_outside(f: BinaryIO, dtype: str, vocab_size: int) -> tuple[int, int] | None:
-    """``(position, id)`` of the first id of the open token file ``f`` at or above ``vocab_size``; None when every
-    id is below it. Reads 1 MiB at a time from the start: memory does not grow with the file."""
+def first_id_outside(fd: int, dtype: str, vocab_size: int) -> tuple[int, int] | None:
+    """``(position, id)`` of the first id of the token file open as ``fd`` at or above ``vocab_size``; None when
+    every id is below it. Reads 1 MiB at a time from the start: memory does not grow with the file."""
     width = np.dtype(DTYPES[dtype])
     if vocab_size > np.iinfo(width).max:
         return None  # every id the file's width can hold is in the vocabulary
-    buffer, done = bytearray(_SCAN_CHUNK), 0
-    f.seek(0)
-    while size := f.readinto(buffer):  # (a buffered reader fills the buffer unless the file ends)
+    buffer, offset = bytearray(_SCAN_CHUNK), 0
+    while size := os.preadv(fd, [buffer], offset):  # (a file's read is whole but at its end: whole ids)
         ids = np.frombuffer(buffer, width, count=size // width.itemsize)
         if ids.max() >= vocab_size:
             at = int(np.argmax(ids >= vocab_size))
-            return done + at, int(ids[at])
-        done += len(ids)
+            return offset // width.itemsize + at, int(ids[at])
+        offset += size
     return None
 
 
@@ -103,6 +109,21 @@ def outside_vocab(path: str, dtype: str, vocab_size: int, position: int, token: 
     )
 
 
+def _check_windows(fd: int, size: int, path: str, seq_len: int, dtype: str, vocab_size: int | None) -> int:
+    """The number of ids of the token file open as ``fd``; ConfigError when it is too short for one window, or
+    (for a file of at most ``_SCAN_LIMIT`` bytes) holds an id outside the vocabulary."""
+    count = size // np.dtype(DTYPES[dtype]).itemsize
+    if count < seq_len + 1:
+        raise ConfigError(
+            f"config key 'task.args.seq_len' = {seq_len}: larger than {path!r} allows ({count} ids; a window "
+            f"takes seq_len + 1). HINT: a smaller seq_len, or a longer file"
+        )
+    found = first_id_outside(fd, dtype, vocab_size) if vocab_size is not None and size <= _SCAN_LIMIT else None
+    if found is not None:
+        raise outside_vocab(path, dtype, vocab_size, *found)
+    return count
+
+
 class TokenWindows:
     """Map-style dataset over a token file: ``(input, target)`` long tensors of ``seq_len`` ids each."""
 
@@ -111,20 +132,17 @@ class TokenWindows:
         """``vocab_size``: ids at or above it are refused (:func:`outside_vocab`): in the whole file now, when it is
         at most ``_SCAN_LIMIT`` bytes; else in each window as it is read."""
         check_window_args(seq_len, dtype, vocab_size)
-        count = check_token_file(path, dtype, key)
-        if count < seq_len + 1:
-            raise ConfigError(
-                f"config key 'task.args.seq_len' = {seq_len}: larger than {path!r} allows ({count} ids; a window "
-                f"takes seq_len + 1). HINT: a smaller seq_len, or a longer file"
-            )
-        if vocab_size is not None and count * np.dtype(DTYPES[dtype]).itemsize <= _SCAN_LIMIT:
-            with open(path, "rb") as f:
-                found = first_id_outside(f, dtype, vocab_size)
-            if found is not None:
-                raise outside_vocab(path, dtype, vocab_size, *found)
-        self.path, self.seq_len, self.dtype, self.vocab_size = path, seq_len, dtype, vocab_size
-        self.tokens = count
-        self._len = (count - 1) // seq_len
+        fd, stat = open_token_file(path, dtype, key)
+        try:
+            count = _check_windows(fd, stat.st_size, path, seq_len, dtype, vocab_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.path, self.seq_len, self.dtype, self.vocab_size, self.key = path, seq_len, dtype, vocab_size, key
+        self.tokens, self._len = count, (count - 1) // seq_len
+        self._file = (stat.st_dev, stat.st_ino, stat.st_size)  # the file this dataset checked, and reads
+        self._fd: int | None = fd
+        self._closer: weakref.finalize | None = weakref.finalize(self, os.close, fd)  # closed with the dataset
         self._ids: np.ndarray | None = None
         self._map_handle: mmap.mmap | None = None
         self._reads = 0
@@ -137,13 +155,33 @@ class TokenWindows:
         read-ahead: a window is a few hundred bytes)."""
         if self._ids is None or self._reads >= _REMAP_EVERY:
             self._unmap()
-            with open(self.path, "rb") as f:
-                self._map_handle = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = self._descriptor()
+            size = os.fstat(fd).st_size
+            if size != self._file[2]:  # written to in place: the windows and the checks no longer hold
+                raise ConfigError(
+                    f"config key '{self.key}' = {self.path!r}: the file changed while the run read it ({self._file[2]} "
+                    f"bytes when it opened, now {size}). HINT: {_LEAVE_IT}"
+                )
+            self._map_handle = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
             if hasattr(mmap, "MADV_RANDOM"):
                 self._map_handle.madvise(mmap.MADV_RANDOM)
             self._ids = np.frombuffer(self._map_handle, dtype=DTYPES[self.dtype])
         self._reads += 1
         return self._ids
+
+    def _descriptor(self) -> int:
+        """The open file; in a process that got the dataset pickled (a spawned loader worker), the path opened again,
+        refused when it is no longer the file the rank opened."""
+        if self._fd is None:
+            fd, stat = open_token_file(self.path, self.dtype, self.key)
+            if (stat.st_dev, stat.st_ino) != self._file[:2]:
+                os.close(fd)
+                raise ConfigError(
+                    f"config key '{self.key}' = {self.path!r}: another file took its place after the run opened it. "
+                    f"HINT: {_LEAVE_IT}"
+                )
+            self._fd, self._closer = fd, weakref.finalize(self, os.close, fd)
+        return self._fd
 
     def _unmap(self) -> None:
         self._ids, self._reads = None, 0  # (windows are copies: no view of the map outlives it)
@@ -165,7 +203,8 @@ class TokenWindows:
         return window[:-1], window[1:]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_ids": None, "_map_handle": None, "_reads": 0}  # a worker maps the file itself
+        # A spawned loader worker opens and maps the file itself (a forked one inherits the descriptor).
+        return {**self.__dict__, "_fd": None, "_closer": None, "_ids": None, "_map_handle": None, "_reads": 0}
 
 
 def tokenize(text: Path, out: Path, dtype: str = "uint16") -> int:
