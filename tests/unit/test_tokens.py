@@ -120,3 +120,48 @@ def test_fresh_maps_open_no_descriptors_and_a_dropped_dataset_closes_its_own(tmp
     del datasets, windows
     gc.collect()
     assert _descriptors_of(path) == 0
+
+
+def _tokenize(capsys, text, out) -> tuple[int, str]:
+    """``orchestrator data tokenize TEXT OUT`` in this process: (exit code, stderr)."""
+    from orchestrator.cli import main
+
+    code = main(["data", "tokenize", str(text), str(out)])
+    return code, capsys.readouterr().err
+
+
+def _files(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_tokenize_that_fails_after_making_the_folder_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("hello\n")
+    before = _files(tmp_path)
+    # A real OSError once OUT's folders exist: OUT's name is legal, the temporary file's (OUT with a prefix) too long.
+    out = tmp_path / "a" / "b" / ("x" * 250)
+    code, err = _tokenize(capsys, text, out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert str(out) in err and "File name too long" in err and "HINT: " in err, err
+    assert _files(tmp_path) == before, "tokenize left what it made"
+    code, err = _tokenize(capsys, text, tmp_path / "a" / "b" / "t.bin")  # the control: the same folders work
+    assert code == 0 and (tmp_path / "a" / "b" / "t.bin").stat().st_size == 12, err
+
+
+def test_a_tokenize_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        text = tmp_path / "text.txt"
+        text.write_bytes(b"x" * 100_000)  # 200,000 bytes of uint16 ids: more than the disk holds
+        code, err = _tokenize(capsys, text, disk / "new" / "t.bin")
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "t.bin" in err and "the disk is full" in err, err
+        assert _files(disk) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -13,16 +13,17 @@ No torch import at module level: ``orchestrator data tokenize`` needs none.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import weakref
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from workers.contract import is_int
+from workers.contract import disk_trouble, is_int
 from workers.errors import ConfigError, UsageError
 from workers.fsutil import atomic_stream
 
@@ -210,7 +211,8 @@ class TokenWindows:
 def tokenize(text: Path, out: Path, dtype: str = "uint16") -> int:
     """Write the token file of a UTF-8 text file, byte-level (id = byte, vocabulary 256: nothing to download),
     streaming (any size); atomically (a reader never sees half a file). Returns the number of ids written.
-    UsageError (one line) for a text that is missing or empty, an unknown dtype, or an existing ``out``."""
+    UsageError (one line) for a text that is missing, empty or unreadable, an unknown dtype, an existing ``out``, or
+    a write that fails (a full disk, a read-only folder): then nothing it made is left, folders included."""
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
     if not text.is_file():
@@ -220,12 +222,49 @@ def tokenize(text: Path, out: Path, dtype: str = "uint16") -> int:
     if out.exists():
         raise UsageError(f"'{out}' exists. HINT: remove it, or choose another OUT")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        source = open(text, "rb")  # noqa: SIM115 (the with below closes it)
     except OSError as exc:
-        raise UsageError(f"'{out.parent}': cannot make the folder for OUT: {exc.strerror or exc}") from None
+        raise UsageError(f"'{text}': cannot be read ({exc.strerror or exc})") from None
+    with source:
+        made = _make_folders(out.parent)
+        try:
+            return _write_ids(source, out, DTYPES[dtype])
+        except BaseException as exc:
+            for folder in made:  # the deepest first; empty: atomic_stream removed its temporary file
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            if not isinstance(exc, OSError):
+                raise
+            width = np.dtype(DTYPES[dtype]).itemsize
+            raise UsageError(
+                f"'{out}': tokenizing '{text}' into it failed ({disk_trouble(exc) or exc.strerror or exc}); nothing "
+                f"was left behind. HINT: an OUT in a folder you may write to, with room for {width} bytes a byte of "
+                "TEXT"
+            ) from None
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; the ones made, the deepest first. UsageError (none left) when it
+    cannot."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for made, path in enumerate(reversed(missing)):
+        try:
+            path.mkdir()
+        except OSError as exc:
+            for done in missing[len(missing) - made :]:
+                with contextlib.suppress(OSError):
+                    done.rmdir()
+            raise UsageError(f"'{path}': cannot make the folder for OUT: {exc.strerror or exc}") from None
+    return missing
+
+
+def _write_ids(source: BinaryIO, out: Path, dtype: type) -> int:
     count = 0
-    with atomic_stream(out) as sink, open(text, "rb") as source:
+    with atomic_stream(out) as sink:
         while chunk := source.read(_CHUNK):
-            np.frombuffer(chunk, dtype=np.uint8).astype(DTYPES[dtype]).tofile(sink)
+            sink.write(np.frombuffer(chunk, dtype=np.uint8).astype(dtype))  # (tofile's short write has no errno)
             count += len(chunk)
     return count
