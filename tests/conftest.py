@@ -287,7 +287,7 @@ SUITES: dict[str, tuple[str, ...]] = {
         "test_selfwatch.py",
     ),
     "sweep": ("test_sweep.py", "test_sweep_spec.py"),
-    "scale": ("test_scale.py", "test_order.py", "test_hsdp.py"),
+    "scale": ("test_scale.py", "test_order.py", "test_hsdp.py", "test_tokens.py"),
     "slurm": ("test_slurm.py",),
 }
 

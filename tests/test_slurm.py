@@ -259,6 +259,10 @@ def test_bad_submissions_exit_2_and_leave_nothing(tmp_path):
         (["--nodes", "3-1"], "config key 'slurm.nodes' = '3-1': runs backwards (MIN above MAX). HINT: write 1-3"),
         (["--nodes", "0-2"], "'slurm.nodes' = '0-2': asks for 0 nodes"),
         (["--nodes", "1-5"], "with 5 node(s) x 1 task(s) the world size would not divide data.global_batch_size 24"),
+        (
+            ["--nodes", "1-2", "train.parallel=hsdp", "train.shard_size=2"],
+            "with 1 node(s) x 1 task(s) the world size would not be a multiple of train.shard_size 2",
+        ),
         (["--nodes", "1-2", "launch.min_nproc=0"], "'launch.min_nproc' = 0: must be in [1, 1024]"),
     ):
         proc = submit(run, *args, wait=False)

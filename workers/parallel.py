@@ -112,7 +112,8 @@ def shard(model: nn.Module, task: Task, ctx: DistContext, train: TrainConfig) ->
     if objects:  # a sharded checkpoint holds tensors only (anything else DCP would pickle, and we refuse to load)
         raise ConfigError(
             f"the model's state_dict holds {objects[0]!r}, a {type(model.state_dict()[objects[0]]).__name__}, not a "
-            "tensor: train.parallel=fsdp checkpoints hold tensors only. HINT: use train.parallel=ddp for this model"
+            f"tensor: train.parallel={train.parallel} checkpoints hold tensors only. HINT: use train.parallel=ddp for "
+            "this model"
         )
     if not ctx.distributed:
         log.info("train.parallel=%s in a single process: nothing to shard over (checkpoints are still sharded)",

@@ -11,6 +11,7 @@ import pytest
 from workers.config import (
     Config,
     ConfigError,
+    check_node_range,
     check_not_past_the_end,
     check_resume_compatible,
     config_changes,
@@ -152,6 +153,23 @@ def test_a_micro_batch_derives_the_accumulation_and_indivisible_plans_are_refuse
     accum = config_from_dict({}, ["data.global_batch_size=24", "train.grad_accum_steps=5"])
     with pytest.raises(ConfigError, match=re.escape("train.grad_accum_steps 5")):
         plan_batches(accum, 1)
+
+
+def test_a_node_range_names_the_key_each_refused_node_count_does_not_fit():
+    base = ["data.global_batch_size=24", "train.grad_accum_steps=1", "slurm.tasks_per_node=2"]
+    cfg = config_from_dict({}, [*base, "train.parallel=hsdp", "train.shard_size=4", "slurm.nodes=1-4"])
+    with pytest.raises(ConfigError) as caught:  # world sizes 2, 4, 6, 8: each divides the batch of 24
+        check_node_range(cfg)
+    assert str(caught.value) == (
+        "config key 'slurm.nodes' = '1-4': with 1, 3 node(s) x 2 task(s) the world size would not be a multiple of "
+        "train.shard_size 4. HINT: use node counts that fit (2, 4)"
+    )
+    both = config_from_dict({}, [*base, "train.parallel=hsdp", "train.shard_size=4", "slurm.nodes=1-8"])
+    with pytest.raises(ConfigError, match=r"with 1, 3, 5, 7 node\(s\) x 2 task\(s\) the world size would not be a "
+                       r"multiple of train\.shard_size 4; with 8 node\(s\) x 2 task\(s\) the world size would not "
+                       r"divide data\.global_batch_size 24 .*HINT: use node counts that fit \(2, 4, 6\)"):  # fmt: skip
+        check_node_range(both)
+    check_node_range(config_from_dict({}, [*base, "train.parallel=hsdp", "train.shard_size=2", "slurm.nodes=1-4"]))
 
 
 def test_a_resume_that_would_change_the_data_is_refused():

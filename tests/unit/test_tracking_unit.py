@@ -1,10 +1,12 @@
 """workers/tracking/: the metrics file (rows, a torn line, a dead attempt's rows set aside), the tracking id, the
-tracker with tracking disabled, and the step sync (world size 1, and the stop agreement and log table of 2 ranks)."""
+tracker with tracking disabled, the step sync (world size 1, and the stop agreement and log table of 2 ranks), and
+the reporter's memory reader."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import pytest
@@ -223,3 +225,24 @@ def test_a_failing_write_reaches_the_caller_of_drain():
             batches.add(1)
     finally:
         batches.close()
+
+
+def _statm_descriptors() -> int:
+    fds = "/proc/self/fd"
+    return sum(1 for fd in os.listdir(fds) if os.path.realpath(f"{fds}/{fd}").endswith("/statm"))
+
+
+def test_the_reporters_memory_reader_closes_its_descriptor_with_the_reporting(run_dir: RunDir, ctx):
+    from workers.tracking.reporting import Reporter
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("no /proc here: the reader uses psutil and holds no descriptor")
+    before = _statm_descriptors()
+    cfg = config_from_dict({}, [f"run.dir={run_dir.root}", "tracking.mode=disabled"])
+    reporters = [Reporter(cfg, ctx, _tracker(run_dir), 0, {}) for _ in range(3)]
+    assert _statm_descriptors() == before + 3 and reporters[0].memory.rss_mb() > 0
+    for reporter in reporters:
+        reporter.close()
+        reporter.tracker.finish()
+    assert _statm_descriptors() == before
+    assert reporters[0].memory.rss_mb() > 0  # (read by psutil once closed)

@@ -207,3 +207,24 @@ def test_a_profile_window_writes_a_chrome_trace_of_the_profiled_rank(tmp_path):
 def test_a_profile_that_cannot_run_is_a_usage_error(tmp_path, overrides, said):
     with pytest.raises(ConfigError, match=re.escape(said)):
         build_parts(_cfg(tmp_path / "r", *overrides), _ctx(), RunDir(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "hsdp"])
+def test_a_model_state_that_is_no_tensor_is_refused_naming_the_sharded_mode(mode):
+    from workers.config import TrainConfig
+    from workers.parallel import shard
+    from workers.tasks import resolve
+    from workers.tasks.quickstart import build
+
+    class Counted(torch.nn.Linear):
+        def get_extra_state(self) -> dict:
+            return {"calls": 3}  # a state_dict entry that is no tensor
+
+        def set_extra_state(self, state: dict) -> None:
+            pass
+
+    raw = build(n=8, hidden=4)
+    raw.model = torch.nn.Sequential(Counted(4, 4))
+    task = resolve(raw, "workers.tasks.quickstart:build")
+    with pytest.raises(ConfigError, match=rf"a dict, not a tensor: train\.parallel={mode} checkpoints hold tensors"):
+        shard(task.model, task, _ctx(), TrainConfig(parallel=mode))

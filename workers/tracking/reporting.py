@@ -29,8 +29,9 @@ _COMPUTE, _STEP = 1 + PER_RANK.index("compute_ms"), 1 + PER_RANK.index("step_tim
 
 
 class ProcessMemory:
-    """This process's resident memory, read cheaply: ``/proc/self/statm`` through a kept descriptor (~6 µs; psutil's
-    ``memory_info`` ~30 µs at every log step), psutil where there is no /proc."""
+    """This process's resident memory, read cheaply: ``/proc/self/statm`` through a kept descriptor (1.4 µs a read
+    here; opening the file for each read 5.9 µs, psutil's ``memory_info`` 11 µs), psutil where there is no /proc
+    or after :meth:`close`, which whoever made it calls when done (the descriptor is not left to the process's end)."""
 
     def __init__(self) -> None:
         try:
@@ -46,6 +47,11 @@ class ProcessMemory:
             except (OSError, IndexError, ValueError):
                 pass
         return psutil.Process().memory_info().rss / 2**20
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 @dataclass
@@ -199,12 +205,15 @@ class Reporter:
             self.progress.eval_text = f"eval/{metric} {value:.4g} "
 
     def close(self) -> None:
-        """End the background writer and the progress bar (if any); the console's log lines go back to plain writes.
-        Rows not yet written stay unwritten: :meth:`drain` first."""
-        if self.batches is not None:
-            self.batches.close()
-        if self.progress:
-            self.progress.close()
+        """End the background writer and the progress bar (if any): the console's log lines go back to plain
+        writes; close the memory reader. Rows not yet written stay unwritten: :meth:`drain` first."""
+        try:
+            if self.batches is not None:
+                self.batches.close()
+            if self.progress:
+                self.progress.close()
+        finally:
+            self.memory.close()
 
     def _rate(self, step: int, now: float | None = None) -> float:
         elapsed = (now or time.perf_counter()) - self.window_start
