@@ -38,8 +38,9 @@ from conftest import (
 from orchestrator.launcher import free_port
 
 DEV_CONF = Path(os.environ.get("ORCH_SLURM_DIR", "/tmp/orch-slurm")) / "etc" / "slurm.conf"
-# One cluster of two nodes: these tests run one after another, in one test process (pytest-xdist's loadgroup).
-pytestmark = pytest.mark.xdist_group("slurm")
+# One cluster of two nodes: these tests run one after another, in one test process (pytest-xdist's loadgroup);
+# `pytest -m slurm` selects them (conftest.py marks the other groups from SUITES).
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 SLOW = ["task.args.step_sleep_s=0.3"]
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
