@@ -74,6 +74,53 @@ def slurm_cluster():
         pytest.skip(problem)
 
 
+TEST_REASON = "orch-test"  # the reason of every node state a test sets (drain, down): cleanup resumes those
+
+
+def jobs_started_under(folder: Path) -> set[str]:
+    """The SLURM job ids of every run (and sweep) under ``folder``: its jobs.json, sweep.json and events."""
+    found: set[str] = set()
+    for path in folder.rglob("*.json*"):
+        try:
+            text = path.read_text()
+            if path.name == "jobs.json":
+                found |= {j["job_id"] for j in json.loads(text)}
+            elif path.name == "sweep.json":
+                found |= set(json.loads(text).get("slurm_jobs", []))
+            elif path.name == "events.jsonl" and path.parent.name == "slurm":
+                found |= {str(json.loads(ln)["job_id"]) for ln in text.splitlines() if '"job_id": "' in ln}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return {job.split("_")[0] for job in found if job and job != "None"}
+
+
+def clean_up_cluster(folder: Path) -> None:
+    """Leave the cluster as a test found it, whether it passed or not: scancel the jobs it started (a killed
+    ``submit --wait`` follower leaves its job running, requeues and all), wait until they are gone, and resume
+    the nodes a test drained or downed (:data:`TEST_REASON`)."""
+    jobs = sorted(jobs_started_under(folder))
+    if jobs:
+        subprocess.run(["scancel", *jobs], capture_output=True, text=True)
+    for node, _reason in _nodes_set_by_tests():
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+    live = lambda: any(slurm_state(job) not in (*TERMINAL, "GONE") for job in jobs)  # noqa: E731
+    wait_until(lambda: not live() and not _nodes_set_by_tests(), 120, f"jobs {jobs} gone, nodes resumed")
+
+
+def _nodes_set_by_tests() -> list[tuple[str, str]]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%E"], capture_output=True, text=True).stdout
+    rows = [line.split("|", 1) for line in out.splitlines() if "|" in line]
+    return [(node, reason) for node, reason in rows if reason.startswith(TEST_REASON)]
+
+
+@pytest.fixture(autouse=True)
+def clean_cluster(tmp_path):
+    """Every test's jobs are cancelled and its drained or downed nodes resumed when it ends, failed or not."""
+    yield
+    if _cluster_problem() is None:
+        clean_up_cluster(tmp_path)
+
+
 def submit(run: Path, *args: str, wait: bool = True) -> subprocess.CompletedProcess:
     extra = ["--wait"] if wait else []
     return cli("submit", "configs/quickstart.yaml", f"run.dir={run}", *QUICK, "slurm.time_min=10", *args, *extra)
@@ -280,6 +327,22 @@ def test_early_stopping_ends_the_job_without_a_requeue(tmp_path):
     assert latest_name(run) == "step-00000006" and slurm_state(job) == "COMPLETED"
 
 
+def test_a_test_that_fails_leaves_no_job_running_and_no_node_drained(tmp_path):
+    """What :func:`clean_cluster` does after every test: a test that failed after killing its ``submit --wait``
+    follower (which leaves the job running) and draining a node leaves neither behind."""
+    run = tmp_path / "run"
+    proc = _follow(run, "--nodes", "2", *SLOW, "train.max_steps=200")
+    wait_until(lambda: any(e["event"] == "start" for e in events(run)), 120, "the job to start")
+    proc.kill()  # what every test's finally does
+    proc.wait()
+    job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
+    subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", f"reason={TEST_REASON}"], check=True)
+    assert slurm_state(job) == "RUNNING"  # the follower's end is not the job's
+    clean_up_cluster(tmp_path)
+    assert slurm_state(job) == "CANCELLED" and not _nodes_set_by_tests()
+    assert "drain" not in subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True).stdout
+
+
 @pytest.mark.parametrize("trouble", ["controller down", "no configuration"])
 def test_a_controller_that_does_not_answer_is_named_as_such(trouble, tmp_path):
     """A slurm.conf whose controller port nobody listens on, and a SLURM_CONF naming no file: exit 2, one line
@@ -381,7 +444,7 @@ def test_a_lost_node_leaves_the_job_on_the_node_it_has_and_it_grows_back_when_th
     proc = _follow(run, *ELASTIC, "--max-restarts", "2")
     try:
         wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
-        subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=orch-test"], check=True)
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", f"reason={TEST_REASON}"], check=True)
         job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
         os.kill(_rank_pid(job, 1), 9)  # rank 1 runs on n2 (SLURM fills the nodes in order): n2 is "lost"
         # The requeued job runs on n1 alone; once it has saved again, n2 comes back and the job's one rank dies:
