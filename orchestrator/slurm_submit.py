@@ -391,7 +391,8 @@ def follow(paths: RunDir, job_id: str, offset: int = 0, poll_s: float = 1.0) -> 
 
 
 def status_info(paths: RunDir) -> dict[str, Any]:
-    """The SLURM part of ``orchestrator status`` (empty when the run was never submitted)."""
+    """The SLURM part of ``orchestrator status`` (empty when the run was never submitted). Its ``state``, when
+    present (failed: the latest job's own verdict), is the run's."""
     jobs = load_jobs(paths)
     events = read_events(paths)
     known = {j["job_id"] for j in jobs}
@@ -419,4 +420,6 @@ def status_info(paths: RunDir) -> dict[str, Any]:
         info["note"] = "cancelled; submit the run again to resume from its latest checkpoint"
     elif state.terminal and not (mine and mine[-1]["event"] == "completed"):
         info["failure"] = failure_report(paths, latest, state.describe())
+        if mine[-1:] and mine[-1]["event"] == "failed" and not mine[-1].get("requeued"):
+            info["state"] = "failed"  # the job's own verdict (restarts spent, not retryable), error file or not
     return info

@@ -474,6 +474,70 @@ def test_a_lost_node_leaves_the_job_on_the_node_it_has_and_it_grows_back_when_th
                                                  text=True).stdout, 60, "n2 idle again")  # fmt: skip
 
 
+def _set_node_down_under_the_job(run: Path, node: str) -> str:
+    """After the job's first checkpoint, on both nodes: SLURM's DOWN state for ``node`` (what a lost node becomes;
+    the dev cluster leaves an admin-downed node down, ReturnToService=1). SLURM ends the job with NODE_FAIL and
+    requeues it itself (it is requeueable): no batch script of ours requeues it."""
+    wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
+    job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
+    assert [e["nodes"] for e in events(run) if e["event"] == "start"] == ["n[1-2]"]
+    subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", f"reason={TEST_REASON}"], check=True)
+    return job
+
+
+def test_a_node_set_down_under_the_job_is_a_counted_failure_and_the_job_ends_on_one_node(refs, tmp_path):
+    run = tmp_path / "run"
+    proc = _follow(run, *ELASTIC, "--max-restarts", "1")
+    try:
+        job = _set_node_down_under_the_job(run, "n2")
+        _, err = proc.communicate(timeout=240)
+        assert "n2\tdown" in subprocess.run(["sinfo", "-h", "-N", "-o", "%N\t%t"], capture_output=True,
+                                             text=True).stdout  # fmt: skip
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    got = [(e["event"], e["restart"], e.get("world_size"), e.get("requeued")) for e in events(run)]
+    # (the ranks of the ended incarnation may have stopped at a step boundary first: SLURM sent them SIGTERM)
+    assert [g for g in got if g[0] != "stopped"] == [
+        ("start", 0, 2, None), ("failed", 0, None, True), ("start", 1, 1, None), ("completed", 1, None, None)
+    ], got  # fmt: skip
+    failed = next(e for e in events(run) if e["event"] == "failed")
+    assert failed["by"] == "slurm" and failed["node"] == "n2" and failed["why"] == "restart 1/1", failed
+    assert f"node n2 (down: {TEST_REASON}) was lost" in failed["error"]
+    assert [e["nodes"] for e in events(run) if e["event"] == "start"] == ["n[1-2]", "n1"]
+    assert slurm_state(job) == "COMPLETED"
+    assert rel_diff(load(run), load(refs[2])) <= 1e-5  # the same global stream on 2, then 1 rank
+    assert consumed_sequence(run) == consumed_sequence(refs[2])
+    worlds = [json.loads(line)["world_size"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert worlds[0] == 2 and worlds[-1] == 1 and worlds == sorted(worlds, reverse=True), worlds
+    info = status(run)
+    assert [w["world_size"] for w in info["world_sizes"]] == [2, 1] and info["world_size"] == 1
+    lost = f"failed on n2 — node n2 (down: {TEST_REASON}) was lost; requeued (restart 1/1)"
+    assert any(lost in line for line in info["history"]), info["history"]
+
+
+def test_a_lost_node_counts_against_max_restarts_and_ends_the_job_failed_when_they_are_spent(tmp_path):
+    run = tmp_path / "run"
+    proc = _follow(run, *ELASTIC, "--max-restarts", "0")
+    try:
+        job = _set_node_down_under_the_job(run, "n2")
+        _, err = proc.communicate(timeout=240)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    failed = [(e["restart"], e["requeued"], e["by"], e["why"]) for e in events(run) if e["event"] == "failed"]
+    assert failed == [(0, False, "slurm", "launch.max_restarts=0 spent")], events(run)
+    assert [e["restart"] for e in events(run) if e["event"] == "start"] == [0]  # the requeued job did not train
+    assert "not requeued: launch.max_restarts=0 spent" in err
+    wait_until(lambda: slurm_state(job) in TERMINAL, 60, "the job's end")
+    assert slurm_state(job) == "FAILED"
+    assert status(run)["state"] == "failed"
+
+
 def test_a_job_that_keeps_failing_ends_failed_when_its_restarts_are_spent(tmp_path):
     run = tmp_path / "run"
     # rank 1 raises at its 5th micro-step (step 3, before any checkpoint) in every incarnation. Two nodes, not a
@@ -481,13 +545,17 @@ def test_a_job_that_keeps_failing_ends_failed_when_its_restarts_are_spent(tmp_pa
     fixed = ["--nodes", "2", "--tasks-per-node", "1", *SLOW]
     proc = submit(run, *fixed, "--max-restarts", "1", "task.args.fail_rank=1", "task.args.fail_call=5")
     assert proc.returncode == 1, proc.stderr
+    job = proc.stdout.split()[0]
     failed = [(e["restart"], e["requeued"], e["why"]) for e in events(run) if e["event"] == "failed"]
     assert failed == [(0, True, "restart 1/1"), (1, False, "launch.max_restarts=1 spent")]
     assert "not requeued: launch.max_restarts=1 spent" in proc.stderr
     history = status(run)["history"]
     assert len(history) == 4 and "injected failure on call 5; requeued" in history[1], history
     assert "not requeued (launch.max_restarts=1 spent)" in history[3]
-    assert "rank 1 failed first: RuntimeError: injected failure on call 5" in status(run)["failure"]
+    info = status(run)
+    assert "rank 1 failed first: RuntimeError: injected failure on call 5" in info["failure"]
+    assert info["state"] == "failed" and info["slurm_state"].startswith(f"job {job}: FAILED"), info
+    assert slurm_state(job) == "FAILED"  # (scontrol: the dev cluster keeps no accounting for sacct)
 
 
 def test_an_unusable_checkpoint_found_by_the_job_never_requeues(tmp_path):

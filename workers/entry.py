@@ -95,8 +95,8 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
             lock = lock_run_dir(paths)
             save_resolved_config(cfg, paths)
         setup_logging(paths, rank)
-        if ctx.source == "slurm" and ctx.is_main:
-            slurm.on_start(paths, ctx.world_size)
+        if ctx.source == "slurm" and ctx.is_main and not slurm.on_start(cfg, paths, ctx.world_size):
+            return EXIT_FAILED  # a lost node spent the job's restarts (recorded): the other ranks end with the step
         heartbeat = heartbeat_for(start.heartbeat_file, rank).start()
         _diagnostics(paths, rank, ctx.backend)
         ctx.init_process_group(cfg.launch.collective_timeout_s)
