@@ -236,7 +236,9 @@ def requeue_on_failure(run_dirs: list[Path]) -> list[str]:
     runs = " ".join(shlex.quote(str(r.resolve())) for r in run_dirs)
     command = shlex.join([sys.executable, "-m", "workers.slurm_exit"])
     which = '"${ORCH_RUNS[${SLURM_ARRAY_TASK_ID:-0}]}"'
-    return ["ORCH_STEP_STATUS=$?", f"ORCH_RUNS=({runs})", f'{command} {which} "$ORCH_STEP_STATUS"']
+    # (SIGTERM ignored from here on: a requeue of the job ends its batch script with one, and excluding a node
+    # from the requeued job comes after that; KillWait's SIGKILL still bounds it)
+    return ["ORCH_STEP_STATUS=$?", "trap '' TERM", f"ORCH_RUNS=({runs})", f'{command} {which} "$ORCH_STEP_STATUS"']
 
 
 def submit(cfg: Config, paths: RunDir) -> str:

@@ -558,6 +558,29 @@ def test_a_job_that_keeps_failing_ends_failed_when_its_restarts_are_spent(tmp_pa
     assert slurm_state(job) == "FAILED"  # (scontrol: the dev cluster keeps no accounting for sacct)
 
 
+def test_a_node_that_failed_twice_is_excluded_from_the_next_allocation(refs, tmp_path):
+    run = tmp_path / "run"
+    proc = _follow(run, *ELASTIC, "--max-restarts", "3", "task.args.fail_node=n2", "task.args.fail_call=3")
+    try:
+        wait_until(lambda: any(e["event"] == "failed" for e in events(run)), 120, "the first failure")
+        job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
+        _requeued_onto_both_nodes(run, job, restart=1)  # on n2 again: it fails there a second time
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    got = [(e["event"], e["restart"], e.get("node") or e.get("nodes")) for e in events(run)]
+    assert got == [
+        ("start", 0, "n[1-2]"), ("failed", 0, "n2"), ("start", 1, "n[1-2]"), ("failed", 1, "n2"),
+        ("excluded", 1, ["n2"]), ("start", 2, "n1"), ("completed", 2, None),
+    ], got  # fmt: skip
+    show = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    assert "ExcNodeList=n2" in show and slurm_state(job) == "COMPLETED"
+    assert any("n2 failed twice: excluded from the next allocations" in line for line in status(run)["history"])
+    assert rel_diff(load(run), load(refs[2])) <= 1e-5  # (both failures came before the first checkpoint)
+
+
 def test_an_unusable_checkpoint_found_by_the_job_never_requeues(tmp_path):
     run, junk = tmp_path / "run", tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")  # submit checks that it exists; only the job can read it

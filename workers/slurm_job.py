@@ -233,12 +233,50 @@ def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
         log.error("job %s failed (%s); %s: not requeued", job, fields["error"], why)
         return False
     record_event(paths, "failed", requeued=True, why=f"restart {spent + 1}/{cfg.launch.max_restarts}", **fields)
+    exclude = nodes_failed_twice(paths, job) if cfg.slurm.min_nodes < cfg.slurm.max_nodes else []
     try:  # (recorded first: SLURM ends this script the moment the requeue is accepted)
-        subprocess.run(["scontrol", "requeue", job or "?"], capture_output=True, text=True, timeout=60, check=True)
+        _scontrol("requeuehold" if exclude else "requeue", job or "?")
     except (OSError, subprocess.SubprocessError) as exc:
-        record_event(paths, "requeue-failed", error=str(getattr(exc, "stderr", "") or exc).strip())
+        record_event(paths, "requeue-failed", error=_said(exc))
         return False
+    if exclude:
+        _exclude_and_release(paths, job or "?", exclude)
     return True
+
+
+def nodes_failed_twice(paths: RunDir, job: str | None) -> list[str]:
+    """The nodes two or more of the job's failures happened on (a rank's, or a lost node's): left out of its next
+    allocations (a node range only: a fixed node count could then never start)."""
+    nodes = [e["node"] for e in read_events(paths) if e.get("job_id") == job and e["event"] == "failed"]
+    return sorted({n for n in nodes if isinstance(n, str) and n and nodes.count(n) >= 2})
+
+
+def _exclude_and_release(paths: RunDir, job: str, nodes: list[str]) -> None:
+    """With the requeued job held (``scontrol requeuehold``; SLURM refuses ExcNodeList on a running job): add
+    ``nodes`` to its excluded nodes, record that, and release it. The batch script ignores the SIGTERM the requeue
+    brings (workers/slurm_exit.py), so this runs to the end."""
+    try:
+        show = _scontrol("show", "job", "-o", job)
+        had = show.split("ExcNodeList=", 1)[1].split()[0] if "ExcNodeList=" in show else "(null)"
+        excluded = ",".join([*([had] if had != "(null)" else []), *nodes])
+        _scontrol("update", f"jobid={job}", f"ExcNodeList={excluded}")
+        record_event(paths, "excluded", nodes=nodes, excluded=excluded, why="failed twice")
+        log.warning("job %s: node(s) %s failed twice: excluded from its next allocations", job, ", ".join(nodes))
+    except (OSError, subprocess.SubprocessError) as exc:
+        record_event(paths, "exclude-failed", nodes=nodes, error=_said(exc))
+    finally:
+        try:
+            _scontrol("release", job)
+        except (OSError, subprocess.SubprocessError) as exc:
+            record_event(paths, "requeue-failed", error=f"held, not released: {_said(exc)}")
+
+
+def _scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def _said(exc: BaseException) -> str:
+    return str(getattr(exc, "stderr", "") or exc).strip()
 
 
 def _node_of(rank: int, tasks_per_node: int) -> str | None:
