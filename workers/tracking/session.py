@@ -88,8 +88,10 @@ class ReportingSession:
         """Write the rows completed so far, end the progress bar and every sink; ``quick`` (after a stop or an
         error) bounds wandb's wait, and a row that cannot be written then does not hide the error being reported."""
         try:
-            self._drain(quick)
-            self.reporter.close()
+            try:
+                self._drain(quick)
+            finally:  # the bar, the background writer and the memory reader end even when the last rows fail
+                self.reporter.close()
         finally:
             self.tracker.finish(quick)
 
