@@ -24,6 +24,8 @@ def history(events: list[dict[str, Any]]) -> list[str]:
             then = "requeued" if e.get("requeued") else "not requeued"
             where = f" on {e['node']}" if e.get("node") else ""
             lines.append(f"{at}: failed{where} — {e.get('error')}; {then} ({e.get('why')})")
+        elif e["event"] == "excluded":
+            lines.append(f"{at}: {', '.join(e.get('nodes') or [])} failed twice: excluded from the next allocations")
         elif e["event"] == "requeue":
             lines.append(f"{at}: {e.get('kind')} notice, saved step {e.get('saved_step')}; requeued")
         else:

@@ -236,7 +236,9 @@ def requeue_on_failure(run_dirs: list[Path]) -> list[str]:
     runs = " ".join(shlex.quote(str(r.resolve())) for r in run_dirs)
     command = shlex.join([sys.executable, "-m", "workers.slurm_exit"])
     which = '"${ORCH_RUNS[${SLURM_ARRAY_TASK_ID:-0}]}"'
-    return ["ORCH_STEP_STATUS=$?", f"ORCH_RUNS=({runs})", f'{command} {which} "$ORCH_STEP_STATUS"']
+    # (SIGTERM ignored from here on: a requeue of the job ends its batch script with one, and excluding a node
+    # from the requeued job comes after that; KillWait's SIGKILL still bounds it)
+    return ["ORCH_STEP_STATUS=$?", "trap '' TERM", f"ORCH_RUNS=({runs})", f'{command} {which} "$ORCH_STEP_STATUS"']
 
 
 def submit(cfg: Config, paths: RunDir) -> str:
@@ -391,7 +393,8 @@ def follow(paths: RunDir, job_id: str, offset: int = 0, poll_s: float = 1.0) -> 
 
 
 def status_info(paths: RunDir) -> dict[str, Any]:
-    """The SLURM part of ``orchestrator status`` (empty when the run was never submitted)."""
+    """The SLURM part of ``orchestrator status`` (empty when the run was never submitted). Its ``state``, when
+    present (failed: the latest job's own verdict), is the run's."""
     jobs = load_jobs(paths)
     events = read_events(paths)
     known = {j["job_id"] for j in jobs}
@@ -419,4 +422,6 @@ def status_info(paths: RunDir) -> dict[str, Any]:
         info["note"] = "cancelled; submit the run again to resume from its latest checkpoint"
     elif state.terminal and not (mine and mine[-1]["event"] == "completed"):
         info["failure"] = failure_report(paths, latest, state.describe())
+        if mine[-1:] and mine[-1]["event"] == "failed" and not mine[-1].get("requeued"):
+            info["state"] = "failed"  # the job's own verdict (restarts spent, not retryable), error file or not
     return info

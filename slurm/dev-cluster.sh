@@ -72,7 +72,10 @@ write_conf() {
     echo "SlurmdLogFile=$DIR/log/slurmd-%n.log"
     echo "MailProg=/bin/true"
     echo "JobRequeue=1"
-    echo "ReturnToService=2"
+    # A node set DOWN by an admin (or a test: a lost node) stays down until resumed; one that only stopped
+    # answering comes back when its slurmd registers again. (2 would return any DOWN node the moment its slurmd
+    # answers: on one machine, at once, so a downed node never looked lost.)
+    echo "ReturnToService=1"
     echo "KillWait=5"
     echo "MinJobAge=3600"
     # A requeued job otherwise waits ~145 s in PENDING (BeginTime); with these it restarts in seconds.

@@ -133,6 +133,19 @@ def test_every_end_to_end_test_file_proves_some_package():
     assert not loose, f"add these to SUITES in tests/conftest.py: {loose}"
 
 
+def test_each_package_group_selects_its_files_tests():
+    """``pytest -m GROUP`` collects the tests of every file SUITES names for GROUP (conftest.py marks them, the
+    SLURM tests mark themselves), and nothing of a file outside the group."""
+    from conftest import SUITES
+
+    for group, files in SUITES.items():
+        cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist", "-o", "addopts=", "-m", group]
+        targets = [f"tests/{files[0]}", "tests/test_architecture.py" if group != "launch" else "tests/test_sweep.py"]
+        proc = subprocess.run([*cmd, *targets], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+        assert collected == {targets[0]}, f"pytest -m {group} collected {collected}:\n{proc.stdout}{proc.stderr}"
+
+
 def _sources() -> list[Path]:
     return sorted([*(ROOT / "workers").rglob("*.py"), *(ROOT / "orchestrator").rglob("*.py")])
 

@@ -38,8 +38,9 @@ from conftest import (
 from orchestrator.launcher import free_port
 
 DEV_CONF = Path(os.environ.get("ORCH_SLURM_DIR", "/tmp/orch-slurm")) / "etc" / "slurm.conf"
-# One cluster of two nodes: these tests run one after another, in one test process (pytest-xdist's loadgroup).
-pytestmark = pytest.mark.xdist_group("slurm")
+# One cluster of two nodes: these tests run one after another, in one test process (pytest-xdist's loadgroup);
+# `pytest -m slurm` selects them (conftest.py marks the other groups from SUITES).
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 SLOW = ["task.args.step_sleep_s=0.3"]
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
@@ -71,6 +72,53 @@ def slurm_cluster():
         if os.environ.get("ORCH_REQUIRE_SLURM") == "1":
             pytest.fail(f"ORCH_REQUIRE_SLURM=1 but {problem}")
         pytest.skip(problem)
+
+
+TEST_REASON = "orch-test"  # the reason of every node state a test sets (drain, down): cleanup resumes those
+
+
+def jobs_started_under(folder: Path) -> set[str]:
+    """The SLURM job ids of every run (and sweep) under ``folder``: its jobs.json, sweep.json and events."""
+    found: set[str] = set()
+    for path in folder.rglob("*.json*"):
+        try:
+            text = path.read_text()
+            if path.name == "jobs.json":
+                found |= {j["job_id"] for j in json.loads(text)}
+            elif path.name == "sweep.json":
+                found |= set(json.loads(text).get("slurm_jobs", []))
+            elif path.name == "events.jsonl" and path.parent.name == "slurm":
+                found |= {str(json.loads(ln)["job_id"]) for ln in text.splitlines() if '"job_id": "' in ln}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return {job.split("_")[0] for job in found if job and job != "None"}
+
+
+def clean_up_cluster(folder: Path) -> None:
+    """Leave the cluster as a test found it, whether it passed or not: scancel the jobs it started (a killed
+    ``submit --wait`` follower leaves its job running, requeues and all), wait until they are gone, and resume
+    the nodes a test drained or downed (:data:`TEST_REASON`)."""
+    jobs = sorted(jobs_started_under(folder))
+    if jobs:
+        subprocess.run(["scancel", *jobs], capture_output=True, text=True)
+    for node, _reason in _nodes_set_by_tests():
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+    live = lambda: any(slurm_state(job) not in (*TERMINAL, "GONE") for job in jobs)  # noqa: E731
+    wait_until(lambda: not live() and not _nodes_set_by_tests(), 120, f"jobs {jobs} gone, nodes resumed")
+
+
+def _nodes_set_by_tests() -> list[tuple[str, str]]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%E"], capture_output=True, text=True).stdout
+    rows = [line.split("|", 1) for line in out.splitlines() if "|" in line]
+    return [(node, reason) for node, reason in rows if reason.startswith(TEST_REASON)]
+
+
+@pytest.fixture(autouse=True)
+def clean_cluster(tmp_path):
+    """Every test's jobs are cancelled and its drained or downed nodes resumed when it ends, failed or not."""
+    yield
+    if _cluster_problem() is None:
+        clean_up_cluster(tmp_path)
 
 
 def submit(run: Path, *args: str, wait: bool = True) -> subprocess.CompletedProcess:
@@ -283,6 +331,22 @@ def test_early_stopping_ends_the_job_without_a_requeue(tmp_path):
     assert latest_name(run) == "step-00000006" and slurm_state(job) == "COMPLETED"
 
 
+def test_a_test_that_fails_leaves_no_job_running_and_no_node_drained(tmp_path):
+    """What :func:`clean_cluster` does after every test: a test that failed after killing its ``submit --wait``
+    follower (which leaves the job running) and draining a node leaves neither behind."""
+    run = tmp_path / "run"
+    proc = _follow(run, "--nodes", "2", *SLOW, "train.max_steps=200")
+    wait_until(lambda: any(e["event"] == "start" for e in events(run)), 120, "the job to start")
+    proc.kill()  # what every test's finally does
+    proc.wait()
+    job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
+    subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", f"reason={TEST_REASON}"], check=True)
+    assert slurm_state(job) == "RUNNING"  # the follower's end is not the job's
+    clean_up_cluster(tmp_path)
+    assert slurm_state(job) == "CANCELLED" and not _nodes_set_by_tests()
+    assert "drain" not in subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True).stdout
+
+
 @pytest.mark.parametrize("trouble", ["controller down", "no configuration"])
 def test_a_controller_that_does_not_answer_is_named_as_such(trouble, tmp_path):
     """A slurm.conf whose controller port nobody listens on, and a SLURM_CONF naming no file: exit 2, one line
@@ -384,7 +448,7 @@ def test_a_lost_node_leaves_the_job_on_the_node_it_has_and_it_grows_back_when_th
     proc = _follow(run, *ELASTIC, "--max-restarts", "2")
     try:
         wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
-        subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=orch-test"], check=True)
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", f"reason={TEST_REASON}"], check=True)
         job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
         os.kill(_rank_pid(job, 1), 9)  # rank 1 runs on n2 (SLURM fills the nodes in order): n2 is "lost"
         # The requeued job runs on n1 alone; once it has saved again, n2 comes back and the job's one rank dies:
@@ -414,6 +478,70 @@ def test_a_lost_node_leaves_the_job_on_the_node_it_has_and_it_grows_back_when_th
                                                  text=True).stdout, 60, "n2 idle again")  # fmt: skip
 
 
+def _set_node_down_under_the_job(run: Path, node: str) -> str:
+    """After the job's first checkpoint, on both nodes: SLURM's DOWN state for ``node`` (what a lost node becomes;
+    the dev cluster leaves an admin-downed node down, ReturnToService=1). SLURM ends the job with NODE_FAIL and
+    requeues it itself (it is requeueable): no batch script of ours requeues it."""
+    wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
+    job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
+    assert [e["nodes"] for e in events(run) if e["event"] == "start"] == ["n[1-2]"]
+    subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", f"reason={TEST_REASON}"], check=True)
+    return job
+
+
+def test_a_node_set_down_under_the_job_is_a_counted_failure_and_the_job_ends_on_one_node(refs, tmp_path):
+    run = tmp_path / "run"
+    proc = _follow(run, *ELASTIC, "--max-restarts", "1")
+    try:
+        job = _set_node_down_under_the_job(run, "n2")
+        _, err = proc.communicate(timeout=240)
+        assert "n2\tdown" in subprocess.run(["sinfo", "-h", "-N", "-o", "%N\t%t"], capture_output=True,
+                                             text=True).stdout  # fmt: skip
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    got = [(e["event"], e["restart"], e.get("world_size"), e.get("requeued")) for e in events(run)]
+    # (the ranks of the ended incarnation may have stopped at a step boundary first: SLURM sent them SIGTERM)
+    assert [g for g in got if g[0] != "stopped"] == [
+        ("start", 0, 2, None), ("failed", 0, None, True), ("start", 1, 1, None), ("completed", 1, None, None)
+    ], got  # fmt: skip
+    failed = next(e for e in events(run) if e["event"] == "failed")
+    assert failed["by"] == "slurm" and failed["node"] == "n2" and failed["why"] == "restart 1/1", failed
+    assert f"node n2 (down: {TEST_REASON}) was lost" in failed["error"]
+    assert [e["nodes"] for e in events(run) if e["event"] == "start"] == ["n[1-2]", "n1"]
+    assert slurm_state(job) == "COMPLETED"
+    assert rel_diff(load(run), load(refs[2])) <= 1e-5  # the same global stream on 2, then 1 rank
+    assert consumed_sequence(run) == consumed_sequence(refs[2])
+    worlds = [json.loads(line)["world_size"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert worlds[0] == 2 and worlds[-1] == 1 and worlds == sorted(worlds, reverse=True), worlds
+    info = status(run)
+    assert [w["world_size"] for w in info["world_sizes"]] == [2, 1] and info["world_size"] == 1
+    lost = f"failed on n2 — node n2 (down: {TEST_REASON}) was lost; requeued (restart 1/1)"
+    assert any(lost in line for line in info["history"]), info["history"]
+
+
+def test_a_lost_node_counts_against_max_restarts_and_ends_the_job_failed_when_they_are_spent(tmp_path):
+    run = tmp_path / "run"
+    proc = _follow(run, *ELASTIC, "--max-restarts", "0")
+    try:
+        job = _set_node_down_under_the_job(run, "n2")
+        _, err = proc.communicate(timeout=240)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    failed = [(e["restart"], e["requeued"], e["by"], e["why"]) for e in events(run) if e["event"] == "failed"]
+    assert failed == [(0, False, "slurm", "launch.max_restarts=0 spent")], events(run)
+    assert [e["restart"] for e in events(run) if e["event"] == "start"] == [0]  # the requeued job did not train
+    assert "not requeued: launch.max_restarts=0 spent" in err
+    wait_until(lambda: slurm_state(job) in TERMINAL, 60, "the job's end")
+    assert slurm_state(job) == "FAILED"
+    assert status(run)["state"] == "failed"
+
+
 def test_a_job_that_keeps_failing_ends_failed_when_its_restarts_are_spent(tmp_path):
     run = tmp_path / "run"
     # rank 1 raises at its 5th micro-step (step 3, before any checkpoint) in every incarnation. Two nodes, not a
@@ -421,13 +549,40 @@ def test_a_job_that_keeps_failing_ends_failed_when_its_restarts_are_spent(tmp_pa
     fixed = ["--nodes", "2", "--tasks-per-node", "1", *SLOW]
     proc = submit(run, *fixed, "--max-restarts", "1", "task.args.fail_rank=1", "task.args.fail_call=5")
     assert proc.returncode == 1, proc.stderr
+    job = proc.stdout.split()[0]
     failed = [(e["restart"], e["requeued"], e["why"]) for e in events(run) if e["event"] == "failed"]
     assert failed == [(0, True, "restart 1/1"), (1, False, "launch.max_restarts=1 spent")]
     assert "not requeued: launch.max_restarts=1 spent" in proc.stderr
     history = status(run)["history"]
     assert len(history) == 4 and "injected failure on call 5; requeued" in history[1], history
     assert "not requeued (launch.max_restarts=1 spent)" in history[3]
-    assert "rank 1 failed first: RuntimeError: injected failure on call 5" in status(run)["failure"]
+    info = status(run)
+    assert "rank 1 failed first: RuntimeError: injected failure on call 5" in info["failure"]
+    assert info["state"] == "failed" and info["slurm_state"].startswith(f"job {job}: FAILED"), info
+    assert slurm_state(job) == "FAILED"  # (scontrol: the dev cluster keeps no accounting for sacct)
+
+
+def test_a_node_that_failed_twice_is_excluded_from_the_next_allocation(refs, tmp_path):
+    run = tmp_path / "run"
+    proc = _follow(run, *ELASTIC, "--max-restarts", "3", "task.args.fail_node=n2", "task.args.fail_call=3")
+    try:
+        wait_until(lambda: any(e["event"] == "failed" for e in events(run)), 120, "the first failure")
+        job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
+        _requeued_onto_both_nodes(run, job, restart=1)  # on n2 again: it fails there a second time
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    got = [(e["event"], e["restart"], e.get("node") or e.get("nodes")) for e in events(run)]
+    assert got == [
+        ("start", 0, "n[1-2]"), ("failed", 0, "n2"), ("start", 1, "n[1-2]"), ("failed", 1, "n2"),
+        ("excluded", 1, ["n2"]), ("start", 2, "n1"), ("completed", 2, None),
+    ], got  # fmt: skip
+    show = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    assert "ExcNodeList=n2" in show and slurm_state(job) == "COMPLETED"
+    assert any("n2 failed twice: excluded from the next allocations" in line for line in status(run)["history"])
+    assert rel_diff(load(run), load(refs[2])) <= 1e-5  # (both failures came before the first checkpoint)
 
 
 def test_an_unusable_checkpoint_found_by_the_job_never_requeues(tmp_path):

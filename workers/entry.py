@@ -95,8 +95,8 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
             lock = lock_run_dir(paths)
             save_resolved_config(cfg, paths)
         setup_logging(paths, rank)
-        if ctx.source == "slurm" and ctx.is_main:
-            slurm.on_start(paths, ctx.world_size)
+        if ctx.source == "slurm" and ctx.is_main and not slurm.on_start(cfg, paths, ctx.world_size):
+            return EXIT_FAILED  # a lost node spent the job's restarts (recorded): the other ranks end with the step
         heartbeat = _watch(cfg, paths, rank, start).start()
         _diagnostics(paths, rank, ctx.backend)
         ctx.init_process_group(cfg.launch.collective_timeout_s)
@@ -187,8 +187,8 @@ def spawned_worker(
     """Entry of a worker started by the local launcher (picklable: module-level).
 
     ``slots``: the device slot of every rank of the group (default: rank r on slot r); this rank's is its
-    ``ORCH_SLOT``. When some slot was dropped, ``CUDA_VISIBLE_DEVICES`` lists the group's devices only, so the
-    local rank indexes them (set before anything touches CUDA: the fork server never does).
+    ``ORCH_SLOT``. ``CUDA_VISIBLE_DEVICES`` lists the group's devices only (none of a dropped slot), so the local
+    rank indexes them (set before anything touches CUDA: the fork server never does).
 
     ``parent_pid``: the launcher's fork server (it dies with the launcher, and the worker with it); 0: unknown,
     watch whichever process forked this one. ``ties``: the launcher's lifeline and run-dir lock
@@ -227,12 +227,20 @@ def _set_up_process(cfg: Config, ctx: DistContext) -> None:
 
 
 def _take_slot(rank: int, slots: tuple[int, ...]) -> None:
-    """This rank's ``ORCH_SLOT``; after a drop, the devices of the group's slots only (see :func:`spawned_worker`)."""
+    """This rank's ``ORCH_SLOT``, and ``CUDA_VISIBLE_DEVICES`` naming the group's devices only (see
+    :func:`spawned_worker`)."""
     os.environ[ENV_SLOT] = str(slots[rank])
-    if slots != tuple(range(len(slots))):
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else [str(i) for i in range(max(slots) + 1)]
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[s] for s in slots if s < len(devices))
+    os.environ["CUDA_VISIBLE_DEVICES"] = group_devices(slots, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def group_devices(slots: tuple[int, ...], visible: str | None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of a group on ``slots`` (rank r's device is the r-th): the devices the launch
+    saw (``visible``, None: all, numbered from 0) at those slots only, so a dropped slot's device is left out —
+    the highest one too. An empty ``visible`` (no GPU on purpose) stays empty."""
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else None
+    if devices is None:
+        return ",".join(str(s) for s in slots)
+    return ",".join(devices[s] for s in slots if s < len(devices))
 
 
 def _stop_note(stopped: bool, stop: StopFlag) -> str:

@@ -1,5 +1,6 @@
 """``python -m workers.slurm_exit RUN_DIR STATUS`` — run by a submitted job's batch script after its job step, with
-the step's exit status: a failure no rank reported requeues the job (:func:`workers.slurm_job.on_exit`).
+the step's exit status: a failure no rank reported requeues the job (:func:`workers.slurm_job.on_exit`), leaving out
+a node that failed twice. The batch script ignores SIGTERM by then: the requeue's own SIGTERM must not end this.
 Torch-free: it runs once per job, on the batch host, in a second."""
 
 from __future__ import annotations

@@ -96,12 +96,62 @@ def classify_notice(job: str, signal_delay_s: int, signal_time: float | None) ->
     return "timeout" if left <= signal_delay_s + _TIMEOUT_SLACK_S else "preemption"
 
 
-def on_start(paths: RunDir, world_size: int) -> None:
-    """Rank 0, at the start of every job incarnation: record it."""
+def on_start(cfg: Config, paths: RunDir, world_size: int) -> bool:
+    """Rank 0, at the start of every job incarnation: account for an end of the previous one that nothing recorded
+    (SLURM requeued the job itself: :func:`account_for_slurms_requeue`), then record this start. False: that end
+    spent the job's restarts, and this incarnation must not train (the failure is recorded)."""
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restart and not account_for_slurms_requeue(cfg, paths, restart):
+        return False
     record_event(paths, "start", world_size=world_size, nodes=os.environ.get("SLURM_JOB_NODELIST"))
     if restart:
         log.info("SLURM job %s, requeue %d: resuming from the latest checkpoint", job_id(), restart)
+    return True
+
+
+def account_for_slurms_requeue(cfg: Config, paths: RunDir, restart: int) -> bool:
+    """SLURM requeues a requeueable job itself when one of its nodes fails (``NODE_FAIL``: set DOWN, or lost): its
+    ranks are then ended (SIGTERM: they save if they can and leave as if stopped) or vanish with the node, and no
+    rank or batch script of ours says it failed. Seen from incarnation ``restart``: when the previous one ended
+    without a requeue of ours and a node it ran on is down or failed, or it ended without any record, record the
+    loss (``failed``, for that incarnation, by SLURM) and count it against ``launch.max_restarts`` like a failure
+    :func:`on_exit` requeues. Returns False when the restarts were already spent: the job ends failed here."""
+    job = job_id()
+    mine = [e for e in read_events(paths) if e.get("job_id") == job]
+    before = [e for e in mine if e.get("restart", 0) == restart - 1]
+    start = next((e for e in before if e["event"] == "start"), None)
+    if start is None or any(e["event"] == "requeue" or (e["event"] == "failed" and e.get("requeued")) for e in before):
+        return True  # the job requeued itself (a notice, a failure: recorded then), or nothing is known of it
+    lost = lost_nodes(str(start.get("nodes") or ""))
+    if not lost and any(e["event"] in _ENDINGS for e in before):
+        return True  # it ended knowingly (stopped: a preemption SLURM requeues) on nodes that are all up
+    spent = sum(1 for e in mine if e["event"] == "failed" and e.get("requeued"))
+    error = f"node {', '.join(lost)} was lost" if lost else "the job ended without an exit record and SLURM requeued it"
+    fields: dict[str, Any] = {
+        "restart": restart - 1, "by": "slurm", "rank": None, "kind": "node" if lost else None, "error": error,
+        "node": lost[0].split(" ")[0] if lost else None, "nodes": start.get("nodes"), "restarts_spent": spent,
+    }  # fmt: skip
+    if spent >= cfg.launch.max_restarts:
+        why = f"launch.max_restarts={cfg.launch.max_restarts} spent"
+        record_event(paths, "failed", requeued=False, why=why, **fields)
+        log.error("job %s: %s (SLURM requeued the job); %s: not going on", job, error, why)
+        return False
+    record_event(paths, "failed", requeued=True, why=f"restart {spent + 1}/{cfg.launch.max_restarts}", **fields)
+    log.warning("job %s: %s; SLURM requeued the job (restart %d/%d)", job, error, spent + 1, cfg.launch.max_restarts)
+    return True
+
+
+def lost_nodes(nodelist: str) -> list[str]:
+    """The nodes of ``nodelist`` that SLURM has down or failed now, each with its reason ("n2 (down: reason)")."""
+    if not nodelist:
+        return []
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-n", nodelist, "-o", "%N|%T|%E"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = sorted({tuple(line.split("|", 2)) for line in out.splitlines() if line.count("|") == 2})
+    return [f"{node} ({state}: {reason})" for node, state, reason in rows if state.startswith(("down", "fail"))]
 
 
 def on_finish(cfg: Config, paths: RunDir, stop: StopFlag, step: int, stop_reason: str | None) -> int:
@@ -157,9 +207,12 @@ def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
     up to ``launch.max_restarts`` times. A usage error or an unusable checkpoint never requeues. Nothing new is
     saved: the requeued job resumes from the last committed checkpoint. Returns whether it requeued."""
     job, restart = job_id(), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    mine = [e for e in read_events(paths) if e.get("job_id") == job and e.get("restart", 0) == restart]
+    jobs = [e for e in read_events(paths) if e.get("job_id") == job]
+    mine = [e for e in jobs if e.get("restart", 0) == restart]
     if step_status == 0 or any(e["event"] in _ENDINGS for e in mine):
         return False  # it ended well, or a rank already said how it ended (a notice's requeue, a stop, ...)
+    if any(e["event"] == "failed" and not e.get("requeued") for e in jobs):
+        return False  # the job was declared failed (its restarts spent by a lost node: account_for_slurms_requeue)
     started = min((float(e.get("time", 0)) for e in mine if e["event"] == "start"), default=0.0)
     # (a rank that only saw its peer vanish is not the cause: the vanished rank, killed or its node lost, wrote none)
     failure = first_failure(paths, job, since=started, own=True)
@@ -180,12 +233,50 @@ def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
         log.error("job %s failed (%s); %s: not requeued", job, fields["error"], why)
         return False
     record_event(paths, "failed", requeued=True, why=f"restart {spent + 1}/{cfg.launch.max_restarts}", **fields)
+    exclude = nodes_failed_twice(paths, job) if cfg.slurm.min_nodes < cfg.slurm.max_nodes else []
     try:  # (recorded first: SLURM ends this script the moment the requeue is accepted)
-        subprocess.run(["scontrol", "requeue", job or "?"], capture_output=True, text=True, timeout=60, check=True)
+        _scontrol("requeuehold" if exclude else "requeue", job or "?")
     except (OSError, subprocess.SubprocessError) as exc:
-        record_event(paths, "requeue-failed", error=str(getattr(exc, "stderr", "") or exc).strip())
+        record_event(paths, "requeue-failed", error=_said(exc))
         return False
+    if exclude:
+        _exclude_and_release(paths, job or "?", exclude)
     return True
+
+
+def nodes_failed_twice(paths: RunDir, job: str | None) -> list[str]:
+    """The nodes two or more of the job's failures happened on (a rank's, or a lost node's): left out of its next
+    allocations (a node range only: a fixed node count could then never start)."""
+    nodes = [e["node"] for e in read_events(paths) if e.get("job_id") == job and e["event"] == "failed"]
+    return sorted({n for n in nodes if isinstance(n, str) and n and nodes.count(n) >= 2})
+
+
+def _exclude_and_release(paths: RunDir, job: str, nodes: list[str]) -> None:
+    """With the requeued job held (``scontrol requeuehold``; SLURM refuses ExcNodeList on a running job): add
+    ``nodes`` to its excluded nodes, record that, and release it. The batch script ignores the SIGTERM the requeue
+    brings (workers/slurm_exit.py), so this runs to the end."""
+    try:
+        show = _scontrol("show", "job", "-o", job)
+        had = show.split("ExcNodeList=", 1)[1].split()[0] if "ExcNodeList=" in show else "(null)"
+        excluded = ",".join([*([had] if had != "(null)" else []), *nodes])
+        _scontrol("update", f"jobid={job}", f"ExcNodeList={excluded}")
+        record_event(paths, "excluded", nodes=nodes, excluded=excluded, why="failed twice")
+        log.warning("job %s: node(s) %s failed twice: excluded from its next allocations", job, ", ".join(nodes))
+    except (OSError, subprocess.SubprocessError) as exc:
+        record_event(paths, "exclude-failed", nodes=nodes, error=_said(exc))
+    finally:
+        try:
+            _scontrol("release", job)
+        except (OSError, subprocess.SubprocessError) as exc:
+            record_event(paths, "requeue-failed", error=f"held, not released: {_said(exc)}")
+
+
+def _scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def _said(exc: BaseException) -> str:
+    return str(getattr(exc, "stderr", "") or exc).strip()
 
 
 def _node_of(rank: int, tasks_per_node: int) -> str | None:

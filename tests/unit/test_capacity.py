@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from orchestrator.capacity import Capacity
 from orchestrator.outcome import RankOutcome, RunResult
 from workers.config import config_from_dict
@@ -61,3 +63,20 @@ def test_a_rank_that_only_lost_its_peer_condemns_no_slot():
     capacity.observe(_failed(1))
     assert capacity.failed_slot(_failed(1, lost_peer=True)) is None
     assert capacity.observe(_failed(1, lost_peer=True)) is None and capacity.repeated() is None
+
+
+def test_a_group_sees_only_its_slots_devices_so_a_dropped_slot_is_left_out(monkeypatch):
+    from workers.entry import _take_slot, group_devices
+
+    assert group_devices((0, 1, 2), None) == "0,1,2"
+    assert group_devices((0, 1), None) == "0,1"  # slot 2 (the highest) dropped: device 2 is not visible
+    assert group_devices((0, 2), None) == "0,2" and group_devices((1, 3), "4,5,6,7") == "5,7"
+    assert group_devices((0, 1), "6, 7,3") == "6,7"  # the launch's own CUDA_VISIBLE_DEVICES, at the slots kept
+    assert group_devices((0, 1), "") == ""  # no GPU on purpose stays no GPU
+    monkeypatch.setenv("ORCH_SLOT", "")  # (restored afterwards, like CUDA_VISIBLE_DEVICES)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _take_slot(1, (0, 1))  # after slot 2 of 3 was dropped: rank 1 on slot 1 indexes the second of the group's
+    assert os.environ["ORCH_SLOT"] == "1" and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
+    _take_slot(0, (1, 2))
+    assert os.environ["ORCH_SLOT"] == "1" and os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"

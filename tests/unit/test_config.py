@@ -172,6 +172,25 @@ def test_a_node_range_names_the_key_each_refused_node_count_does_not_fit():
     check_node_range(config_from_dict({}, [*base, "train.parallel=hsdp", "train.shard_size=2", "slurm.nodes=1-4"]))
 
 
+def test_a_node_range_names_every_node_count_whose_world_size_does_not_divide_the_batch():
+    def refusal(nodes: str, tasks: int = 1) -> str:
+        cfg = config_from_dict({}, [f"slurm.nodes={nodes}", f"slurm.tasks_per_node={tasks}",
+                                    "data.global_batch_size=24", "train.grad_accum_steps=2"])  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            check_node_range(cfg)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    # 24 samples in 2 micro-steps: world sizes 1, 2, 3, 4, 6, 12 work; 5, 7 and 8 do not
+    message = refusal("1-8")
+    assert "'slurm.nodes' = '1-8': with 5, 7, 8 node(s) x 1 task(s) the world size would not divide" in message
+    assert "use node counts that fit (1, 2, 3, 4, 6)" in message
+    message = refusal("2-4", tasks=2)  # world sizes 4, 6, 8: only 8 fails
+    assert "with 4 node(s) x 2 task(s)" in message and "(2, 3)" in message
+    assert "with 3, 5 node(s) x 3 task(s)" in refusal("3-5", tasks=3)  # 9 and 15 fail, 12 works
+    check_node_range(config_from_dict({}, ["slurm.nodes=1-4", "data.global_batch_size=24"]))  # all divide
+
+
 def test_a_resume_that_would_change_the_data_is_refused():
     cfg = config_from_dict({}, ["train.seed=3", "data.global_batch_size=8", "train.max_steps=10"])
     saved = TrainState(
