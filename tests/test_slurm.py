@@ -7,6 +7,7 @@ Without a cluster these tests skip with the reason; with ORCH_REQUIRE_SLURM=1 (C
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +74,13 @@ def slurm_cluster():
         if os.environ.get("ORCH_REQUIRE_SLURM") == "1":
             pytest.fail(f"ORCH_REQUIRE_SLURM=1 but {problem}")
         pytest.skip(problem)
+    # One test session at a time on the one cluster: a second pytest (another checkout, a CI clone) waits here.
+    # Two sessions at once down each other's nodes and fill each other's nodes (seen: a job failed by a node
+    # another session set down; a pending reason Resources instead of BeginTime).
+    lock = Path(tempfile.gettempdir()) / "orch-slurm-tests.lock"
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
 
 
 TEST_REASON = "orch-test"  # the reason of every node state a test sets (drain, down): cleanup resumes those
@@ -554,7 +563,7 @@ def test_a_job_that_keeps_failing_ends_failed_when_its_restarts_are_spent(tmp_pa
     assert failed == [(0, True, "restart 1/1"), (1, False, "launch.max_restarts=1 spent")]
     assert "not requeued: launch.max_restarts=1 spent" in proc.stderr
     history = status(run)["history"]
-    assert len(history) == 4 and "injected failure on call 5; requeued" in history[1], history
+    assert len(history) == 4 and "injected failure on call 5; requeued" in history[1], "\n".join(history)
     assert "not requeued (launch.max_restarts=1 spent)" in history[3]
     info = status(run)
     assert "rank 1 failed first: RuntimeError: injected failure on call 5" in info["failure"]

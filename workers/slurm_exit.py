@@ -15,11 +15,14 @@ from workers.slurm_job import on_exit
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [slurm-exit] %(levelname)s: %(message)s")
+    if len(argv) != 2:
+        print("usage: python -m workers.slurm_exit RUN_DIR STATUS", file=sys.stderr)
+        return 2
     paths = RunDir(argv[0])
     try:
         status = int(argv[1])
         cfg = load_config(str(paths.config))
-    except (IndexError, ValueError, OSError, ConfigError) as exc:
+    except (ValueError, OSError, ConfigError) as exc:
         print(f"workers.slurm_exit: {exc}", file=sys.stderr)
         return 2
     on_exit(cfg, paths, status)

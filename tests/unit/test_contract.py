@@ -253,3 +253,14 @@ def test_the_per_rank_files(run_dir: RunDir):
     assert run_dir.samples_file(3) == run_dir.root / "samples" / "rank-3.jsonl"
     assert run_dir.submitit_job("42") == run_dir.root / "slurm" / "submitit" / "42"
     assert RunDir(str(run_dir.root)).root == Path(run_dir.root)  # a str is accepted too
+
+
+def test_slurm_exit_without_its_arguments_says_its_usage_and_exits_2(capsys):
+    from workers.slurm_exit import main
+
+    for argv in ([], ["/nonexistent-run"], ["a", "b", "c"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == "usage: python -m workers.slurm_exit RUN_DIR STATUS\n", err
+    assert main(["/nonexistent-run", "notanumber"]) == 2
+    assert "workers.slurm_exit:" in capsys.readouterr().err
