@@ -37,6 +37,12 @@ def test_a_slot_that_keeps_failing_is_dropped_and_the_run_finishes_exactly_on_th
     assert status["state"] == "done" and status["world_size"] == 2
     assert [w["world_size"] for w in status["world_sizes"]] == [3, 2] and status["world_sizes"][1]["step"] > 8
     assert [d["slot"] for d in status["dropped_slots"]] == [2]
+    # Growing back: the device repaired (slot 2 no longer fails), the run launched again on 3 uses every slot.
+    more = launch(run, 3, "launch.grace_period_s=1", f"train.max_steps={MAX_STEPS + 4}", "tracking.mode=offline")
+    assert more.returncode == 0, more.stderr
+    rows = [json.loads(line) for line in RunDir(run).metrics.read_text().splitlines()]
+    assert [r["world_size"] for r in rows if r.get("step", 0) > MAX_STEPS and "world_size" in r][-1] == 3
+    assert json.loads(cli("status", str(run), "--json", check=True).stdout)["world_size"] == 3
 
 
 def test_without_min_nproc_the_report_names_the_slot_that_kept_failing(tmp_path):
