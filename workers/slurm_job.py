@@ -213,6 +213,8 @@ def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
         return False  # it ended well, or a rank already said how it ended (a notice's requeue, a stop, ...)
     if any(e["event"] == "failed" and not e.get("requeued") for e in jobs):
         return False  # the job was declared failed (its restarts spent by a lost node: account_for_slurms_requeue)
+    if requeued_by_slurm(_show_job(job), restart):
+        return False  # a lost node: SLURM requeued the job itself; its next incarnation accounts for that
     started = min((float(e.get("time", 0)) for e in mine if e["event"] == "start"), default=0.0)
     # (a rank that only saw its peer vanish is not the cause: the vanished rank, killed or its node lost, wrote none)
     failure = first_failure(paths, job, since=started, own=True)
@@ -237,11 +239,34 @@ def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
     try:  # (recorded first: SLURM ends this script the moment the requeue is accepted)
         _scontrol("requeuehold" if exclude else "requeue", job or "?")
     except (OSError, subprocess.SubprocessError) as exc:
+        if _ALREADY_REQUEUED in _said(exc):
+            return True  # SLURM requeued it between the check above and this (a node lost meanwhile)
         record_event(paths, "requeue-failed", error=_said(exc))
         return False
     if exclude:
         _exclude_and_release(paths, job or "?", exclude)
     return True
+
+
+_ALREADY_REQUEUED = "Job is pending execution"  # what ``scontrol requeue`` says of a job SLURM has requeued
+
+
+def requeued_by_slurm(show: str, restart: int) -> bool:
+    """Whether ``show`` (``scontrol show job -o``) says SLURM has requeued the job since incarnation ``restart``
+    began: its restart count has moved on, or it is pending or being requeued again. (A node set DOWN under a job
+    requeues it; the batch script, on a node still up, may run to its end all the same.)"""
+    fields = dict(f.split("=", 1) for f in show.split() if "=" in f)
+    state = fields.get("JobState", "")
+    count = fields.get("Restarts", "")
+    return (count.isdigit() and int(count) > restart) or state in ("PENDING", "REQUEUED", "REQUEUE_HOLD")
+
+
+def _show_job(job: str | None) -> str:
+    """``scontrol show job -o JOB``; empty when it cannot be asked (then nothing is known to have requeued it)."""
+    try:
+        return _scontrol("show", "job", "-o", job or "?")
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def nodes_failed_twice(paths: RunDir, job: str | None) -> list[str]:

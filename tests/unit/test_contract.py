@@ -264,3 +264,16 @@ def test_slurm_exit_without_its_arguments_says_its_usage_and_exits_2(capsys):
         assert err == "usage: python -m workers.slurm_exit RUN_DIR STATUS\n", err
     assert main(["/nonexistent-run", "notanumber"]) == 2
     assert "workers.slurm_exit:" in capsys.readouterr().err
+
+
+def test_a_job_slurm_requeued_itself_is_told_from_one_still_running():
+    from workers.slurm_job import requeued_by_slurm
+
+    # (fields as the dev cluster's scontrol show job -o printed them before and after a node was set DOWN)
+    running = "JobId=7 JobName=wrap JobState=RUNNING Reason=None Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1"
+    after = "JobId=7 JobName=wrap JobState=PENDING Reason=BeginTime Dependency=(null) Requeue=1 Restarts=1 BatchFlag=1"
+    assert not requeued_by_slurm(running, 0)
+    assert requeued_by_slurm(after, 0)
+    assert requeued_by_slurm(running.replace("Restarts=0", "Restarts=2"), 1)
+    assert not requeued_by_slurm(running.replace("Restarts=0", "Restarts=1"), 1)
+    assert not requeued_by_slurm("", 0)  # scontrol could not be asked: nothing known
