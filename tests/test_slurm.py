@@ -421,6 +421,18 @@ def _follow(run: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
+@pytest.fixture
+def follow():
+    """``follow(run, *args)``: a ``submit --wait`` follower of the run; one still running when the test ends is
+    killed (its job is then cancelled, and the nodes the test set down resumed, by :func:`clean_cluster`)."""
+    procs: list[subprocess.Popen] = []
+    yield lambda run, *args: procs.append(_follow(run, *args)) or procs[-1]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _kill_rank_after_first_checkpoint(run: Path, proc: subprocess.Popen, rank: int) -> str:
     wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
     job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
@@ -429,17 +441,13 @@ def _kill_rank_after_first_checkpoint(run: Path, proc: subprocess.Popen, rank: i
     return job
 
 
-def test_a_node_range_job_runs_on_every_node_it_gets_and_a_killed_rank_requeues_it_bitwise(refs, tmp_path):
+def test_a_node_range_job_runs_on_every_node_it_gets_and_a_killed_rank_requeues_it_bitwise(refs, tmp_path, follow):
     run = tmp_path / "run"
-    proc = _follow(run, *ELASTIC, "--max-restarts", "2")
-    try:
-        job = _kill_rank_after_first_checkpoint(run, proc, 1)
-        wait_until(lambda: any(e["event"] == "failed" for e in events(run)), 120, "the failure recorded")
-        _requeued_onto_both_nodes(run, job, restart=1)
-        _, err = proc.communicate(timeout=240)  # --wait follows the job through its requeue to the end
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = follow(run, *ELASTIC, "--max-restarts", "2")
+    job = _kill_rank_after_first_checkpoint(run, proc, 1)
+    wait_until(lambda: any(e["event"] == "failed" for e in events(run)), 120, "the failure recorded")
+    _requeued_onto_both_nodes(run, job, restart=1)
+    _, err = proc.communicate(timeout=240)  # --wait follows the job through its requeue to the end
     assert proc.returncode == 0, err
     got = [(e["event"], e["restart"], e.get("world_size"), e.get("requeued")) for e in events(run)]
     assert got == [
@@ -452,26 +460,21 @@ def test_a_node_range_job_runs_on_every_node_it_gets_and_a_killed_rank_requeues_
     assert any("failed" in line and "requeued (restart 1/2)" in line for line in status(run)["history"])
 
 
-def test_a_lost_node_leaves_the_job_on_the_node_it_has_and_it_grows_back_when_the_node_returns(refs, tmp_path):
+def test_a_lost_node_leaves_the_job_on_the_node_it_has_and_it_grows_back_when_the_node_returns(refs, tmp_path, follow):
     run = tmp_path / "run"
-    proc = _follow(run, *ELASTIC, "--max-restarts", "2")
-    try:
-        wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
-        subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", f"reason={TEST_REASON}"], check=True)
-        job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
-        os.kill(_rank_pid(job, 1), 9)  # rank 1 runs on n2 (SLURM fills the nodes in order): n2 is "lost"
-        # The requeued job runs on n1 alone; once it has saved again, n2 comes back and the job's one rank dies:
-        # the next incarnation gets both nodes again.
-        wait_until(lambda: latest_name(run) == f"step-{2 * EVERY:08d}", what="a checkpoint on one node")
-        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=True)
-        os.kill(_rank_pid(job, 0), 9)
-        wait_until(lambda: sum(e["event"] == "failed" for e in events(run)) == 2, 120, "the second failure")
-        _requeued_onto_both_nodes(run, job, restart=2)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
-        if proc.poll() is None:
-            proc.kill()
+    proc = follow(run, *ELASTIC, "--max-restarts", "2")
+    wait_until(lambda: latest_name(run) == f"step-{EVERY:08d}", what="the first checkpoint")
+    subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", f"reason={TEST_REASON}"], check=True)
+    job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
+    os.kill(_rank_pid(job, 1), 9)  # rank 1 runs on n2 (SLURM fills the nodes in order): n2 is "lost"
+    # The requeued job runs on n1 alone; once it has saved again, n2 comes back and the job's one rank dies:
+    # the next incarnation gets both nodes again.
+    wait_until(lambda: latest_name(run) == f"step-{2 * EVERY:08d}", what="a checkpoint on one node")
+    subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=True)
+    os.kill(_rank_pid(job, 0), 9)
+    wait_until(lambda: sum(e["event"] == "failed" for e in events(run)) == 2, 120, "the second failure")
+    _requeued_onto_both_nodes(run, job, restart=2)
+    _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     starts = [(e["restart"], e["world_size"], e["nodes"]) for e in events(run) if e["event"] == "start"]
     assert starts == [(0, 2, "n[1-2]"), (1, 1, "n1"), (2, 2, "n[1-2]")]
@@ -498,18 +501,13 @@ def _set_node_down_under_the_job(run: Path, node: str) -> str:
     return job
 
 
-def test_a_node_set_down_under_the_job_is_a_counted_failure_and_the_job_ends_on_one_node(refs, tmp_path):
+def test_a_node_set_down_under_the_job_is_a_counted_failure_and_the_job_ends_on_one_node(refs, tmp_path, follow):
     run = tmp_path / "run"
-    proc = _follow(run, *ELASTIC, "--max-restarts", "1")
-    try:
-        job = _set_node_down_under_the_job(run, "n2")
-        _, err = proc.communicate(timeout=240)
-        assert "n2\tdown" in subprocess.run(["sinfo", "-h", "-N", "-o", "%N\t%t"], capture_output=True,
-                                             text=True).stdout  # fmt: skip
-    finally:
-        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
-        if proc.poll() is None:
-            proc.kill()
+    proc = follow(run, *ELASTIC, "--max-restarts", "1")
+    job = _set_node_down_under_the_job(run, "n2")
+    _, err = proc.communicate(timeout=240)
+    assert "n2\tdown" in subprocess.run(["sinfo", "-h", "-N", "-o", "%N\t%t"], capture_output=True,
+                                         text=True).stdout  # fmt: skip
     assert proc.returncode == 0, err
     got = [(e["event"], e["restart"], e.get("world_size"), e.get("requeued")) for e in events(run)]
     # (the ranks of the ended incarnation may have stopped at a step boundary first: SLURM sent them SIGTERM)
@@ -531,16 +529,11 @@ def test_a_node_set_down_under_the_job_is_a_counted_failure_and_the_job_ends_on_
     assert any(lost in line for line in info["history"]), info["history"]
 
 
-def test_a_lost_node_counts_against_max_restarts_and_ends_the_job_failed_when_they_are_spent(tmp_path):
+def test_a_lost_node_counts_against_max_restarts_and_ends_the_job_failed_when_they_are_spent(tmp_path, follow):
     run = tmp_path / "run"
-    proc = _follow(run, *ELASTIC, "--max-restarts", "0")
-    try:
-        job = _set_node_down_under_the_job(run, "n2")
-        _, err = proc.communicate(timeout=240)
-    finally:
-        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
-        if proc.poll() is None:
-            proc.kill()
+    proc = follow(run, *ELASTIC, "--max-restarts", "0")
+    job = _set_node_down_under_the_job(run, "n2")
+    _, err = proc.communicate(timeout=240)
     assert proc.returncode == 1, err
     failed = [(e["restart"], e["requeued"], e["by"], e["why"]) for e in events(run) if e["event"] == "failed"]
     assert failed == [(0, False, "slurm", "launch.max_restarts=0 spent")], events(run)
@@ -571,17 +564,13 @@ def test_a_job_that_keeps_failing_ends_failed_when_its_restarts_are_spent(tmp_pa
     assert slurm_state(job) == "FAILED"  # (scontrol: the dev cluster keeps no accounting for sacct)
 
 
-def test_a_node_that_failed_twice_is_excluded_from_the_next_allocation(refs, tmp_path):
+def test_a_node_that_failed_twice_is_excluded_from_the_next_allocation(refs, tmp_path, follow):
     run = tmp_path / "run"
-    proc = _follow(run, *ELASTIC, "--max-restarts", "3", "task.args.fail_node=n2", "task.args.fail_call=3")
-    try:
-        wait_until(lambda: any(e["event"] == "failed" for e in events(run)), 120, "the first failure")
-        job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
-        _requeued_onto_both_nodes(run, job, restart=1)  # on n2 again: it fails there a second time
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = follow(run, *ELASTIC, "--max-restarts", "3", "task.args.fail_node=n2", "task.args.fail_call=3")
+    wait_until(lambda: any(e["event"] == "failed" for e in events(run)), 120, "the first failure")
+    job = json.loads((run / "slurm" / "jobs.json").read_text())[-1]["job_id"]
+    _requeued_onto_both_nodes(run, job, restart=1)  # on n2 again: it fails there a second time
+    _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     got = [(e["event"], e["restart"], e.get("node") or e.get("nodes")) for e in events(run)]
     assert got == [
