@@ -115,7 +115,11 @@ def _add_read_commands(sub: typing.Any) -> None:
     export.add_argument("src", help="checkpoint folder, run dir, or weights file (module./_orig_mod. ok)")
     export.add_argument("dest", help="output .pt file")
     export.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
-    stacks = sub.add_parser("stacks", help="print the Python stack of every thread of a running run's ranks")
+    stacks = sub.add_parser(
+        "stacks",
+        help="print the Python stack of every thread of a running run's ranks (of a run that no longer runs: "
+        "those recorded at its last hang)",
+    )
     stacks.add_argument("run_dir")
 
 

@@ -27,7 +27,7 @@ from workers.config import Config
 from workers.contract import is_int
 from workers.entry import spawned_worker
 from workers.fsutil import RunDirLock
-from workers.heartbeat import read_heartbeat
+from workers.heartbeat import WATCHED, read_heartbeat
 from workers.lifeline import SharedFd, Ties
 from workers.rundir import RunDir
 
@@ -103,9 +103,6 @@ class SignalRelay:
         self.count += 1
 
 
-_WATCHED = ("train", "eval")  # the phases in which a lack of progress is a hang
-
-
 class HangWatch:
     """Reads the workers' heartbeat files; names a rank that froze or stopped making progress.
 
@@ -142,7 +139,7 @@ class HangWatch:
             elif beat["phase"] == "train":
                 self._first_step.setdefault(rank, beat["step"])
         watched = len(beats) == len(alive) and all(
-            b["phase"] in _WATCHED and r in self._first_step and b["step"] > self._first_step[r]
+            b["phase"] in WATCHED and r in self._first_step and b["step"] > self._first_step[r]
             for r, b in beats.items()
         )
         stuck = sorted((beats[r]["step"], r) for r in beats if now - self._progress[r][1] > self.timeout_s)

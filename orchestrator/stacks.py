@@ -3,7 +3,7 @@ process that is frozen by SIGSTOP or blocked in C code: ``--nonblocking`` never 
 say what each rank is doing — the innermost frame in the task's or the trainer's own code, and for a rank that
 waits in a collective, which one.
 
-Used by the launcher before it tears a hung group down (``logs/stacks-<attempt>.txt``) and by
+Used by the launcher before it tears a hung group down (``RunDir.stacks_file``) and by
 ``orchestrator stacks RUN`` on demand. py-spy needs the right to read another process's memory (root, or
 ``ptrace_scope`` 0 / CAP_SYS_PTRACE); where it cannot, each rank dumps its own threads with faulthandler on the
 stacks signal (workers.logsetup.register_stack_dumps) — not a rank frozen by SIGSTOP, which the report names.
@@ -141,13 +141,38 @@ def report_text(stacks: list[RankStacks], why: str) -> str:
     return "\n".join(lines) + "\n" + "\n".join(s.text() for s in stacks)
 
 
+def recorded_stacks(paths: RunDir, attempt: int | None = None) -> str | None:
+    """The stacks recorded at the hang of ``attempt`` (None: the newest attempt that has any): the launcher's
+    stacks file, or — where each rank's own watch wrote its file (torchrun, SLURM) — those files merged in rank
+    order, each under its file's name; None when there are none (or none can be read)."""
+    attempts = paths.stacks_attempts()
+    if attempt is None and not attempts:
+        return None
+    attempt = attempts[-1] if attempt is None else attempt
+    texts = []
+    for path in [paths.stacks_file(attempt), *paths.rank_stacks_files(attempt)]:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        texts.append(text if path == paths.stacks_file(attempt) else f"## {path.name}\n{text}")
+    return "\n".join(texts) if texts else None
+
+
 def run(run_dir: str) -> int:
     """``orchestrator stacks RUN``: print every live local rank's stacks; writes nothing. A run with no live rank
-    here, or stacks that cannot be read at all (py-spy missing, no permission): UsageError, one line."""
+    here prints the stacks recorded at its newest hang instead (:func:`recorded_stacks`). None of either, or stacks
+    that cannot be read at all (py-spy missing, no permission): UsageError, one line."""
     paths = RunDir(run_dir)
     if not paths.root.is_dir():
         raise UsageError(f"'{paths.root}' does not exist. HINT: give the run's run.dir")
     pids = live_ranks(paths)
+    recorded = None if pids else recorded_stacks(paths)
+    if recorded is not None:
+        print(
+            f"# no rank of {paths.root} runs on this machine: the stacks recorded at its last hang\n{recorded}", end=""
+        )
+        return 0
     if not pids:
         raise UsageError(
             f"'{paths.root}' has no rank running on this machine (no live worker behind its heartbeat files). HINT: "

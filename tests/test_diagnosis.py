@@ -20,6 +20,7 @@ import pytest
 from conftest import QUICK, ROOT, cli, env, fingerprint
 
 from orchestrator.launcher import free_port
+from workers.contract import HANG_WAITING
 
 HANG = ["launch.hang_timeout_s=4", "launch.grace_period_s=1", "train.max_steps=100000", "train.checkpoint_every=1000"]
 
@@ -175,7 +176,9 @@ def test_without_py_spy_the_ranks_dump_their_own_stacks(tmp_path, py_spy):
 
 def test_under_torchrun_each_rank_watches_itself_and_writes_its_stacks_at_a_hang(tmp_path):
     """No launcher of ours watches a torchrun (or SLURM) run: each rank's own watch finds the hang, writes every
-    thread's stack into the attempt's stacks file, and ends the rank as failed — torchrun's report says where."""
+    thread's stack into its own stacks file of the attempt, and ends the rank as failed — the rank stuck on its own
+    first, so torchrun's report names it, not the rank that only waited for it in a collective; ``orchestrator
+    stacks RUN`` afterwards shows both ranks' files in rank order."""
     run = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
@@ -185,11 +188,18 @@ def test_under_torchrun_each_rank_watches_itself_and_writes_its_stacks_at_a_hang
     proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
     assert "HangError: hung — no progress for" in proc.stderr, proc.stderr[-3000:]
-    stacks = (run / "logs" / "stacks-0.txt").read_text()
-    # one block per rank: "# rank r: <why>", "# <where it is>", then every thread
-    blocks = {int(b.split(":")[0]): b for b in re.split(r"^# rank (?=\d+: no progress)", stacks, flags=re.M)[1:]}
-    assert sorted(blocks) == [0, 1], stacks
-    assert "orch_test_tasks.py:" in blocks[1].splitlines()[1] and "__getitem__" in blocks[1], stacks  # its dataset
-    assert "inside " in blocks[0].splitlines()[1] and "workers/train/trainer.py:" in blocks[0], stacks  # waits
+    root_cause = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root_cause), proc.stderr[-3000:]  # the stuck rank
+    assert HANG_WAITING not in root_cause.split("=====")[0], root_cause
+    # one file per rank: "# rank r: <why>", "# <where it is>", then every thread
+    assert not (run / "logs" / "stacks-0.txt").exists()
+    blocks = {r: (run / "logs" / f"stacks-0.rank{r}.txt").read_text() for r in (0, 1)}
+    assert blocks[1].startswith("# rank 1: no progress") and HANG_WAITING not in blocks[1].splitlines()[0]
+    assert "orch_test_tasks.py:" in blocks[1].splitlines()[1] and "__getitem__" in blocks[1], blocks[1]  # its dataset
+    assert blocks[0].splitlines()[0].endswith(HANG_WAITING), blocks[0]  # rank 0 only waits for it
+    assert "inside " in blocks[0].splitlines()[1] and "workers/train/trainer.py:" in blocks[0], blocks[0]
     for block in blocks.values():  # every thread, named
         assert 'Thread "MainThread"' in block and 'Thread "orch-selfwatch"' in block, block
+    shown = cli("stacks", str(run), check=True).stdout
+    assert shown.index("stacks-0.rank0.txt") < shown.index("# rank 0: ") < shown.index("stacks-0.rank1.txt")
+    assert shown.index("stacks-0.rank1.txt") < shown.index("# rank 1: "), shown

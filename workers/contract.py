@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.errors import CheckpointError, NonFiniteError, UsageError
-from workers.fsutil import atomic_write
+from workers.fsutil import atomic_write, atomic_write_raw
 from workers.rundir import RunDir
 
 # ---------------------------------------------------------------- exit codes
@@ -41,6 +41,9 @@ ENV_PY_SPY = "ORCH_PY_SPY"  # the py-spy executable for stack reports ("none": d
 # A worker dumps every thread's stack (faulthandler) to its RunDir.faulthandler_file when sent this signal: the
 # stack report's fallback where py-spy cannot read the process (not installed, no ptrace permission).
 STACKS_SIGNAL = signal.SIGRTMIN + 3
+# What a rank's own hang watch (workers.selfwatch) adds to its HangError when its main thread waits in a collective:
+# a peer that does not come is the cause, so readers rank such a record after a rank's own failure.
+HANG_WAITING = "waiting in a collective for a peer"
 
 
 # ---------------------------------------------------------------- failures
@@ -119,27 +122,39 @@ class ErrorRecord:
     def to_json(self) -> str:
         return json.dumps({**dataclasses.asdict(self), "kind": self.kind.value})
 
-    def write(self, path: Path) -> None:
+    def write(self, path: Path, raw: bool = False) -> None:
+        """``raw``: through os-level writes only (fsutil.atomic_write_raw): a process whose other thread hung."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, self.to_json())
+        (atomic_write_raw if raw else atomic_write)(path, self.to_json().encode())
 
     @property
     def lost_peer(self) -> bool:
         """The failure only reports that another rank vanished (a broken connection in a collective)."""
         return any(mark in self.message for mark in _PEER_LOST)
 
-    def write_torchelastic(self, path: Path) -> None:
+    @property
+    def waited_on_peer(self) -> bool:
+        """A hang the rank's own watch found while it waited in a collective: the peer it waited for is the cause."""
+        return self.message.startswith("HangError: ") and HANG_WAITING in self.message
+
+    @property
+    def secondary(self) -> bool:
+        """The failure only follows another rank's: it saw that rank vanish, or waited for it in a collective."""
+        return self.lost_peer or self.waited_on_peer
+
+    def write_torchelastic(self, path: Path, raw: bool = False) -> None:
         """The same failure in torchrun's error-file format, so torchrun's own summary names our root cause.
 
-        torchrun takes the failure with the smallest timestamp, in whole seconds, as the root cause. A rank that
-        only saw its peer vanish fails within the same second as that peer: it is stamped one second later.
+        torchrun takes the failure with the smallest timestamp, in whole seconds, as the root cause. A rank whose
+        failure only follows another's (:attr:`secondary`) fails within about the same second as that rank: it is
+        stamped one second later. ``raw``: as in :meth:`write`.
         """
-        stamp = int(self.time) + (1 if self.lost_peer else 0)
+        stamp = int(self.time) + (1 if self.secondary else 0)
         payload = {"message": {"message": self.message, "extraInfo": {
             "py_callstack": self.traceback, "timestamp": str(stamp),
         }}}  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(payload))
+        (atomic_write_raw if raw else atomic_write)(path, json.dumps(payload).encode())
 
     @classmethod
     def read(cls, path: Path) -> ErrorRecord | None:
@@ -173,11 +188,13 @@ def first_failure(
     paths: RunDir, job_id: str | None = None, since: float = 0.0, own: bool = False
 ) -> ErrorRecord | None:
     """The error record of the rank that failed first (earliest time), of job ``job_id`` when given, written at or
-    after ``since``; ``own``: a failure of the rank's own, not one that only saw its peer vanish."""
+    after ``since`` — a rank's own failure before any that only followed another's (:attr:`ErrorRecord.secondary`:
+    a rank that saw its peer vanish, or whose watch found it waiting in a collective for a hung peer); ``own``: a
+    rank's own failure only."""
     errors = [e for p in paths.error_files() if (e := ErrorRecord.read(p)) is not None]
     errors = [e for e in errors if (job_id is None or e.job_id == job_id) and e.time >= since]
-    errors = [e for e in errors if not (own and e.lost_peer)]
-    return min(errors, key=lambda e: e.time) if errors else None
+    errors = [e for e in errors if not (own and e.secondary)]
+    return min(errors, key=lambda e: (e.secondary, e.time)) if errors else None
 
 
 def is_int(value: Any) -> bool:

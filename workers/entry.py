@@ -97,7 +97,7 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
         setup_logging(paths, rank)
         if ctx.source == "slurm" and ctx.is_main and not slurm.on_start(cfg, paths, ctx.world_size):
             return EXIT_FAILED  # a lost node spent the job's restarts (recorded): the other ranks end with the step
-        heartbeat = _watch(cfg, paths, rank, start).start()
+        heartbeat = _watch(cfg, paths, ctx, start).start()
         _diagnostics(paths, rank, ctx.backend)
         ctx.init_process_group(cfg.launch.collective_timeout_s)
         result = Trainer(cfg, ctx, paths, stop, heartbeat, dict(start.counts)).fit()
@@ -127,21 +127,47 @@ def run_worker(cfg: Config, stop: StopFlag, start: WorkerStart) -> int:
                 ctx.destroy()
 
 
-def _watch(cfg: Config, paths: RunDir, rank: int, start: WorkerStart) -> Any:
+def should_watch_itself(cfg: Config, ctx: DistContext, start: WorkerStart) -> bool:
+    """Whether this rank runs its own hang watch (workers.selfwatch): where no launcher of ours watches it (no
+    heartbeat file) and a hang can only be a group's — a torchrun or SLURM group of two ranks or more, with
+    ``launch.hang_timeout_s`` on — and never under a debugger (``sys.gettrace()``), whose breakpoints stop a rank
+    for as long as the user looks."""
+    return (
+        start.heartbeat_file is None and cfg.launch.hang_timeout_s > 0 and ctx.source in ("torchrun", "slurm")
+        and ctx.world_size > 1 and sys.gettrace() is None
+    )  # fmt: skip
+
+
+def _watch(cfg: Config, paths: RunDir, ctx: DistContext, start: WorkerStart) -> Any:
     """This rank's progress watch: the heartbeat file our launcher reads, or — where no launcher of ours watches
     (SLURM, torchrun) — the rank's own watch (workers.selfwatch), which reports a hang with its stacks and ends it."""
     from workers.heartbeat import heartbeat_for  # noqa: PLC0415
-    from workers.selfwatch import HangError, SelfWatch  # noqa: PLC0415
+    from workers.selfwatch import SelfWatch  # noqa: PLC0415
 
-    if start.heartbeat_file is not None or cfg.launch.hang_timeout_s <= 0:
-        return heartbeat_for(start.heartbeat_file, rank)
-
-    def hung(message: str) -> None:
-        _report(start, ErrorRecord.from_exception(rank, HangError(message), slurm.job_id()))
-        exit_now(EXIT_FAILED)
-
+    if not should_watch_itself(cfg, ctx, start):
+        return heartbeat_for(start.heartbeat_file, ctx.rank)
     attempt = int(dict(start.counts).get("restarts", 0))
-    return SelfWatch(paths, rank, attempt, cfg.launch.hang_timeout_s, hung)
+    return SelfWatch(
+        paths, ctx.rank, attempt, cfg.launch.hang_timeout_s, lambda message: hang_exit(start, ctx.rank, message)
+    )
+
+
+def hang_exit(start: WorkerStart, rank: int, message: str) -> typing.NoReturn:
+    """End a rank whose own watch found it hung: its error record (a HangError), then ``os._exit`` — called on
+    the watch's thread while the hung thread may hold any lock (a logging handler's, a buffered file's), so the
+    record is written with os-level calls only, a failure to write it is one line on fd 2, and nothing is logged,
+    flushed or torn down (``exit_now`` would: ``logging.shutdown`` takes every handler's lock)."""
+    from workers.selfwatch import HangError, say  # noqa: PLC0415
+
+    record = ErrorRecord.from_exception(rank, HangError(message), slurm.job_id())
+    for path, write in ((start.error_file, record.write), (start.torchelastic_error_file, record.write_torchelastic)):
+        if path is None:
+            continue
+        try:
+            write(path, raw=True)
+        except OSError as exc:  # a full or read-only disk: the watch's line on stderr has said where the rank is
+            say(f"rank {rank}: could not write the error record {path}: {exc}")
+    os._exit(EXIT_FAILED)
 
 
 def _log_failure(record: ErrorRecord, start: WorkerStart) -> None:

@@ -76,6 +76,29 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_write_raw(path: Path, data: bytes) -> None:
+    """:func:`atomic_write` through os-level calls only (``os.open``/``os.write``, no Python file object, no
+    logging): it takes no lock another thread may hold — for a process that ends because one of its threads hung
+    (workers.selfwatch), where a buffered file or a logging handler could block forever."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def atomic_stream(path: Path) -> Iterator[BinaryIO]:
     """:func:`atomic_write` for content written piece by piece: a binary file to write; at the end of the block it

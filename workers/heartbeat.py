@@ -6,6 +6,10 @@ a heartbeat that stops (a frozen process: SIGSTOP, a dead machine), or progress 
 ``train`` (the step) or ``eval`` (the step and ``tick``, the eval batches done) — a stuck collective, a deadlock —
 is a hang.
 The training loop only assigns two attributes per step; all I/O happens in the thread.
+
+:class:`Progress` is what both watches of a rank share — this heartbeat (read by our launcher) and a rank's own
+watch (workers.selfwatch, under torchrun and SLURM): the state the loop reports, and when a lack of progress in it
+may be judged a hang at all.
 """
 
 from __future__ import annotations
@@ -18,14 +22,54 @@ from pathlib import Path
 
 from workers.contract import ENV_HEARTBEAT_INTERVAL, is_int, is_number
 
+WATCHED = ("train", "eval")  # the phases in which a lack of progress is a hang (the launcher's rule too)
 
-class Heartbeat:
+
+class Progress:
+    """Where this rank is, as the training loop reports it (``update``: cheap, call it every step), and whether a
+    lack of progress may be judged a hang now (:meth:`should_judge`).
+
+    Exempt, as the launcher's watch (orchestrator.launcher.HangWatch) exempts them: setup, the checkpoint phase
+    and the first train step (compilation, warm-up, the first collective) — and, because one rank cannot see the
+    others, the train step that follows a checkpoint: with ``train.async_checkpoint`` rank 0 waits for its earlier
+    background save in phase ``checkpoint`` while the others are already in that step's all-reduce, waiting for
+    it. The launcher exempts the same wait by requiring every rank in a watched phase.
+    """
+
+    def __init__(self) -> None:
+        self.step, self.phase, self.tick = 0, "setup", 0
+        self.first_step: int | None = None  # the step this process first trained from (its warm-up step)
+        self.after_checkpoint: int | None = None  # the step training went on from after the last checkpoint
+
+    def update(self, step: int | None = None, phase: str | None = None, tick: int = 0) -> None:
+        """``tick``: progress within the phase (eval batches done), so a long eval is not a stuck step."""
+        left = self.phase
+        if step is not None:
+            self.step = step
+        if phase is not None:
+            self.phase = phase
+        if self.phase == "train":
+            if self.first_step is None:
+                self.first_step = self.step
+            if left == "checkpoint":
+                self.after_checkpoint = self.step
+        self.tick = tick
+
+    def should_judge(self) -> bool:
+        """Whether standing still now is a hang: a watched phase, past the first train step and past the step that
+        follows a checkpoint (an eval before the first train step is exempt too, as the launcher has it)."""
+        return (
+            self.phase in WATCHED and self.first_step is not None and self.step > self.first_step
+            and (self.after_checkpoint is None or self.step > self.after_checkpoint)
+        )  # fmt: skip
+
+
+class Heartbeat(Progress):
     """Writes this rank's heartbeat file from a background thread. ``update`` is cheap: call it every step."""
 
     def __init__(self, path: Path, rank: int, interval_s: float = 1.0) -> None:
+        super().__init__()
         self.path, self.rank, self.interval_s = path, rank, interval_s
-        self.step, self.phase, self.tick = 0, "setup", 0
-        self.first_step: int | None = None  # the step this process first trained from (its warm-up step)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -34,16 +78,6 @@ class Heartbeat:
         self._write()
         self._thread.start()
         return self
-
-    def update(self, step: int | None = None, phase: str | None = None, tick: int = 0) -> None:
-        """``tick``: progress within the phase (eval batches done), so a long eval is not a stuck step."""
-        if step is not None:
-            self.step = step
-        if phase is not None:
-            self.phase = phase
-        if self.first_step is None and self.phase == "train":
-            self.first_step = self.step
-        self.tick = tick
 
     def stop(self) -> None:
         self._stop.set()

@@ -14,6 +14,7 @@ Layout (README.md, "Run directory")::
     logs/error-rank-<r>.json         a failed rank's error record (workers.contract.ErrorRecord)
     logs/heartbeat-rank-<r>.json     a rank's liveness (workers.heartbeat)
     logs/stacks-<attempt>.txt        every rank's stacks when the launcher judged the attempt hung
+    logs/stacks-<attempt>.rank<r>.txt   a rank's stacks when its own watch found the attempt hung (torchrun, SLURM)
     logs/faulthandler-rank-<r>.txt   a rank's own stack dumps (the report's fallback where py-spy cannot read it)
     logs/nccl-trace-rank-<r>         NCCL's flight recorder dump at a collective timeout (GPUs)
     events.jsonl                     the local launcher's event log (restarts, dropped slots: elastic capacity)
@@ -37,6 +38,8 @@ MODEL_FILE, OPTIM_FILE, STATE_FILE, MANIFEST_FILE = "model.pt", "optim.pt", "tra
 CONFIG_FILE = "config.yaml"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _SET_ASIDE = re.compile(r"^step-(\d{8})\.invalid-(\d{8}-\d{6})-\d+$")
+_STACKS = re.compile(r"^stacks-(\d+)(?:\.rank\d+)?\.txt$")
+_RANK_STACKS = re.compile(r"\.rank(\d+)\.txt$")
 
 
 def step_dir_name(step: int) -> str:
@@ -189,9 +192,28 @@ class RunDir:
         return self.logs / "nccl-trace-rank-"
 
     def stacks_file(self, attempt: int) -> Path:
-        """Every rank's stacks, taken when the launcher judged attempt ``attempt`` (0: the first) hung — or, where no
-        launcher of ours watches, appended by each rank whose own watch found it hung (workers.selfwatch)."""
+        """Every rank's stacks, taken by the local launcher when it judged attempt ``attempt`` (0: the first) hung."""
         return self.logs / f"stacks-{attempt}.txt"
+
+    def rank_stacks_file(self, attempt: int, rank: int) -> Path:
+        """One rank's stacks, written by the rank's own watch (workers.selfwatch: torchrun, SLURM) when it found
+        attempt ``attempt`` hung — a file per rank, so ranks on other nodes of a shared (NFS) file system never
+        append to the same file (O_APPEND is not atomic across NFS clients)."""
+        return self.logs / f"stacks-{attempt}.rank{rank}.txt"
+
+    def rank_stacks_files(self, attempt: int) -> list[Path]:
+        """The per-rank stacks files of attempt ``attempt``, in rank order (rank 10 after rank 2)."""
+        if not self.logs.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.logs.glob(f"stacks-{attempt}.rank*.txt")
+                 if (m := _RANK_STACKS.search(p.name))]  # fmt: skip
+        return [p for _, p in sorted(found)]
+
+    def stacks_attempts(self) -> list[int]:
+        """The attempts that have a stacks file (the launcher's, or any rank's), oldest first."""
+        if not self.logs.is_dir():
+            return []
+        return sorted({int(m.group(1)) for p in self.logs.glob("stacks-*.txt") if (m := _STACKS.match(p.name))})
 
     def heartbeat_files(self) -> list[Path]:
         return sorted(self.logs.glob("heartbeat-rank-*.json")) if self.logs.is_dir() else []

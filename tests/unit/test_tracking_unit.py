@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 
 import pytest
@@ -225,6 +226,42 @@ def test_a_failing_write_reaches_the_caller_of_drain():
             batches.add(1)
     finally:
         batches.close()
+
+
+class _QuickBatches(RowBatches):
+    EVERY_S = 0.01
+
+
+def test_a_failed_background_write_is_raised_by_the_next_add_and_warned_once(caplog):
+    """The background thread's failure is not lost: the training thread raises it at its next add (once), and the
+    log says so once."""
+    written: list[list[int]] = []
+
+    def write(items: list[int]) -> None:
+        if threading.current_thread().name == "orch-rows":
+            raise OSError(28, "No space left on device")
+        written.append(items)
+
+    caplog.set_level(logging.WARNING, logger="workers.tracking")
+    batches = _QuickBatches(write)
+    try:
+        batches.add(1)  # written at once, on this thread
+        with batches.lock:  # 2 waits for the background thread (no write since, so add alone would not write it)
+            batches.items.append(2)
+            batches.written_at = time.perf_counter()
+        deadline = time.monotonic() + 60
+        while batches.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert not batches.thread.is_alive(), "the background thread did not meet the failure"
+        with pytest.raises(OSError, match="No space left"):
+            batches.add(3)  # (not added: the caller learns of the failure instead)
+        batches.add(4)  # raised once: the training thread writes on
+        batches.drain()
+        assert written == [[1], [4]]
+    finally:
+        batches.close()
+    warnings = [r for r in caplog.records if "rows could not be written in the background" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
 
 
 def _statm_descriptors() -> int:

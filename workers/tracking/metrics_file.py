@@ -100,7 +100,9 @@ def set_aside_dead_rows(paths: RunDir, start_step: int) -> None:
 
 class JsonlSink:
     """Appends one JSON object per logged step to the run's metrics file; the rows reach the file at
-    :meth:`flush` (a batch of rows in one write: a kill keeps every flushed row, and at most tears the last line).
+    :meth:`flush` at the latest (earlier whenever the file's 8 KiB buffer fills, so a large batch takes several
+    writes). Rows are appended in order, so a kill keeps every flushed row and tears at most the last line being
+    written (readers skip it; the next start cuts it).
     """
 
     def __init__(self, paths: RunDir, start_step: int) -> None:
