@@ -117,10 +117,10 @@ def _add_read_commands(sub: typing.Any) -> None:
     export.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
     stacks = sub.add_parser(
         "stacks",
-        help="print the Python stack of every thread of a running run's ranks (of a run that no longer runs: "
-        "those recorded at its last hang)",
+        help="print the Python stack of every thread of a running run's ranks",
     )
     stacks.add_argument("run_dir")
+    stacks.add_argument("--last", action="store_true", help="print the stacks recorded at the run's last hang")
 
 
 class _LineClearing(logging.Formatter):
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stacks":
             from orchestrator import stacks  # noqa: PLC0415
 
-            return stacks.run(args.run_dir)
+            return stacks.run(args.run_dir, last=args.last)
         if args.command == "plot":
             from orchestrator.sweep.command import is_sweep, plot  # noqa: PLC0415
 

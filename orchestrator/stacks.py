@@ -159,24 +159,29 @@ def recorded_stacks(paths: RunDir, attempt: int | None = None) -> str | None:
     return "\n".join(texts) if texts else None
 
 
-def run(run_dir: str) -> int:
-    """``orchestrator stacks RUN``: print every live local rank's stacks; writes nothing. A run with no live rank
-    here prints the stacks recorded at its newest hang instead (:func:`recorded_stacks`). None of either, or stacks
-    that cannot be read at all (py-spy missing, no permission): UsageError, one line."""
+def run(run_dir: str, last: bool = False) -> int:
+    """``orchestrator stacks RUN``: print every live local rank's stacks; writes nothing. No live rank here, or
+    stacks that cannot be read at all (py-spy missing, no permission): UsageError, one line (naming ``--last`` when
+    the run recorded stacks at a hang). ``last``: print the stacks recorded at the run's newest hang instead."""
     paths = RunDir(run_dir)
     if not paths.root.is_dir():
         raise UsageError(f"'{paths.root}' does not exist. HINT: give the run's run.dir")
-    pids = live_ranks(paths)
-    recorded = None if pids else recorded_stacks(paths)
-    if recorded is not None:
-        print(
-            f"# no rank of {paths.root} runs on this machine: the stacks recorded at its last hang\n{recorded}", end=""
-        )
+    if last:
+        recorded = recorded_stacks(paths)
+        if recorded is None:
+            raise UsageError(f"'{paths.root}' recorded no stacks (no hang was found in it)")
+        print(recorded, end="")
         return 0
+    pids = live_ranks(paths)
     if not pids:
+        also = (
+            f"; `orchestrator stacks {paths.root} --last` prints those of its last hang"
+            if paths.stacks_attempts()
+            else ""
+        )
         raise UsageError(
             f"'{paths.root}' has no rank running on this machine (no live worker behind its heartbeat files). HINT: "
-            f"`orchestrator status {paths.root}` says whether it runs; a SLURM run's ranks run on its nodes"
+            f"`orchestrator status {paths.root}` says whether it runs; a SLURM run's ranks run on its nodes{also}"
         )
     stacks = capture(pids, paths)
     unread = [s for s in stacks if s.problem]

@@ -115,6 +115,8 @@ def test_stacks_of_a_run_that_is_not_running_is_one_line_and_exit_2(tmp_path):
         proc = cli("stacks", str(where))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "orchestrator: error:" in proc.stderr
+    last = cli("stacks", str(tmp_path), "--last")  # a run dir with no hang recorded
+    assert last.returncode == 2 and last.stderr.count("\n") == 1 and "recorded no stacks" in last.stderr, last.stderr
 
 
 def test_a_rank_slower_than_the_others_is_named_the_straggler(tmp_path):
@@ -200,6 +202,8 @@ def test_under_torchrun_each_rank_watches_itself_and_writes_its_stacks_at_a_hang
     assert "inside " in blocks[0].splitlines()[1] and "workers/train/trainer.py:" in blocks[0], blocks[0]
     for block in blocks.values():  # every thread, named
         assert 'Thread "MainThread"' in block and 'Thread "orch-selfwatch"' in block, block
-    shown = cli("stacks", str(run), check=True).stdout
+    now = cli("stacks", str(run))  # nothing runs any more: one line, exit 2, pointing at --last
+    assert now.returncode == 2 and now.stderr.count("\n") == 1 and "--last` prints those of its last hang" in now.stderr
+    shown = cli("stacks", str(run), "--last", check=True).stdout
     assert shown.index("stacks-0.rank0.txt") < shown.index("# rank 0: ") < shown.index("stacks-0.rank1.txt")
     assert shown.index("stacks-0.rank1.txt") < shown.index("# rank 1: "), shown
