@@ -39,6 +39,15 @@ def job_id(env: dict[str, str] | None = None) -> str | None:
     return env.get("SLURM_JOB_ID")
 
 
+def slurm_target(env: dict[str, str] | None = None) -> str:
+    """What scontrol and squeue must be told to mean this job and nothing else: ``ARRAY_TASK`` for a task of an
+    array (a sweep) — SLURM gives one task of an array the array's own id, and that bare id means every task —
+    else the job id."""
+    env = os.environ if env is None else env
+    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else (env.get("SLURM_JOB_ID") or "?")
+
+
 def record_event(paths: RunDir, event: str, **fields: Any) -> None:
     """Append one event to the run's SLURM event log (rank 0 only; a line is one small write)."""
     row = {
@@ -113,23 +122,30 @@ def account_for_slurms_requeue(cfg: Config, paths: RunDir, restart: int) -> bool
     """SLURM requeues a requeueable job itself when one of its nodes fails (``NODE_FAIL``: set DOWN, or lost): its
     ranks are then ended (SIGTERM: they save if they can and leave as if stopped) or vanish with the node, and no
     rank or batch script of ours says it failed. Seen from incarnation ``restart``: when the previous one ended
-    without a requeue of ours and a node it ran on is down or failed, or it ended without any record, record the
+    without a requeue of ours and a node it ran on is down or failed, record the
     loss (``failed``, for that incarnation, by SLURM) and count it against ``launch.max_restarts`` like a failure
     :func:`on_exit` requeues. Returns False when the restarts were already spent: the job ends failed here."""
     job = job_id()
     mine = [e for e in read_events(paths) if e.get("job_id") == job]
     before = [e for e in mine if e.get("restart", 0) == restart - 1]
     start = next((e for e in before if e["event"] == "start"), None)
+    if any(e["event"] == "failed" and not e.get("requeued") for e in mine):
+        return False  # declared failed already (SLURM requeued it all the same): it does not train again
     if start is None or any(e["event"] == "requeue" or (e["event"] == "failed" and e.get("requeued")) for e in before):
         return True  # the job requeued itself (a notice, a failure: recorded then), or nothing is known of it
     lost = lost_nodes(str(start.get("nodes") or ""))
-    if not lost and any(e["event"] in _ENDINGS for e in before):
-        return True  # it ended knowingly (stopped: a preemption SLURM requeues) on nodes that are all up
+    if not lost:
+        # it ended knowingly (stopped: a preemption SLURM requeues), or without a record on nodes that are all up:
+        # a preemption or an admin's requeue whose SIGKILL came before the ranks could save is not a failure
+        if not any(e["event"] in _ENDINGS for e in before):
+            log.warning("job %s: the previous incarnation left no record; SLURM requeued it on nodes that are up "
+                        "(a preemption?): not counted as a failure", job)  # fmt: skip
+        return True
     spent = sum(1 for e in mine if e["event"] == "failed" and e.get("requeued"))
-    error = f"node {', '.join(lost)} was lost" if lost else "the job ended without an exit record and SLURM requeued it"
+    error = f"node {', '.join(lost)} was lost"
     fields: dict[str, Any] = {
-        "restart": restart - 1, "by": "slurm", "rank": None, "kind": "node" if lost else None, "error": error,
-        "node": lost[0].split(" ")[0] if lost else None, "nodes": start.get("nodes"), "restarts_spent": spent,
+        "restart": restart - 1, "by": "slurm", "rank": None, "kind": "node", "error": error,
+        "node": lost[0].split(" ")[0], "nodes": start.get("nodes"), "restarts_spent": spent,
     }  # fmt: skip
     if spent >= cfg.launch.max_restarts:
         why = f"launch.max_restarts={cfg.launch.max_restarts} spent"
@@ -166,7 +182,7 @@ def on_finish(cfg: Config, paths: RunDir, stop: StopFlag, step: int, stop_reason
         record_event(paths, "stopped", step=step, signal_step=stop.signal_step)
         return 0
     job = job_id() or "?"
-    kind = classify_notice(job, cfg.slurm.signal_delay_s, stop.signal_time)
+    kind = classify_notice(slurm_target(), cfg.slurm.signal_delay_s, stop.signal_time)
     mine = [e for e in read_events(paths) if e.get("job_id") == job]  # this job's requeues, not the run's
     timeouts = sum(1 for e in mine if e.get("event") == "requeue" and e.get("kind") == "timeout")
     fields = {"kind": kind, "saved_step": step, "signal_step": stop.signal_step}
@@ -179,9 +195,12 @@ def on_finish(cfg: Config, paths: RunDir, stop: StopFlag, step: int, stop_reason
         )  # fmt: skip
         return 1
     try:
-        subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60, check=True)
+        _scontrol("requeue", slurm_target())
     except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
+        detail = _said(exc)
+        if _ALREADY_REQUEUED in detail:  # SLURM requeued it first (a node lost as the notice came)
+            record_event(paths, "requeue", **fields)
+            return 0
         record_event(paths, "requeue-failed", error=str(detail).strip(), **fields)
         log.error("could not requeue job %s: %s. Submit the run again to continue from step %d", job, detail, step)
         return 1
@@ -213,7 +232,7 @@ def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
         return False  # it ended well, or a rank already said how it ended (a notice's requeue, a stop, ...)
     if any(e["event"] == "failed" and not e.get("requeued") for e in jobs):
         return False  # the job was declared failed (its restarts spent by a lost node: account_for_slurms_requeue)
-    if requeued_by_slurm(_show_job(job), restart):
+    if requeued_by_slurm(_show_job(slurm_target()), restart):
         return False  # a lost node: SLURM requeued the job itself; its next incarnation accounts for that
     started = min((float(e.get("time", 0)) for e in mine if e["event"] == "start"), default=0.0)
     # (a rank that only saw its peer vanish is not the cause: the vanished rank, killed or its node lost, wrote none)
@@ -236,15 +255,16 @@ def on_exit(cfg: Config, paths: RunDir, step_status: int) -> bool:
         return False
     record_event(paths, "failed", requeued=True, why=f"restart {spent + 1}/{cfg.launch.max_restarts}", **fields)
     exclude = nodes_failed_twice(paths, job) if cfg.slurm.min_nodes < cfg.slurm.max_nodes else []
+    exclude = excludable(exclude, _show_job(slurm_target()), _partition_nodes(), cfg.slurm.min_nodes)
     try:  # (recorded first: SLURM ends this script the moment the requeue is accepted)
-        _scontrol("requeuehold" if exclude else "requeue", job or "?")
+        _scontrol("requeuehold" if exclude else "requeue", slurm_target())
     except (OSError, subprocess.SubprocessError) as exc:
         if _ALREADY_REQUEUED in _said(exc):
             return True  # SLURM requeued it between the check above and this (a node lost meanwhile)
         record_event(paths, "requeue-failed", error=_said(exc))
         return False
     if exclude:
-        _exclude_and_release(paths, job or "?", exclude)
+        _exclude_and_release(paths, slurm_target(), exclude)
     return True
 
 
@@ -261,12 +281,45 @@ def requeued_by_slurm(show: str, restart: int) -> bool:
     return (count.isdigit() and int(count) > restart) or state in ("PENDING", "REQUEUED", "REQUEUE_HOLD")
 
 
-def _show_job(job: str | None) -> str:
+def _show_job(job: str) -> str:
     """``scontrol show job -o JOB``; empty when it cannot be asked (then nothing is known to have requeued it)."""
     try:
-        return _scontrol("show", "job", "-o", job or "?")
+        return _scontrol("show", "job", "-o", job)
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def excludable(nodes: list[str], show: str, partition: list[str] | None, min_nodes: int) -> list[str]:
+    """Of ``nodes`` (failed twice), those to exclude now: not excluded already (``show``: scontrol show job -o), and
+    none at all when the partition's nodes left would be fewer than ``min_nodes`` (the job could never start
+    again: a failure that follows a rank, not a node, would otherwise exclude healthy nodes one by one).
+    ``partition`` None: unknown, nothing is excluded."""
+    already = set(excluded_of(show))
+    new = [n for n in nodes if n not in already]
+    if not new or partition is None or len(set(partition) - already - set(new)) < min_nodes:
+        if new:
+            log.warning("node(s) %s failed twice but are not excluded: fewer than %d node(s) would be left",
+                        ", ".join(new), min_nodes)  # fmt: skip
+        return []
+    return new
+
+
+def excluded_of(show: str) -> list[str]:
+    """The ExcNodeList of ``show`` (scontrol show job -o), as SLURM wrote it (one entry may be a hostlist)."""
+    fields = dict(f.split("=", 1) for f in show.split() if "=" in f)
+    had = fields.get("ExcNodeList", "(null)")
+    return [] if had in ("(null)", "") else had.split(",")
+
+
+def _partition_nodes() -> list[str] | None:
+    """The nodes of this job's partition (sinfo); None when they cannot be listed."""
+    part = os.environ.get("SLURM_JOB_PARTITION", "")
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N", *(["-p", part] if part else [])],
+                             capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sorted({line.strip() for line in out.splitlines() if line.strip()}) or None
 
 
 def nodes_failed_twice(paths: RunDir, job: str | None) -> list[str]:
@@ -281,9 +334,7 @@ def _exclude_and_release(paths: RunDir, job: str, nodes: list[str]) -> None:
     ``nodes`` to its excluded nodes, record that, and release it. The batch script ignores the SIGTERM the requeue
     brings (workers/slurm_exit.py), so this runs to the end."""
     try:
-        show = _scontrol("show", "job", "-o", job)
-        had = show.split("ExcNodeList=", 1)[1].split()[0] if "ExcNodeList=" in show else "(null)"
-        excluded = ",".join([*([had] if had != "(null)" else []), *nodes])
+        excluded = ",".join([*excluded_of(_scontrol("show", "job", "-o", job)), *nodes])
         _scontrol("update", f"jobid={job}", f"ExcNodeList={excluded}")
         record_event(paths, "excluded", nodes=nodes, excluded=excluded, why="failed twice")
         log.warning("job %s: node(s) %s failed twice: excluded from its next allocations", job, ", ".join(nodes))

@@ -277,3 +277,24 @@ def test_a_job_slurm_requeued_itself_is_told_from_one_still_running():
     assert requeued_by_slurm(running.replace("Restarts=0", "Restarts=2"), 1)
     assert not requeued_by_slurm(running.replace("Restarts=0", "Restarts=1"), 1)
     assert not requeued_by_slurm("", 0)  # scontrol could not be asked: nothing known
+
+
+def test_scontrol_is_told_the_array_task_not_the_bare_array_id_that_means_every_task():
+    from workers.slurm_job import slurm_target
+
+    # (SLURM gives one task of an array the array's own id: that bare id would requeue every trial)
+    task = {"SLURM_JOB_ID": "40", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "3"}
+    assert slurm_target(task) == "40_3"
+    assert slurm_target({"SLURM_JOB_ID": "41"}) == "41"
+
+
+def test_a_node_is_excluded_only_while_the_partition_keeps_min_nodes_for_the_job():
+    from workers.slurm_job import excludable, excluded_of
+
+    show = "JobId=7 JobState=RUNNING ExcNodeList=n3 Restarts=1"
+    assert excluded_of(show) == ["n3"] and excluded_of("JobId=7 ExcNodeList=(null)") == []
+    nodes = ["n1", "n2", "n3", "n4"]
+    assert excludable(["n2"], show, nodes, 2) == ["n2"]  # n1 and n4 are left
+    assert excludable(["n2"], show, nodes, 3) == []  # only 2 left: the job could never start again
+    assert excludable(["n3"], show, nodes, 1) == []  # already excluded
+    assert excludable(["n2"], show, None, 1) == []  # the partition's nodes unknown: nothing excluded
